@@ -1,0 +1,33 @@
+# Every target creates (or reuses) the virtual environment in $(VENV) and installs the
+# package into it from this checkout, so a fresh clone needs only a Python 3.11+ interpreter.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# Tests run on the CPU even where an accelerator is present, unless the caller says otherwise.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: quickstart test test-slow benchmark install clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/python -m experiments.quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "slow" tests
+
+benchmark: $(STAMP)
+	$(BIN)/python -m experiments.benchmark_kernels
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

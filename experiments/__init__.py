@@ -1,0 +1,1 @@
+"""Entry points: the kernel quickstart and benchmarks (training and evaluation to come)."""

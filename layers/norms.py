@@ -1,0 +1,41 @@
+"""Normalisation layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square normalisation over the last axis, with a learnable scale.
+
+  ``y = x / sqrt(mean(x ** 2, axis=-1) + eps) * scale``, computed in float32 whatever the
+  input dtype; the result has the input's dtype and shape.
+
+  Args:
+    features: size of the last axis of the inputs (and of ``scale``).
+    eps: added to the mean square before the square root.
+    param_dtype: dtype of ``scale`` (initialised to ones).
+    rngs: accepted for a constructor signature shared with the other layers; unused.
+  """
+
+  def __init__(self, features: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    del rngs
+    if features <= 0:
+      raise ValueError(f"RMSNorm: features must be positive, got {features}.")
+    self.features = features
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., features] -> [..., features] in x's dtype."""
+    if x.shape[-1] != self.features:
+      raise ValueError(
+          f"RMSNorm: expected the last axis of x to be {self.features}, got shape {x.shape}."
+      )
+    x32 = x.astype(jnp.float32)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(mean_square + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)

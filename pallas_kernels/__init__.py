@@ -1,0 +1,10 @@
+"""Long-sequence cores as Pallas kernels, each with a blockwise XLA path and a naive reference.
+
+Every public op follows the kernel contract of the design guide (GUIDE §3): an
+``implementation`` argument (None | "pallas" | "interpret" | "xla" | "reference"), a custom
+VJP with float32 accumulation, clear ValueErrors for bad inputs, no NaN on empty rows.
+"""
+
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+
+__all__ = ["flash_attention", "flash_attention_reference"]

@@ -1,0 +1,1 @@
+"""Pieces shared by every kernel: dispatch, validation, padding, testing helpers."""

@@ -1,0 +1,91 @@
+"""Picks the implementation of a kernel at call time from the platform of its inputs.
+
+Every public op takes ``implementation=None | "pallas" | "interpret" | "xla" | "reference"``:
+
+* ``None``: compiled Pallas on TPU and GPU, the blockwise XLA path elsewhere (CPU);
+* ``"pallas"``: compiled Pallas; only on TPU or GPU;
+* ``"interpret"``: the Pallas kernels run by the Pallas interpreter, on any platform (slow;
+  for tests and debugging);
+* ``"xla"``: the blockwise pure-JAX path, on any platform;
+* ``"reference"``: the naive math, on any platform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+
+IMPLEMENTATIONS = (None, "pallas", "interpret", "xla", "reference")
+PALLAS_PLATFORMS = ("tpu", "gpu")
+_TARGET_PLATFORM = contextvars.ContextVar("lclm_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Trace ops for ``platform`` ("tpu", "gpu" or "cpu") whatever this host runs.
+
+  For ahead-of-time lowering, e.g. ``jax.export(..., platforms=["tpu"])`` on a CPU machine:
+  inside the block, ops pick the kernels of ``platform`` instead of the host's.
+  """
+  platform = _normalise(platform)
+  if platform not in ("tpu", "gpu", "cpu"):
+    raise ValueError(f"target_platform: platform must be 'tpu', 'gpu' or 'cpu', got {platform!r}.")
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def platform_of(*arrays) -> str:
+  """Returns "tpu", "gpu" or "cpu": where the computation on ``arrays`` will run.
+
+  Concrete arrays report the platform of their devices; under a trace (jit, grad) the
+  arrays are abstract, so the default backend decides, as it does for the jitted program.
+  Inside :func:`target_platform` that platform wins.
+  """
+  if _TARGET_PLATFORM.get() is not None:
+    return _TARGET_PLATFORM.get()
+  for x in arrays:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      try:
+        devices = x.devices()
+      except Exception:  # Deleted or otherwise unusable arrays: fall back to the default.
+        continue
+      if devices:
+        return _normalise(next(iter(devices)).platform)
+  return _normalise(jax.default_backend())
+
+
+def _normalise(platform: str) -> str:
+  platform = platform.lower()
+  if platform in ("cuda", "rocm", "gpu"):
+    return "gpu"
+  return platform
+
+
+def resolve_implementation(op_name: str, implementation: str | None, platform: str) -> str:
+  """Returns the concrete implementation to run, or raises a ValueError that says why not."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"{op_name}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  if implementation is None:
+    return "pallas" if platform in PALLAS_PLATFORMS else "xla"
+  if implementation == "pallas" and platform not in PALLAS_PLATFORMS:
+    raise ValueError(
+        f"{op_name}: implementation='pallas' needs a TPU or GPU, but the inputs are on "
+        f"{platform!r}. Use implementation='interpret' to run the Pallas kernels in the "
+        "interpreter, 'xla' for the blockwise path, or None to choose automatically."
+    )
+  return implementation
+
+
+def pallas_backend(platform: str) -> str:
+  """The Pallas kernel family for ``platform``: "tpu" (Mosaic) or "gpu" (Triton).
+
+  Interpret mode on a CPU runs the TPU kernels, the project's primary target.
+  """
+  return "gpu" if platform == "gpu" else "tpu"

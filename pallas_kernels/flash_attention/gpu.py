@@ -1,0 +1,451 @@
+"""Pallas GPU (Triton) flash attention: FlashAttention-2 forward and backward kernels.
+
+Layouts: q [B, H, Tq, Dp]; k, v [B, Hkv, Tk, Dp] with H % Hkv == 0, query head h reading kv
+head h // (H // Hkv) through the BlockSpec index maps (K/V are never repeated in memory).
+Tq and Tk are whole numbers of blocks and Dp == padded_head_dim(D): ``ops.py`` pads. Which
+keys a query sees is decided by :func:`masking.visible` alone.
+
+Kernels:
+  forward  grid (q block, B, H): one query block, looping over the key blocks it can see.
+  dK/dV    grid (kv block, B, Hkv): one key block, looping over the query heads of its group
+           and the query blocks that can see it; dK, dV come out summed over the group.
+  dQ       grid (q block, B, H): one query block, looping over the key blocks it can see.
+
+Block pairs that nothing in them can see are skipped, not computed: causality bounds the
+loops, and with segments a pair whose per-block segment-id ranges do not overlap is jumped
+over by a ``lax.cond``. Inside the loop bounds, pairs that are entirely visible run without
+building a mask.
+
+Logits are kept in base 2 (natural logits times log2(e)) so that the softmax uses ``exp2``;
+the returned log-sum-exp is in natural units. Matmuls take the input dtype and accumulate in
+float32; softmax statistics and gradients accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import padding
+from pallas_kernels.flash_attention import masking
+
+MIN_BLOCK = 16
+POWER_OF_TWO_BLOCKS = True  # Triton tiles
+DEFAULT_BLOCK_SIZES = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+_STATIC = ("scale", "is_causal", "logits_soft_cap", "q_offset", "kv_len", "block_q", "block_k",
+           "interpret")
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """Head dim the kernels need: Triton tiles are powers of two, and its dots need K >= 16."""
+  return max(16, padding.next_power_of_2(head_dim))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
+  """2-D matmul in the input dtype with float32 accumulation."""
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _logits(q, k, scale, soft_cap):
+  """Base-2 logits q k^T [bq, bk] (float32) and tanh(s / cap) for the soft-cap gradient."""
+  s = _dot(q, k, 1, 1)
+  if soft_cap is None:
+    return s * (scale * LOG2E), None
+  t = jnp.tanh(s * (scale / soft_cap))
+  return t * (soft_cap * LOG2E), t
+
+
+def _mask(s, q_start, k_start, q_seg, kv_seg, *, is_causal, q_offset, kv_len):
+  """Sets invisible entries of the [bq, bk] tile ``s`` to -inf."""
+  bq, bk = s.shape
+  visible = masking.visible(
+      q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :],
+      is_causal=is_causal, q_offset=q_offset, kv_len=kv_len,
+      q_segment=None if q_seg is None else q_seg[:, None],
+      kv_segment=None if kv_seg is None else kv_seg[None, :])
+  return jnp.where(visible, s, -jnp.inf)
+
+
+def _kv_loop_bounds(q_block, *, block_q, block_k, is_causal, q_offset, kv_len, has_segments):
+  """(lo, mid, hi): key blocks [lo, mid) are wholly visible to ``q_block``; [mid, hi) need a mask.
+
+  Blocks outside [lo, hi) hold nothing visible (keys past ``kv_len`` or in the causal future).
+  Works on Python ints and on traced int32 scalars.
+  """
+  lo, hi = masking.kv_block_range(q_block, block_q=block_q, block_k=block_k,
+                                  num_kv_blocks=pl.cdiv(kv_len, block_k),
+                                  is_causal=is_causal, q_offset=q_offset)
+  if has_segments:
+    return lo, lo, hi
+  mid = kv_len // block_k  # The last, partial block holds padded keys.
+  if is_causal:
+    # Key block j is wholly visible when its last key is <= the block's first query position.
+    mid = jnp.minimum(mid, (q_block * block_q + q_offset + 1) // block_k)
+  return lo, jnp.clip(mid, lo, hi), hi
+
+
+def _select(pred, on_true, on_false):
+  """Scalar int ``pred ? on_true : on_false``; Triton cannot lower a scalar select_n of ints."""
+  pred = jnp.asarray(pred, jnp.int32)
+  return pred * on_true + (1 - pred) * on_false
+
+
+def _q_loop_bounds(kv_block, *, block_q, block_k, num_q_blocks, is_causal, q_offset, kv_len,
+                   has_segments):
+  """(lo, mid, hi): query blocks [lo, mid) need a mask against ``kv_block``; [mid, hi) see it all.
+
+  Query blocks outside [lo, hi) see nothing of ``kv_block``.
+  """
+  lo = masking.q_block_start(kv_block, block_q=block_q, block_k=block_k,
+                             num_q_blocks=num_q_blocks, is_causal=is_causal, q_offset=q_offset)
+  hi = num_q_blocks
+  lo = _select(kv_block * block_k >= kv_len, hi, lo)  # Only padded keys.
+  if has_segments:
+    return lo, hi, hi
+  mid = lo
+  if is_causal:
+    # Smallest query block whose first query position is >= the block's last key.
+    last_key = (kv_block + 1) * block_k - 1
+    mid = -((q_offset - last_key) // block_q)
+  mid = _select((kv_block + 1) * block_k > kv_len, hi, mid)  # Holds padded keys.
+  return lo, jnp.clip(mid, lo, hi), hi
+
+
+def _segment_ranges(segment_ids, block):
+  """[B, T] segment ids -> [B, 2, T // block]: per-block (min, max)."""
+  return jnp.stack(masking.segment_block_ranges(segment_ids, block), axis=1)
+
+
+def _overlap(q_range_ref, q_block, kv_range_ref, kv_block):
+  """Whether a query block and a key block may share a segment (their id ranges overlap)."""
+  return jnp.logical_and(q_range_ref[0, q_block] <= kv_range_ref[1, kv_block],
+                         kv_range_ref[0, kv_block] <= q_range_ref[1, q_block])
+
+
+def _loop(lo, hi, step, carry, overlap=None):
+  """fori_loop of ``step(i, carry)`` over [lo, hi), skipping each i with ``overlap(i)`` False."""
+  if overlap is None:
+    return lax.fori_loop(lo, hi, step, carry)
+
+  def body(i, carry):
+    return lax.cond(overlap(i), lambda c: step(i, c), lambda c: c, carry)
+
+  return lax.fori_loop(lo, hi, body, carry)
+
+
+def _compiler_params(block_fixed, block_streamed, head_dim, itemsize, num_stages):
+  """Triton launch parameters for a kernel that keeps one tile and streams pairs of others."""
+  num_warps = 4 if block_fixed * block_streamed <= 64 * 64 and head_dim <= 64 else 8
+  # Each pipeline stage buffers one pair of streamed tiles (K and V, or Q and dO) in shared
+  # memory; stay well inside the 228 KiB of an H100.
+  pair_bytes = 2 * block_streamed * head_dim * itemsize
+  while num_stages > 1 and num_stages * pair_bytes > 160 * 1024:
+    num_stages -= 1
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_blocks(name, length, block, interpret):
+  if length % block:
+    raise ValueError(f"flash_attention (gpu): {name} length {length} is not a multiple of "
+                     f"the block size {block}; pad to whole blocks first.")
+  if not interpret and block & (block - 1):
+    raise ValueError(f"flash_attention (gpu): Triton needs power-of-two block sizes, got "
+                     f"{block} for {name}; use 16, 32, 64, 128, ...")
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, soft_cap, is_causal, q_offset, kv_len,
+                    block_k, has_segments):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, o_ref, lse_ref = refs
+  else:
+    o_ref, lse_ref = refs
+  block_q, head_dim = q_ref.shape
+  i = pl.program_id(0)
+  q = q_ref[...]
+  q_seg = q_seg_ref[...] if has_segments else None
+
+  def step(j, carry, masked):
+    acc, m, l = carry
+    keys = pl.ds(j * block_k, block_k)
+    s, _ = _logits(q, k_ref[keys, :], scale, soft_cap)
+    if masked:
+      s = _mask(s, i * block_q, j * block_k, q_seg, kv_seg_ref[keys] if has_segments else None,
+                is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_shift = m_new
+    if masked:  # A row with nothing visible yet keeps m = -inf; it exponentiates against 0.
+      m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - m_shift[:, None])
+    alpha = jnp.exp2(m - m_shift)
+    v = v_ref[keys, :]
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_new, alpha * l + p.sum(axis=-1)
+
+  lo, mid, hi = _kv_loop_bounds(i, block_q=block_q, block_k=block_k, is_causal=is_causal,
+                                q_offset=q_offset, kv_len=kv_len, has_segments=has_segments)
+  overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
+  carry = (jnp.zeros((block_q, head_dim), jnp.float32),
+           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  if not has_segments:  # With segments every visited block pair is masked.
+    carry = _loop(lo, mid, functools.partial(step, masked=False), carry)
+  acc, m, l = _loop(mid, hi, functools.partial(step, masked=True), carry, overlap)
+  empty = l == 0.0
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, is_causal: bool,
+                  logits_soft_cap: float | None, q_offset: int, kv_len: int, block_q: int,
+                  block_k: int, interpret: bool = False):
+  """Flash-attention forward pass.
+
+  Args:
+    q: [B, H, Tq, Dp]; k, v: [B, Hkv, Tk, Dp]; Tq % block_q == Tk % block_k == 0.
+    q_segment_ids, kv_segment_ids: int32 [B, Tq] and [B, Tk], or both None.
+    scale: multiplies the logits, before the soft cap ``cap * tanh(s / cap)``.
+    q_offset: position of query 0 (true kv_len - true q_len; may be negative).
+    kv_len: true number of keys; keys at or past it are padding and never visible.
+
+  Returns:
+    out [B, H, Tq, Dp] in q.dtype, and lse [B, H, Tq] float32, the log-sum-exp of the visible
+    logits. A query that sees no key gets out = 0 and lse = -inf.
+  """
+  b, h, tq, dp = q.shape
+  hkv, tk = k.shape[1], k.shape[2]
+  if 0 in (b, h, tq) or tk == 0 or kv_len == 0:
+    return jnp.zeros_like(q), jnp.full((b, h, tq), -jnp.inf, jnp.float32)
+  _check_blocks("query", tq, block_q, interpret)
+  _check_blocks("key", tk, block_k, interpret)
+  group = h // hkv
+  nq, nk = tq // block_q, tk // block_k
+  has_segments = q_segment_ids is not None
+
+  in_specs = [
+      pl.BlockSpec((None, None, block_q, dp), lambda i, b, h: (b, h, i, 0)),
+      pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0)),
+      pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0)),
+  ]
+  args = [q, k, v]
+  if has_segments:
+    in_specs += [
+        pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+        pl.BlockSpec((None, tk), lambda i, b, h: (b, 0)),
+        pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
+        pl.BlockSpec((None, 2, nk), lambda i, b, h: (b, 0, 0)),
+    ]
+    args += [q_segment_ids, kv_segment_ids, _segment_ranges(q_segment_ids, block_q),
+             _segment_ranges(kv_segment_ids, block_k)]
+
+  kernel = functools.partial(
+      _forward_kernel, scale=scale, soft_cap=logits_soft_cap, is_causal=is_causal,
+      q_offset=q_offset, kv_len=kv_len, block_k=block_k, has_segments=has_segments)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, b, h),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, block_q, dp), lambda i, b, h: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+      compiler_params=_compiler_params(block_q, block_k, dp, q.dtype.itemsize, num_stages=3),
+      interpret=interpret,
+      name="flash_attention_forward",
+  )(*args)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
+  """P [bq, bk] and dS, the gradient of the scaled (pre-cap) logits, both float32.
+
+  ``lse2`` is the base-2 log-sum-exp (+inf for rows that see nothing, so P = 0 there) and
+  ``delta`` = rowsum(dO * O) - dLSE.
+  """
+  s, t = _logits(q, k, scale, soft_cap)
+  if mask is not None:
+    s = mask(s)
+  p = jnp.exp2(s - lse2[:, None])
+  ds = p * (_dot(d_out, v, 1, 1) - delta[:, None])
+  if t is not None:
+    ds = ds * (1.0 - t * t)
+  return p, ds
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, soft_cap,
+                 is_causal, q_offset, kv_len, block_q, has_segments):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
+  group, tq = lse_ref.shape
+  block_k, head_dim = k_ref.shape
+  j = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  kv_seg = kv_seg_ref[...] if has_segments else None
+
+  def step(i, carry, g, masked):
+    dk, dv = carry
+    rows = pl.ds(i * block_q, block_q)
+    q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]
+    mask = None
+    if masked:
+      mask = functools.partial(
+          _mask, q_start=i * block_q, k_start=j * block_k,
+          q_seg=q_seg_ref[rows] if has_segments else None, kv_seg=kv_seg,
+          is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+    p, ds = _probs_and_dlogits(q, k, v, d_out, lse_ref[g, rows], delta_ref[g, rows], mask,
+                               scale, soft_cap)
+    dv = dv + _dot(p.astype(d_out.dtype), d_out, 0, 0)
+    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+    return dk, dv
+
+  lo, mid, hi = _q_loop_bounds(j, block_q=block_q, block_k=block_k, num_q_blocks=tq // block_q,
+                               is_causal=is_causal, q_offset=q_offset, kv_len=kv_len,
+                               has_segments=has_segments)
+  overlap = None
+  if has_segments:
+    overlap = lambda i: _overlap(q_range_ref, i, kv_range_ref, j)
+
+  def head(g, carry):
+    carry = _loop(lo, mid, functools.partial(step, g=g, masked=True), carry, overlap)
+    if has_segments:  # Every visited block pair is masked.
+      return carry
+    return _loop(mid, hi, functools.partial(step, g=g, masked=False), carry)
+
+  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, soft_cap,
+               is_causal, q_offset, kv_len, block_k, has_segments):
+  if has_segments:
+    q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  block_q, head_dim = q_ref.shape
+  i = pl.program_id(0)
+  q, d_out, lse2, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_seg = q_seg_ref[...] if has_segments else None
+
+  def step(j, dq, masked):
+    keys = pl.ds(j * block_k, block_k)
+    k = k_ref[keys, :]
+    mask = None
+    if masked:
+      mask = functools.partial(
+          _mask, q_start=i * block_q, k_start=j * block_k, q_seg=q_seg,
+          kv_seg=kv_seg_ref[keys] if has_segments else None,
+          is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+    _, ds = _probs_and_dlogits(q, k, v_ref[keys, :], d_out, lse2, delta, mask, scale, soft_cap)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  lo, mid, hi = _kv_loop_bounds(i, block_q=block_q, block_k=block_k, is_causal=is_causal,
+                                q_offset=q_offset, kv_len=kv_len, has_segments=has_segments)
+  overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
+  dq = jnp.zeros((block_q, head_dim), jnp.float32)
+  if not has_segments:  # With segments every visited block pair is masked.
+    dq = _loop(lo, mid, functools.partial(step, masked=False), dq)
+  dq = _loop(mid, hi, functools.partial(step, masked=True), dq, overlap)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, scale: float,
+                   is_causal: bool, logits_soft_cap: float | None, q_offset: int, kv_len: int,
+                   block_q: int, block_k: int, d_lse=None, interpret: bool = False):
+  """Flash-attention backward pass (FlashAttention-2: a dK/dV kernel and a dQ kernel).
+
+  Args: as :func:`flash_forward`, plus the forward's ``out`` [B, H, Tq, Dp] and ``lse``
+    [B, H, Tq], the output cotangent ``d_out`` [B, H, Tq, Dp] and optionally the lse cotangent
+    ``d_lse`` [B, H, Tq] (None: zero). ``block_q``/``block_k`` are the backward block sizes.
+    Rows of padded queries must have zero cotangents (they are not masked here).
+
+  Returns:
+    dq [B, H, Tq, Dp] in q.dtype; dk, dv [B, Hkv, Tk, Dp] in k.dtype, each summed over the
+    H // Hkv query heads that share the kv head.
+  """
+  b, h, tq, dp = q.shape
+  hkv, tk = k.shape[1], k.shape[2]
+  if 0 in (b, h, tq) or tk == 0 or kv_len == 0:
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+  _check_blocks("query", tq, block_q, interpret)
+  _check_blocks("key", tk, block_k, interpret)
+  group = h // hkv
+  nq, nk = tq // block_q, tk // block_k
+  has_segments = q_segment_ids is not None
+
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  if d_lse is not None:
+    delta = delta - d_lse.astype(jnp.float32)
+  # Base 2, and +inf for rows that see nothing so that their probabilities exp2(-inf) are 0.
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  static = dict(scale=scale, soft_cap=logits_soft_cap, is_causal=is_causal, q_offset=q_offset,
+                kv_len=kv_len, has_segments=has_segments)
+  segment_args = []
+  if has_segments:
+    segment_args = [q_segment_ids, kv_segment_ids, _segment_ranges(q_segment_ids, block_q),
+                    _segment_ranges(kv_segment_ids, block_k)]
+
+  # dK, dV: one program per (kv block, b, kv head); the whole query group rides in its blocks.
+  group_rows = pl.BlockSpec((None, group, tq, dp), lambda j, b, g: (b, g, 0, 0))
+  group_stats = pl.BlockSpec((None, group, tq), lambda j, b, g: (b, g, 0))
+  kv_block = pl.BlockSpec((None, None, block_k, dp), lambda j, b, g: (b, g, j, 0))
+  in_specs = [group_rows, kv_block, kv_block, group_rows, group_stats, group_stats]
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, tq), lambda j, b, g: (b, 0)),
+                 pl.BlockSpec((None, block_k), lambda j, b, g: (b, j)),
+                 pl.BlockSpec((None, 2, nq), lambda j, b, g: (b, 0, 0)),
+                 pl.BlockSpec((None, 2, nk), lambda j, b, g: (b, 0, 0))]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, block_q=block_q, **static),
+      grid=(nk, b, hkv),
+      in_specs=in_specs,
+      out_specs=[kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(block_k, block_q, dp, q.dtype.itemsize, num_stages=2),
+      interpret=interpret,
+      name="flash_attention_dkdv",
+  )(q, k, v, d_out, lse2, delta, *segment_args)
+
+  # dQ: one program per (q block, b, head).
+  q_rows = pl.BlockSpec((None, None, block_q, dp), lambda i, b, h: (b, h, i, 0))
+  q_stats = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+  kv_rows = pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0))
+  in_specs = [q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats]
+  if has_segments:
+    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+                 pl.BlockSpec((None, tk), lambda i, b, h: (b, 0)),
+                 pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
+                 pl.BlockSpec((None, 2, nk), lambda i, b, h: (b, 0, 0))]
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_k=block_k, **static),
+      grid=(nq, b, h),
+      in_specs=in_specs,
+      out_specs=q_rows,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(block_q, block_k, dp, q.dtype.itemsize, num_stages=2),
+      interpret=interpret,
+      name="flash_attention_dq",
+  )(q, k, v, d_out, lse2, delta, *segment_args)
+  return dq, dk, dv

@@ -1,0 +1,60 @@
+"""Naive flash-attention math: the whole score matrix, written to be read, in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import masking
+
+
+def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
+                              segment_ids=None, logits_soft_cap=None, return_lse=False):
+  """O(T^2) attention with the semantics of :func:`pallas_kernels.flash_attention`.
+
+  Args:
+    query: [batch, q_len, num_heads, head_dim].
+    key, value: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0.
+    scale: logit scale, default head_dim ** -0.5.
+    is_causal: causal mask with queries aligned to the end of the keys.
+    segment_ids: [batch, len] int (self-attention) or a pair (q_segment_ids, kv_segment_ids).
+    logits_soft_cap: logits -> cap * tanh(logits / cap), after scaling.
+    return_lse: also return the log-sum-exp [batch, q_len, num_heads] (float32; -inf for a
+      query that sees no key).
+
+  Returns:
+    [batch, q_len, num_heads, head_dim] in query's dtype (and the lse when asked). A query
+    that sees no key gets zeros.
+  """
+  b, tq, h, d = query.shape
+  tk, hk = key.shape[1], key.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  compute = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+  q = query.astype(compute).reshape(b, tq, hk, h // hk, d)
+  k = key.astype(compute)
+  v = value.astype(compute)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * scale
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids,) * 2
+    q_seg, kv_seg = q_seg[:, None, None, :, None], kv_seg[:, None, None, None, :]
+  mask = masking.visible(
+      jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], is_causal=is_causal,
+      q_offset=masking.causal_offset(tq, tk), q_segment=q_seg, kv_segment=kv_seg)
+  mask = jnp.broadcast_to(mask, logits.shape)
+
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(denom == 0, 1.0, denom)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, tq, h, d).astype(query.dtype)
+  if not return_lse:
+    return out
+  lse = (row_max + jnp.log(denom))[..., 0]  # [b, hk, g, q]; log(0) = -inf for empty rows.
+  lse = jnp.transpose(lse.reshape(b, h, tq), (0, 2, 1))
+  return out, lse

@@ -1,0 +1,41 @@
+"""Installs lclm's three Python packages: pallas_kernels, layers and lclm."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    # Python 3.11 resolves to jax 0.10; GPU hosts commonly run jax 0.11 on Python 3.12.
+    "jax>=0.10.0,<0.12",
+    "flax>=0.12.0,<0.14",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11.0,<0.13",
+    "grain>=0.2.10,<0.3",
+    "gin-config>=0.5.0,<0.6",
+    # TFDS builders write array_record files that Grain reads; TensorFlow is not needed.
+    "tensorflow-datasets>=4.9.8,<5",
+    "numpy>=1.26,<3",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8.0,<10",
+        "pytest-xdist>=3.5,<4",
+        "hypothesis>=6.100,<7",
+    ],
+    "notebooks": [
+        "jupyter>=1.0,<2",
+        "matplotlib>=3.8,<4",
+    ],
+    "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
+    "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+}
+
+setuptools.setup(
+    name="lclm",
+    version="0.1.0",
+    description="Long-sequence model cores as Pallas kernels, Flax NNX layers and gin experiments.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["lclm*", "layers*", "pallas_kernels*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,48 @@
+"""Shared test set-up: hardware markers and the 8-fake-device subprocess helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+  backend = jax.default_backend()
+  skip_gpu = pytest.mark.skip(reason="needs a GPU (jax.default_backend() != 'gpu')")
+  skip_tpu = pytest.mark.skip(reason="needs a TPU (jax.default_backend() != 'tpu')")
+  for item in items:
+    if "gpu" in item.keywords and backend != "gpu":
+      item.add_marker(skip_gpu)
+    if "tpu" in item.keywords and backend != "tpu":
+      item.add_marker(skip_tpu)
+
+
+def run_on_fake_devices(code: str, num_devices: int = 8, timeout: int = 600) -> str:
+  """Runs ``code`` in a fresh Python with ``num_devices`` fake CPU devices; returns stdout.
+
+  XLA reads the device count when jax initialises, so this needs its own process. The code
+  should assert what it checks; a failure raises here with the child's output.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={num_devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc.stdout
+
+
+@pytest.fixture
+def fake_devices():
+  """``fake_devices(code)`` runs code on 8 fake CPU devices in a subprocess."""
+  return run_on_fake_devices

@@ -1,0 +1,270 @@
+"""The Pallas GPU (Triton) flash-attention kernels of gpu.py against the naive reference.
+
+The kernels are called directly (not through ops.py) on [B, H, T, Dp] inputs padded to whole
+blocks, in interpret mode on CPU; the lowering tests build the real Triton kernels for CUDA
+with jax.export, and the ``gpu`` class runs them compiled when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import padding
+from pallas_kernels._common.testing import assert_close
+from pallas_kernels.flash_attention import gpu, masking, reference
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _to_kernel(x, length, head_dim):
+  """[B, T, H, D] -> [B, H, length, head_dim], zero padded."""
+  x = jnp.transpose(x, (0, 2, 1, 3))
+  return padding.pad_axis(padding.pad_axis(x, 2, length), 3, head_dim)
+
+
+def _from_kernel(x, length, head_dim):
+  """[B, H, T_p, D_p] -> [B, length, H, head_dim]."""
+  return jnp.transpose(x[:, :, :length, :head_dim], (0, 2, 1, 3))
+
+
+def _run_kernels(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, blocks, scale,
+                 interpret=True):
+  """gpu.flash_forward + flash_backward on [B, T, H, D] inputs, results sliced back.
+
+  Returns out, lse [B, Tq, H], dq, dk, dv in the reference's layouts.
+  """
+  _, tq, _, d = q.shape
+  tk = k.shape[1]
+  block_q, block_k, block_q_bwd, block_k_bwd = blocks
+  tq_p = padding.round_up(tq, math.lcm(block_q, block_q_bwd))
+  tk_p = padding.round_up(tk, math.lcm(block_k, block_k_bwd))
+  dp = gpu.padded_head_dim(d)
+  qp, kp, vp = _to_kernel(q, tq_p, dp), _to_kernel(k, tk_p, dp), _to_kernel(v, tk_p, dp)
+  q_seg = kv_seg = None
+  if segments is not None:
+    q_seg = jnp.pad(segments[0], ((0, 0), (0, tq_p - tq)), mode="edge")
+    kv_seg = jnp.pad(segments[1], ((0, 0), (0, tk_p - tk)), mode="edge")
+  common = dict(scale=scale, is_causal=is_causal, logits_soft_cap=soft_cap,
+                q_offset=masking.causal_offset(tq, tk), kv_len=tk, interpret=interpret)
+  out, lse = gpu.flash_forward(qp, kp, vp, q_seg, kv_seg, block_q=block_q, block_k=block_k,
+                               **common)
+  d_lse_p = padding.pad_axis(jnp.transpose(d_lse, (0, 2, 1)), 2, tq_p)
+  dq, dk, dv = gpu.flash_backward(
+      qp, kp, vp, q_seg, kv_seg, out, lse, _to_kernel(d_out, tq_p, dp), d_lse=d_lse_p,
+      block_q=block_q_bwd, block_k=block_k_bwd, **common)
+  return (_from_kernel(out, tq, d), jnp.transpose(lse[:, :, :tq], (0, 2, 1)),
+          _from_kernel(dq, tq, d), _from_kernel(dk, tk, d), _from_kernel(dv, tk, d))
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "soft_cap", "scale"))
+def _run_reference(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, scale):
+  fn = lambda q, k, v: reference.flash_attention_reference(
+      q, k, v, scale=scale, is_causal=is_causal, segment_ids=segments,
+      logits_soft_cap=soft_cap, return_lse=True)
+  (out, lse), vjp = jax.vjp(fn, q, k, v)
+  return (out, lse, *vjp((d_out, d_lse)))
+
+
+def _packed_segments(key, batch, length, num_segments):
+  """Sorted random segment ids in [0, num_segments): packed sequences of random lengths."""
+  return jnp.sort(jax.random.randint(key, (batch, length), 0, num_segments), axis=-1)
+
+
+def _inputs(seed, b, tq, tk, h, hkv, d, dtype, segmented):
+  keys = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(keys[0], (b, tq, h, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(keys[1], (b, tk, hkv, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (b, tk, hkv, d), jnp.float32).astype(dtype)
+  d_out = jax.random.normal(keys[3], (b, tq, h, d), jnp.float32).astype(dtype)
+  d_lse = jax.random.normal(keys[4], (b, tq, h), jnp.float32)
+  segments = None
+  if segmented:
+    segments = (_packed_segments(keys[5], b, tq, 3), _packed_segments(keys[6], b, tk, 3))
+  return q, k, v, segments, d_out, d_lse
+
+
+def _check(case, kernel, ref, dtype):
+  for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), kernel, ref):
+    quantity = {"out": "attention_output"}.get(name, name)
+    assert np.all(np.isfinite(np.asarray(got, np.float32)) | (name == "lse")), (case, name)
+    assert_close(quantity, dtype, got, want, name=f"{case} {name}")
+
+
+# (name, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, segments, soft_cap,
+#  blocks (block_q, block_k, block_q_bwd, block_k_bwd))
+CASES = [
+    ("mha", 2, 64, 64, 2, 2, 32, jnp.float32, False, False, None, (32, 16, 16, 32)),
+    ("mha_causal_len63_dim60", 1, 63, 63, 2, 2, 60, jnp.float32, True, False, None,
+     (16, 16, 16, 16)),
+    ("gqa_causal_soft_cap", 1, 63, 63, 4, 2, 32, jnp.float32, True, False, 2.0,
+     (16, 32, 32, 16)),
+    ("mqa_short_q_long_kv_causal", 1, 40, 100, 2, 1, 32, jnp.float32, True, False, None,
+     (16, 32, 16, 16)),
+    ("segments_causal_gqa", 2, 64, 64, 4, 2, 32, jnp.float32, True, True, None,
+     (16, 16, 16, 16)),
+    ("segments_short_q_long_kv", 1, 40, 100, 2, 2, 32, jnp.float32, False, True, None,
+     (16, 16, 16, 32)),
+    ("bf16_gqa_causal_segments_soft_cap", 1, 64, 64, 4, 2, 64, jnp.bfloat16, True, True, 5.0,
+     (32, 16, 16, 16)),
+    ("bf16_mqa_long_q_short_kv_causal_dim60", 1, 100, 40, 4, 1, 60, jnp.bfloat16, True,
+     False, None, (16, 16, 32, 16)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference_interpret(case):
+  name, b, tq, tk, h, hkv, d, dtype, causal, segmented, cap, blocks = case
+  q, k, v, segments, d_out, d_lse = _inputs(len(name), b, tq, tk, h, hkv, d, dtype, segmented)
+  kw = dict(is_causal=causal, soft_cap=cap, scale=d ** -0.5)
+  ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
+  # A query that sees no key has lse = -inf; a loss cannot depend on it.
+  d_lse = jnp.where(jnp.isfinite(ref[1]), d_lse, 0.0)
+  ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
+  got = _run_kernels(q, k, v, segments, d_out, d_lse, blocks=blocks, **kw)
+  _check(name, got, ref, dtype)
+
+
+def test_queries_before_the_first_key_see_nothing():
+  """100 queries end-aligned with 40 keys, causal: queries 0..59 sit before key 0."""
+  q, k, v, _, d_out, d_lse = _inputs(7, 1, 100, 40, 2, 2, 32, jnp.float32, False)
+  d_lse = d_lse.at[:, :60].set(0.0)
+  kw = dict(is_causal=True, soft_cap=None, scale=0.2)
+  got = _run_kernels(q, k, v, None, d_out, d_lse, blocks=(16, 16, 32, 16), **kw)
+  out, lse, dq = got[:3]
+  np.testing.assert_array_equal(np.asarray(out[:, :60]), 0.0)
+  np.testing.assert_array_equal(np.asarray(lse[:, :60]), -np.inf)
+  np.testing.assert_array_equal(np.asarray(dq[:, :60]), 0.0)
+  _check("empty rows", got, _run_reference(q, k, v, None, d_out, d_lse, **kw), jnp.float32)
+
+
+def test_segment_masked_blocks_are_skipped():
+  """Blocks that segments mask entirely are never read: NaN placed there does not leak.
+
+  Query block 3 (segment 8) and key block 3 (segment 7) meet no other segment; their q, d_out
+  and k, v rows hold NaN. Any kernel that computed with them would produce NaN (0 * NaN).
+  """
+  b, t, h, d, block = 1, 64, 2, 32, 16
+  q, k, v, _, d_out, d_lse = _inputs(11, b, t, t, h, h, d, jnp.float32, False)
+  keys = jax.random.split(jax.random.key(12), 2)
+  q_seg = _packed_segments(keys[0], b, t, 3).at[:, 3 * block:].set(8)
+  kv_seg = _packed_segments(keys[1], b, t, 3).at[:, 3 * block:].set(7)
+  poison = lambda x: x.at[:, 3 * block:].set(jnp.nan)
+  d_lse = d_lse.at[:, 3 * block:].set(0.0)
+  got = _run_kernels(poison(q), poison(k), poison(v), (q_seg, kv_seg), poison(d_out), d_lse,
+                     is_causal=False, soft_cap=None, blocks=(block,) * 4, scale=d ** -0.5)
+  clean = lambda x: x.at[:, 3 * block:].set(0.0)
+  ref = _run_reference(q, clean(k), clean(v), (q_seg, kv_seg), clean(d_out), d_lse,
+                       is_causal=False, soft_cap=None, scale=d ** -0.5)
+  _check("poisoned", got, ref, jnp.float32)
+
+
+def _block_visibility(tq_p, tk_p, block_q, block_k, is_causal, q_offset, kv_len):
+  """[nq, nk] (any visible, all visible) per block pair, from the full visibility matrix."""
+  vis = masking.visible(np.arange(tq_p)[:, None], np.arange(tk_p)[None, :],
+                        is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+  vis = np.broadcast_to(np.asarray(vis), (tq_p, tk_p))
+  tiles = vis.reshape(tq_p // block_q, block_q, tk_p // block_k, block_k)
+  return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_loop_bounds_are_exact(is_causal):
+  """The kernels' loop bounds visit every block pair with a visible entry and no other, and
+  run unmasked exactly on the wholly visible pairs at the loop ends."""
+  for q_len, kv_len, block_q, block_k in [(40, 100, 16, 32), (100, 40, 32, 16),
+                                          (64, 64, 16, 16), (63, 63, 32, 16), (33, 95, 16, 64)]:
+    tq_p, tk_p = padding.round_up(q_len, block_q), padding.round_up(kv_len, block_k)
+    q_offset = masking.causal_offset(q_len, kv_len)
+    any_vis, all_vis = _block_visibility(tq_p, tk_p, block_q, block_k, is_causal, q_offset,
+                                         kv_len)
+    nq, nk = any_vis.shape
+    common = dict(block_q=block_q, block_k=block_k, is_causal=is_causal, q_offset=q_offset,
+                  kv_len=kv_len, has_segments=False)
+    for i in range(nq):
+      lo, mid, hi = (int(x) for x in gpu._kv_loop_bounds(i, **common))
+      visited = np.zeros(nk, bool)
+      visited[lo:hi] = True
+      np.testing.assert_array_equal(visited, any_vis[i], err_msg=f"kv blocks of q block {i}")
+      assert all_vis[i, lo:mid].all() and not all_vis[i, mid:hi].any(), (i, lo, mid, hi)
+    for j in range(nk):
+      lo, mid, hi = (int(x) for x in gpu._q_loop_bounds(j, num_q_blocks=nq, **common))
+      visited = np.zeros(nq, bool)
+      visited[lo:hi] = True
+      np.testing.assert_array_equal(visited, any_vis[:, j], err_msg=f"q blocks of kv block {j}")
+      assert all_vis[mid:hi, j].all() and not all_vis[lo:mid, j].any(), (j, lo, mid, hi)
+
+
+def test_padded_head_dim():
+  assert [gpu.padded_head_dim(d) for d in (1, 8, 16, 60, 64, 80, 128, 256)] == [
+      16, 16, 16, 64, 64, 128, 128, 256]
+
+
+def test_compiled_path_rejects_non_power_of_two_blocks():
+  x = jnp.zeros((1, 1, 48, 16), jnp.float32)
+  with pytest.raises(ValueError, match="power-of-two"):
+    gpu.flash_forward(x, x, x, None, None, scale=1.0, is_causal=False, logits_soft_cap=None,
+                      q_offset=0, kv_len=48, block_q=48, block_k=16, interpret=False)
+
+
+def _export_for_cuda(fn, *args):
+  return jax.export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+
+
+@pytest.mark.parametrize("segmented,soft_cap", [(False, None), (True, 30.0)])
+def test_lowers_for_cuda(segmented, soft_cap):
+  """Forward and backward lower to Triton for CUDA at a realistic size (on a CPU machine).
+
+  This runs the Pallas -> Triton IR lowering (where Triton's shape and op restrictions are
+  checked), not Triton's own compilation to PTX, which happens only on a GPU.
+  """
+  b, h, hkv, t, d = 1, 4, 2, 1024, 128
+  blocks = gpu.DEFAULT_BLOCK_SIZES
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  common = dict(scale=d ** -0.5, is_causal=True, logits_soft_cap=soft_cap, q_offset=0,
+                kv_len=1000, interpret=False)
+  pick = lambda s: s if segmented else None
+
+  def forward(q, k, v, q_seg, kv_seg):
+    return gpu.flash_forward(q, k, v, pick(q_seg), pick(kv_seg), block_q=blocks["block_q"],
+                             block_k=blocks["block_k"], **common)
+
+  def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
+    return gpu.flash_backward(q, k, v, pick(q_seg), pick(kv_seg), out, lse, d_out,
+                              d_lse=d_lse, block_q=blocks["block_q_bwd"],
+                              block_k=blocks["block_k_bwd"], **common)
+
+  q, kv = bf16(b, h, t, d), bf16(b, hkv, t, d)
+  fwd = _export_for_cuda(forward, q, kv, kv, seg, seg)
+  bwd = _export_for_cuda(backward, q, kv, kv, seg, seg, q, f32(b, h, t), q, f32(b, h, t))
+  assert fwd.platforms == ("cuda",) and bwd.platforms == ("cuda",)
+  assert fwd.mlir_module().count(f"custom_call @{TRITON_CALL}") == 1
+  assert bwd.mlir_module().count(f"custom_call @{TRITON_CALL}") == 2  # dK/dV and dQ kernels.
+  assert [o.shape for o in fwd.out_avals] == [(b, h, t, d), (b, h, t)]
+  assert [o.shape for o in bwd.out_avals] == [(b, h, t, d), (b, hkv, t, d), (b, hkv, t, d)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+class TestCompiledOnGpu:
+  """The compiled Triton kernels (interpret=False) against the reference."""
+
+  @pytest.mark.parametrize("segmented", [False, True])
+  def test_bf16_causal_matches_reference(self, segmented):
+    b, t, h, hkv, d = 1, 1024, 4, 2, 128
+    q, k, v, segments, d_out, d_lse = _inputs(3, b, t, t, h, hkv, d, jnp.bfloat16, segmented)
+    blocks = tuple(gpu.DEFAULT_BLOCK_SIZES[n]
+                   for n in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"))
+    kw = dict(is_causal=True, soft_cap=None, scale=d ** -0.5)
+    ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
+    got = _run_kernels(q, k, v, segments, d_out, d_lse, blocks=blocks, interpret=False, **kw)
+    _check("gpu", got, ref, jnp.bfloat16)
