@@ -18,6 +18,7 @@ import statistics
 import time
 
 import jax
+import jaxlib
 
 MIB = 2 ** 20
 
@@ -104,15 +105,28 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
   return flops * 3.5 if backward else flops
 
 
+def forward_and_backward(forward):
+  """``forward(*inputs) -> out`` becomes ``(*inputs, d_out) -> (out, *input_gradients)``.
+
+  The program a "fwd_bwd" measurement runs: the forward pass, then the gradient of every
+  input for the cotangent ``d_out`` (pass a random one, not ones, so nothing folds away).
+  """
+  def run(*inputs_and_cotangent):
+    *inputs, d_out = inputs_and_cotangent
+    out, vjp = jax.vjp(forward, *inputs)
+    return (out, *vjp(d_out))
+  return run
+
+
 def describe_environment(device=None) -> dict:
   """Device, software versions and host: the metadata every benchmark result carries."""
   device = device or jax.devices()[0]
-  import jaxlib  # Only for its version.
   return dict(
       platform=device.platform, device_kind=device.device_kind,
       device_count=jax.device_count(), jax_version=jax.__version__,
       jaxlib_version=jaxlib.__version__, python_version=platform.python_version(),
-      host_cpu_count=os.cpu_count(), host_memory_gib=round(_host_memory_bytes() / 2 ** 30, 1))
+      host_cpu_count=os.cpu_count(),
+      host_memory_available_gib=round(_host_memory_bytes() / 2 ** 30, 1))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,393 @@
+"""One command that benchmarks every kernel against its reference and its peers (GUIDE §5).
+
+    python -m experiments.benchmark_kernels [--kernels flash_attention] [--sizes 1024,4096]
+        [--dtype bfloat16] [--modes fwd,fwd_bwd] [--out benchmarks/results/x.json] [--quick]
+    python -m experiments.benchmark_kernels --memory-check [--memory-check-len 16384]
+
+Each kernel is an entry of ``KERNEL_BENCHMARKS`` (name -> function of :class:`Settings`
+returning :class:`Row` s); adding a kernel adds an entry and leaves the driver alone. For each
+size x mode x implementation a row holds the median time, achieved TFLOP/s and compiled peak
+memory; the driver then adds the ratios to the reference and to the best peer of the same
+size and mode (their time / ours and their bytes / ours: > 1 means this row is better).
+
+A program whose compiled memory exceeds the budget is not run: its row says "skipped" and
+still reports the memory. The table is printed and written, with the device, the jax
+version, the command and the date, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from experiments import benchmarking
+from pallas_kernels import flash_attention
+
+OURS, REFERENCE, PEER = "ours", "reference", "peer"
+MODES = ("fwd", "fwd_bwd")
+RESULTS_DIR = os.path.join("benchmarks", "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the command line asks of every kernel benchmark.
+
+  sizes: sequence lengths, or None for the kernel's per-platform default.
+  dtype: input dtype name, or None for the kernel's per-platform default.
+  modes: subset of ``MODES``: "fwd" (forward only), "fwd_bwd" (forward, then all gradients).
+  budget_bytes: a program whose compiled memory exceeds this is not run.
+  """
+  sizes: tuple[int, ...] | None
+  dtype: str | None
+  modes: tuple[str, ...]
+  warmup: int
+  repeats: int
+  budget_bytes: int
+  quick: bool
+
+
+@dataclasses.dataclass
+class Row:
+  """One (kernel, size, mode, implementation) measurement; None where not measured.
+
+  role: "ours", "reference" or "peer". The four ratio fields are filled in by
+  :func:`add_ratios`: speedup_* = their time / this time, memory_* = their bytes / these.
+  """
+  kernel: str
+  config: str
+  size: int
+  mode: str
+  dtype: str
+  implementation: str
+  role: str
+  status: str
+  time_ms: float | None = None
+  tflops: float | None = None
+  memory_mib: float | None = None
+  measured_peak_mib: float | None = None
+  speedup_vs_reference: float | None = None
+  memory_vs_reference: float | None = None
+  speedup_vs_best_peer: float | None = None
+  memory_vs_best_peer: float | None = None
+  note: str = ""
+
+
+def row_from_measurement(measurement: benchmarking.Measurement, *, flops: float, **fields):
+  """A Row from a :class:`benchmarking.Measurement`, with achieved TFLOP/s from ``flops``."""
+  seconds = measurement.seconds
+  mib = lambda b: None if b is None else b / benchmarking.MIB
+  return Row(status=measurement.status, note=measurement.note,
+             time_ms=None if seconds is None else seconds * 1e3,
+             tflops=None if not seconds else flops / seconds / 1e12,
+             memory_mib=mib(measurement.memory_bytes),
+             measured_peak_mib=mib(measurement.measured_peak_bytes), **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash attention.
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionCandidate:
+  """An attention implementation: ``forward(q, k, v)`` in its own ``layout``.
+
+  layout: "bthd" ([batch, len, heads, head_dim], ours) or "bhtd". ``error`` set means the
+  candidate could not be built here (e.g. not importable); its rows say why.
+  """
+  name: str
+  role: str
+  forward: Callable | None
+  layout: str = "bthd"
+  error: str = ""
+
+
+def _attention_defaults(platform: str, quick: bool) -> dict:
+  if platform == "cpu":
+    sizes = (1024,) if quick else (1024, 4096)
+    return dict(sizes=sizes, dtype="float32", batch=1, heads=8, head_dim=64, causal=True)
+  sizes = (4096,) if quick else (4096, 8192, 16384, 32768)
+  return dict(sizes=sizes, dtype="bfloat16", batch=1, heads=16, head_dim=128, causal=True)
+
+
+def _attention_candidates(platform: str, scale: float, causal: bool):
+  """Ours (default, plus the XLA path on accelerators), the reference and the peers."""
+  ours = lambda impl: lambda q, k, v: flash_attention(
+      q, k, v, scale=scale, is_causal=causal, implementation=impl)
+  default = "xla" if platform == "cpu" else "pallas"
+  candidates = [_AttentionCandidate(f"lclm (default={default})", OURS, ours(None))]
+  if platform != "cpu":
+    candidates.append(_AttentionCandidate("lclm xla", OURS, ours("xla")))
+  candidates.append(_AttentionCandidate("reference", REFERENCE, ours("reference")))
+
+  jax_nn = lambda impl: lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=causal, implementation=impl)
+  candidates.append(_AttentionCandidate("jax.nn xla", PEER, jax_nn("xla")))
+  if platform == "gpu":
+    candidates.append(_AttentionCandidate("jax.nn cudnn", PEER, jax_nn("cudnn")))
+    candidates.append(_pallas_peer(
+        "pallas.ops.gpu mha", "jax.experimental.pallas.ops.gpu.attention", "bthd",
+        lambda module: lambda q, k, v: module.mha(
+            q, k, v, segment_ids=None, sm_scale=scale, causal=causal)))
+  if platform == "tpu":
+    candidates.append(_pallas_peer(
+        "pallas.ops.tpu flash", "jax.experimental.pallas.ops.tpu.flash_attention", "bhtd",
+        lambda module: lambda q, k, v: module.flash_attention(
+            q, k, v, causal=causal, sm_scale=scale)))
+  return candidates
+
+
+def _pallas_peer(name, module_name, layout, make_forward):
+  import importlib
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as error:  # Absent or broken in this jax build: report, do not fail.
+    return _AttentionCandidate(name, PEER, None, layout, f"not importable: {error}")
+  return _AttentionCandidate(name, PEER, make_forward(module), layout)
+
+
+def _to_layout(arrays, layout):
+  return arrays if layout == "bthd" else tuple(jnp.swapaxes(x, 1, 2) for x in arrays)
+
+
+def bench_flash_attention(settings: Settings) -> list[Row]:
+  """Self-attention with q_len == kv_len (so every peer's causal alignment agrees)."""
+  platform = jax.default_backend()
+  defaults = _attention_defaults(platform, settings.quick)
+  sizes = settings.sizes or defaults["sizes"]
+  dtype = settings.dtype or defaults["dtype"]
+  b, h, d, causal = (defaults[k] for k in ("batch", "heads", "head_dim", "causal"))
+  config = f"B{b} H{h} D{d}{' causal' if causal else ''}"
+  candidates = _attention_candidates(platform, d ** -0.5, causal)
+  rows = []
+  for t in sizes:
+    keys = jax.random.split(jax.random.key(t), 4)
+    q, k, v, d_out = (jax.random.normal(key, (b, t, h, d), dtype) for key in keys)
+    for mode in settings.modes:
+      flops = benchmarking.attention_flops(
+          b, h, t, t, d, causal=causal, backward=(mode == "fwd_bwd"))
+      for cand in candidates:
+        fields = dict(kernel="flash_attention", config=config, size=t, mode=mode, dtype=dtype,
+                      implementation=cand.name, role=cand.role)
+        if cand.forward is None:
+          rows.append(Row(status="failed", note=cand.error, **fields))
+          continue
+        if mode == "fwd":
+          fn, args = cand.forward, _to_layout((q, k, v), cand.layout)
+        else:
+          fn = benchmarking.forward_and_backward(cand.forward)
+          args = _to_layout((q, k, v, d_out), cand.layout)
+        measurement = benchmarking.measure(
+            fn, *args, budget_bytes=settings.budget_bytes, warmup=settings.warmup,
+            repeats=settings.repeats)
+        rows.append(row_from_measurement(measurement, flops=flops, **fields))
+        _progress(rows[-1])
+  return rows
+
+
+def memory_check(seq_len: int = 16384, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
+                 dtype=jnp.float32, causal: bool = True) -> dict:
+  """Compiled peak memory of forward + backward: default implementation vs the reference.
+
+  The project's acceptance criterion: ours takes under a quarter of the naive reference's
+  memory at 16K tokens. Both programs are compiled for abstract inputs and never run.
+  Returns the configuration, both byte counts, ratio = reference / ours, and ``passed``.
+  """
+  spec = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), dtype)
+  measured = {}
+  for name, impl in (("ours", None), ("reference", "reference")):
+    fn = benchmarking.forward_and_backward(lambda q, k, v, impl=impl: flash_attention(
+        q, k, v, is_causal=causal, implementation=impl))
+    measured[name] = benchmarking.compiled_memory_bytes(fn, spec, spec, spec, spec)
+  ours, reference = measured["ours"], measured["reference"]
+  return dict(
+      seq_len=seq_len, batch=batch, heads=heads, head_dim=head_dim,
+      dtype=jnp.dtype(dtype).name, causal=causal, mode="fwd_bwd",
+      ours_bytes=ours, reference_bytes=reference, ratio=reference / ours,
+      passed=bool(ours * 4 < reference))
+
+
+def format_memory_check(check: dict) -> str:
+  mib = benchmarking.MIB
+  return (
+      f"Memory check (compiled peak, forward + backward, B{check['batch']} "
+      f"T{check['seq_len']} H{check['heads']} D{check['head_dim']} {check['dtype']}"
+      f"{' causal' if check['causal'] else ''}):\n"
+      f"  ours (default implementation): {check['ours_bytes'] / mib:12,.1f} MiB\n"
+      f"  naive reference:               {check['reference_bytes'] / mib:12,.1f} MiB\n"
+      f"  reference / ours: {check['ratio']:.1f}x -> "
+      f"{'PASS' if check['passed'] else 'FAIL'} (needs ours < 1/4 of the reference)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry and the driver.
+
+KERNEL_BENCHMARKS: dict[str, Callable[[Settings], list[Row]]] = {
+    "flash_attention": bench_flash_attention,
+}
+
+
+def add_ratios(rows: list[Row]) -> None:
+  """Fills the ratio fields of every row from the reference and peers of its group.
+
+  A group is one (kernel, config, size, mode, dtype). The best peer is the fastest (for
+  time) and the leanest (for memory) peer of the group that has the figure; a skipped row
+  still has its compiled memory, so it counts for memory.
+  """
+  groups: dict[tuple, list[Row]] = {}
+  for row in rows:
+    groups.setdefault((row.kernel, row.config, row.size, row.mode, row.dtype), []).append(row)
+  for group in groups.values():
+    ref = next((r for r in group if r.role == REFERENCE), None)
+    peers = [r for r in group if r.role == PEER]
+    best_time = min((r.time_ms for r in peers if r.time_ms), default=None)
+    best_memory = min((r.memory_mib for r in peers if r.memory_mib), default=None)
+    for row in group:
+      row.speedup_vs_reference = _ratio(ref and ref.time_ms, row.time_ms)
+      row.memory_vs_reference = _ratio(ref and ref.memory_mib, row.memory_mib)
+      row.speedup_vs_best_peer = _ratio(best_time, row.time_ms)
+      row.memory_vs_best_peer = _ratio(best_memory, row.memory_mib)
+
+
+def _ratio(theirs, ours):
+  return theirs / ours if theirs and ours else None
+
+
+_COLUMNS = (  # header, Row field, format
+    ("kernel", "kernel", "{}"), ("mode", "mode", "{}"), ("T", "size", "{}"),
+    ("dtype", "dtype", "{}"), ("implementation", "implementation", "{}"),
+    ("status", "status", "{}"), ("time ms", "time_ms", "{:.2f}"),
+    ("TFLOP/s", "tflops", "{:.3f}"), ("mem MiB", "memory_mib", "{:,.1f}"),
+    ("peak MiB", "measured_peak_mib", "{:,.1f}"),
+    ("x ref", "speedup_vs_reference", "{:.2f}"), ("x peer", "speedup_vs_best_peer", "{:.2f}"),
+    ("mem x ref", "memory_vs_reference", "{:.2f}"),
+    ("mem x peer", "memory_vs_best_peer", "{:.2f}"), ("note", "note", "{}"),
+)
+
+
+def format_table(rows: list[Row]) -> str:
+  """Rows as plain text with aligned columns; "-" where a figure is missing.
+
+  Columns with no figure in any row (e.g. measured peak on CPU) are left out.
+  """
+  columns = [c for c in _COLUMNS if any(getattr(r, c[1]) not in (None, "") for r in rows)]
+  cells = [[h for h, _, _ in columns]]
+  for row in rows:
+    cells.append(["-" if getattr(row, f) is None else fmt.format(getattr(row, f))
+                  for _, f, fmt in columns])
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  numeric = [fmt != "{}" or field == "size" for _, field, fmt in columns]
+  lines = []
+  for n, line in enumerate(cells):
+    lines.append("  ".join(c.rjust(w) if num else c.ljust(w)
+                           for c, w, num in zip(line, widths, numeric)).rstrip())
+    if n == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _progress(row: Row) -> None:
+  time_text = "-" if row.time_ms is None else f"{row.time_ms:.2f} ms"
+  print(f"  {row.kernel} T={row.size} {row.mode} {row.implementation}: {row.status} "
+        f"{time_text} {row.note}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _default_out(environment: dict, quick: bool) -> str:
+  # Accelerator tables are the project's record; CPU and quick runs go to ignored *.tmp.json.
+  slug = re.sub(r"[^a-z0-9]+", "_", environment["device_kind"].lower()).strip("_")
+  temporary = quick or environment["platform"] == "cpu"
+  return os.path.join(RESULTS_DIR, f"kernels_{slug}{'.tmp' if temporary else ''}.json")
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.benchmark_kernels", description=__doc__.split("\n")[0])
+  parser.add_argument("--kernels", default=",".join(KERNEL_BENCHMARKS),
+                      help="comma-separated subset of: " + ", ".join(KERNEL_BENCHMARKS))
+  parser.add_argument("--sizes", help="comma-separated sequence lengths (default: per "
+                      "platform; CPU 1024,4096, accelerators 4096..32768)")
+  parser.add_argument("--dtype", help="input dtype (default: float32 on CPU, bfloat16 "
+                      "on accelerators)")
+  parser.add_argument("--modes", default=",".join(MODES), help="subset of fwd,fwd_bwd")
+  parser.add_argument("--out", help="JSON path (default: benchmarks/results/kernels_<device>"
+                      ".json; .tmp.json, which git ignores, for CPU and --quick runs)")
+  parser.add_argument("--quick", action="store_true",
+                      help="one default size, 1 warm-up and 3 repeats; no memory check")
+  parser.add_argument("--warmup", type=int, help="untimed calls per program (default 2)")
+  parser.add_argument("--repeats", type=int, help="timed calls per program (default 5)")
+  parser.add_argument("--memory-budget-gib", type=float, help="skip running programs whose "
+                      "compiled memory exceeds this (default: 60%% of available RAM on "
+                      "CPU, the device's bytes_limit on accelerators)")
+  parser.add_argument("--memory-check", action="store_true",
+                      help="only run the memory check (ours vs reference, compile only)")
+  parser.add_argument("--memory-check-len", type=int, default=16384,
+                      help="sequence length of the memory check (default 16384)")
+  args = parser.parse_args(argv)
+  kernels = [k for k in args.kernels.split(",") if k]
+  unknown = sorted(set(kernels) - set(KERNEL_BENCHMARKS))
+  if unknown:
+    parser.error(f"unknown kernels {unknown}; known: {sorted(KERNEL_BENCHMARKS)}")
+  modes = tuple(m for m in args.modes.split(",") if m)
+  if not modes or set(modes) - set(MODES):
+    parser.error(f"--modes must be a subset of {','.join(MODES)}, got {args.modes!r}")
+  sizes = None
+  if args.sizes:
+    try:
+      sizes = tuple(int(s) for s in args.sizes.split(",") if s)
+    except ValueError:
+      parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+  budget = (benchmarking.memory_budget_bytes() if args.memory_budget_gib is None
+            else int(args.memory_budget_gib * 2 ** 30))
+  settings = Settings(
+      sizes=sizes, dtype=args.dtype, modes=modes, budget_bytes=budget, quick=args.quick,
+      warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
+      repeats=args.repeats if args.repeats is not None else (3 if args.quick else 5))
+  return args, kernels, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the benchmarks; prints the table and writes JSON. Returns the exit code.
+
+  Non-zero only when the memory check runs and fails.
+  """
+  argv = sys.argv[1:] if argv is None else argv
+  args, kernels, settings = _parse_args(argv)
+  environment = benchmarking.describe_environment()
+  metadata = dict(
+      environment, command="python -m experiments.benchmark_kernels " + shlex.join(argv),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      settings=dataclasses.asdict(settings))
+  print(f"{environment['device_kind']} ({environment['platform']}), jax "
+        f"{environment['jax_version']}; budget {settings.budget_bytes / 2 ** 30:.1f} GiB")
+
+  rows = []
+  if not args.memory_check:
+    for name in kernels:
+      rows.extend(KERNEL_BENCHMARKS[name](settings))
+    add_ratios(rows)
+    print(format_table(rows))
+  check = None
+  if args.memory_check or not args.quick:
+    check = memory_check(args.memory_check_len)
+    print(format_memory_check(check))
+
+  out = args.out or _default_out(environment, args.quick)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(dict(metadata=metadata, rows=[dataclasses.asdict(r) for r in rows],
+                   memory_check=check), f, indent=1, allow_nan=False)
+  print(f"wrote {out}")
+  return 0 if check is None or check["passed"] else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,93 @@
+"""The kernel benchmark driver, the memory acceptance check and the quickstart, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import pytest
+
+from experiments import benchmark_kernels, benchmarking, quickstart
+
+
+def _run_benchmark(tmp_path, *extra):
+  out = tmp_path / "bench.json"
+  code = benchmark_kernels.main(["--quick", "--sizes", "128", "--out", str(out), *extra])
+  assert code == 0
+  return json.loads(out.read_text())
+
+
+def test_benchmark_rows_for_every_implementation(tmp_path):
+  result = _run_benchmark(tmp_path)
+  rows = result["rows"]
+  candidates = benchmark_kernels._attention_candidates(jax.default_backend(), 0.125, True)
+  for mode in benchmark_kernels.MODES:
+    for cand in candidates:
+      matches = [r for r in rows if r["implementation"] == cand.name and r["mode"] == mode]
+      assert len(matches) == 1, (cand.name, mode)
+  for row in rows:
+    if row["role"] in (benchmark_kernels.OURS, benchmark_kernels.REFERENCE) or (
+        row["implementation"] == "jax.nn xla"):
+      assert row["status"] == "ok", row
+    if row["status"] != "ok":
+      continue
+    assert row["time_ms"] > 0 and row["tflops"] > 0 and row["memory_mib"] > 0, row
+    for field in ("speedup_vs_reference", "memory_vs_reference", "speedup_vs_best_peer",
+                  "memory_vs_best_peer"):
+      assert math.isfinite(row[field]) and row[field] > 0, (field, row)
+    if row["role"] == benchmark_kernels.REFERENCE:
+      assert row["speedup_vs_reference"] == 1.0 and row["memory_vs_reference"] == 1.0
+  metadata = result["metadata"]
+  assert metadata["jax_version"] == jax.__version__
+  assert "--quick" in metadata["command"] and metadata["date"]
+
+
+def test_benchmark_skips_runs_over_the_memory_budget(tmp_path):
+  rows = _run_benchmark(tmp_path, "--modes", "fwd", "--memory-budget-gib", "1e-6")["rows"]
+  assert rows
+  for row in rows:
+    assert row["status"] == "skipped" and row["time_ms"] is None, row
+    assert row["memory_mib"] > 0 and "budget" in row["note"], row
+
+
+def test_ratios_are_their_figure_over_ours():
+  make = lambda impl, role, time_ms, memory_mib, status="ok": benchmark_kernels.Row(
+      kernel="k", config="c", size=8, mode="fwd", dtype="float32", implementation=impl,
+      role=role, status=status, time_ms=time_ms, memory_mib=memory_mib)
+  ours = make("ours", "ours", 2.0, 10.0)
+  ref = make("ref", "reference", 8.0, 40.0)
+  fast_peer = make("fast", "peer", 4.0, 30.0)
+  lean_peer = make("lean", "peer", None, 20.0, status="skipped")
+  benchmark_kernels.add_ratios([ours, ref, fast_peer, lean_peer])
+  assert (ours.speedup_vs_reference, ours.memory_vs_reference) == (4.0, 4.0)
+  assert (ours.speedup_vs_best_peer, ours.memory_vs_best_peer) == (2.0, 2.0)
+  assert (ref.speedup_vs_reference, ref.memory_vs_reference) == (1.0, 1.0)
+  assert lean_peer.speedup_vs_reference is None and lean_peer.memory_vs_best_peer == 1.0
+  table = benchmark_kernels.format_table([ours, ref, fast_peer, lean_peer]).splitlines()
+  assert len(table) == 6 and "skipped" in table[-1]
+
+
+def test_attention_flops_convention():
+  forward = benchmarking.attention_flops(2, 3, 5, 7, 11, causal=False, backward=False)
+  assert forward == 4 * 2 * 3 * 5 * 7 * 11
+  assert benchmarking.attention_flops(2, 3, 5, 7, 11, causal=True, backward=True) == (
+      forward / 2 * 3.5)
+
+
+def test_memory_check_ours_under_a_quarter_of_the_reference():
+  check = benchmark_kernels.memory_check(2048)
+  assert 0 < check["ours_bytes"] < check["reference_bytes"]
+  assert check["passed"] and check["ratio"] > 4
+
+
+def test_quickstart_passes(capsys):
+  assert quickstart.main(["--seq-len", "256", "--repeats", "1"]) == 0
+  report = capsys.readouterr().out
+  assert "PASS" in report and "FAIL" not in report
+
+
+@pytest.mark.parametrize("bad", [["--modes", "bwd"], ["--kernels", "nope"]])
+def test_benchmark_rejects_bad_arguments(bad):
+  with pytest.raises(SystemExit):
+    benchmark_kernels.main(bad)
