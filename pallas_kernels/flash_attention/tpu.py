@@ -122,6 +122,13 @@ def _segment_inputs(q_segment_ids, kv_segment_ids, geo):
   return ranges, (q_seg, kv_seg)
 
 
+def _geometry_and_segments(q, k, q_segment_ids, kv_segment_ids, **geometry):
+  """The call's :class:`_Geometry`, scalar-prefetch block ranges and segment inputs."""
+  geo = _Geometry(tq=q.shape[2], tk=k.shape[2], has_segments=q_segment_ids is not None,
+                  **geometry)
+  return (geo, *_segment_inputs(q_segment_ids, kv_segment_ids, geo))
+
+
 def _split_refs(refs, geo, num_inputs):
   """(ranges, inputs, segment refs, outputs + scratch) from a kernel's flat ref list."""
   n_ranges = 4 if geo.has_segments else 0
@@ -167,6 +174,31 @@ def _forward_kernel(*refs, geo, scale, logits_soft_cap):
     lse_ref[...] = jnp.where(empty, -jnp.inf, m_scr[...] + jnp.log(l_safe))
 
 
+def _q_major_specs(geo, group, head_dim, with_gradient_inputs):
+  """BlockSpecs of a (batch, head, q block i, kv block j) grid: the forward and dQ kernels.
+
+  Inputs q, k, v (then dO, lse, delta for dQ), then the segment arrays; and the q-row map
+  for the outputs. Past the causal edge the kv maps repeat the last visible block.
+  """
+  def q_map(bi, hi, i, j, *_):
+    return bi, hi, i, 0
+
+  def kv_map(bi, hi, i, j, *_):
+    return bi, lax.div(hi, group), geo.clamp_kv(i, j), 0
+
+  rows = pl.BlockSpec((None, None, geo.block_q, head_dim), q_map)
+  kv = pl.BlockSpec((None, None, geo.block_k, head_dim), kv_map)
+  stats = pl.BlockSpec((None, None, geo.block_q, LANES), q_map)
+  specs = [rows, kv, kv] + ([rows, stats, stats] if with_gradient_inputs else [])
+  if geo.has_segments:
+    specs += [
+        pl.BlockSpec((None, geo.block_q, LANES), lambda bi, hi, i, j, *_: (bi, i, 0)),
+        pl.BlockSpec((None, SUBLANES, geo.block_k),
+                     lambda bi, hi, i, j, *_: (bi, 0, geo.clamp_kv(i, j))),
+    ]
+  return specs, q_map
+
+
 def _compiler_params(num_reduction_axes=1):
   semantics = ("parallel",) * (4 - num_reduction_axes) + ("arbitrary",) * num_reduction_axes
   return pltpu.CompilerParams(dimension_semantics=semantics)
@@ -175,30 +207,14 @@ def _compiler_params(num_reduction_axes=1):
 def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, is_causal, logits_soft_cap,
                   q_offset, kv_len, block_q, block_k, interpret=False):
   """Returns out [B, H, Tq, D] (q.dtype) and lse [B, H, Tq] (float32; -inf where empty)."""
-  b, h, tq, d = q.shape
-  hk, tk = k.shape[1], k.shape[2]
+  b, h, _, d = q.shape
+  hk = k.shape[1]
   group = h // hk
-  geo = _Geometry(tq=tq, tk=tk, block_q=block_q, block_k=block_k, is_causal=is_causal,
-                  q_offset=q_offset, kv_len=kv_len, has_segments=q_segment_ids is not None)
-  ranges, seg_inputs = _segment_inputs(q_segment_ids, kv_segment_ids, geo)
+  geo, ranges, seg_inputs = _geometry_and_segments(
+      q, k, q_segment_ids, kv_segment_ids, block_q=block_q, block_k=block_k,
+      is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
 
-  def q_map(bi, hi, i, j, *_):
-    return bi, hi, i, 0
-
-  def kv_map(bi, hi, i, j, *_):
-    return bi, lax.div(hi, group), geo.clamp_kv(i, j), 0
-
-  in_specs = [
-      pl.BlockSpec((None, None, block_q, d), q_map),
-      pl.BlockSpec((None, None, block_k, d), kv_map),
-      pl.BlockSpec((None, None, block_k, d), kv_map),
-  ]
-  if geo.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, block_q, LANES), lambda bi, hi, i, j, *_: (bi, i, 0)),
-        pl.BlockSpec((None, SUBLANES, block_k),
-                     lambda bi, hi, i, j, *_: (bi, 0, geo.clamp_kv(i, j))),
-    ]
+  in_specs, q_map = _q_major_specs(geo, group, d, with_gradient_inputs=False)
   out_specs = [
       pl.BlockSpec((None, None, block_q, d), q_map),
       pl.BlockSpec((None, None, block_q, LANES), q_map),
@@ -214,7 +230,7 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, is_causal, l
   out, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tq, LANES), jnp.float32)],
+                 jax.ShapeDtypeStruct(q.shape[:3] + (LANES,), jnp.float32)],
       compiler_params=_compiler_params(), interpret=interpret, name="lclm_flash_fwd",
   )(*ranges, q, k, v, *seg_inputs)
   return out, lse[..., 0]
@@ -289,12 +305,12 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
                    logits_soft_cap, q_offset, kv_len, block_q, block_k, d_lse=None,
                    interpret=False):
   """Returns dq [B, H, Tq, D], dk and dv [B, Hkv, Tk, D] (dk, dv summed over each group)."""
-  b, h, tq, d = q.shape
-  hk, tk = k.shape[1], k.shape[2]
+  b, h, _, d = q.shape
+  hk = k.shape[1]
   group = h // hk
-  geo = _Geometry(tq=tq, tk=tk, block_q=block_q, block_k=block_k, is_causal=is_causal,
-                  q_offset=q_offset, kv_len=kv_len, has_segments=q_segment_ids is not None)
-  ranges, seg_inputs = _segment_inputs(q_segment_ids, kv_segment_ids, geo)
+  geo, ranges, seg_inputs = _geometry_and_segments(
+      q, k, q_segment_ids, kv_segment_ids, block_q=block_q, block_k=block_k,
+      is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
   # A row that sees no key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
   lse = jnp.broadcast_to(lse[..., None], lse.shape + (LANES,))
@@ -336,26 +352,7 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   )(*args)
 
   # dQ: grid (batch, head, q block i, kv block j).
-  def q_map(bi, hi, i, j, *_):
-    return bi, hi, i, 0
-
-  def kv_map(bi, hi, i, j, *_):
-    return bi, lax.div(hi, group), geo.clamp_kv(i, j), 0
-
-  specs = [
-      pl.BlockSpec((None, None, block_q, d), q_map),
-      pl.BlockSpec((None, None, block_k, d), kv_map),
-      pl.BlockSpec((None, None, block_k, d), kv_map),
-      pl.BlockSpec((None, None, block_q, d), q_map),
-      pl.BlockSpec((None, None, block_q, LANES), q_map),
-      pl.BlockSpec((None, None, block_q, LANES), q_map),
-  ]
-  if geo.has_segments:
-    specs += [
-        pl.BlockSpec((None, block_q, LANES), lambda bi, hi, i, j, *_: (bi, i, 0)),
-        pl.BlockSpec((None, SUBLANES, block_k),
-                     lambda bi, hi, i, j, *_: (bi, 0, geo.clamp_kv(i, j))),
-    ]
+  specs, q_map = _q_major_specs(geo, group, d, with_gradient_inputs=True)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **kernel_kwargs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
