@@ -23,18 +23,26 @@ _TARGET_PLATFORM = contextvars.ContextVar("lclm_target_platform", default=None)
 
 
 @contextlib.contextmanager
-def target_platform(platform: str):
+def target_platform(platform: str, *, device_kind: str | None = None):
   """Trace ops for ``platform`` ("tpu", "gpu" or "cpu") whatever this host runs.
 
-  For ahead-of-time lowering, e.g. ``jax.export(..., platforms=["tpu"])`` on a CPU machine:
-  inside the block, ops pick the kernels of ``platform`` instead of the host's.
+  For ahead-of-time lowering, e.g. ``jax.export(..., platforms=["cuda"])`` on a CPU machine:
+  inside the block, ops pick the kernels of ``platform`` instead of the host's. GPU kernels
+  are lowered for ``device_kind`` (default "NVIDIA H100") when the host has no GPU, through
+  an abstract device, which the Triton lowering of jax >= 0.11 needs to pick its target.
   """
   platform = _normalise(platform)
   if platform not in ("tpu", "gpu", "cpu"):
     raise ValueError(f"target_platform: platform must be 'tpu', 'gpu' or 'cpu', got {platform!r}.")
   token = _TARGET_PLATFORM.set(platform)
   try:
-    yield
+    with contextlib.ExitStack() as stack:
+      if platform == "gpu" and (device_kind or _normalise(jax.default_backend()) != "gpu"):
+        device = jax.sharding.AbstractDevice(
+            device_kind=device_kind or "NVIDIA H100", num_cores=None, platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("_target",), abstract_device=device)
+        stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+      yield
   finally:
     _TARGET_PLATFORM.reset(token)
 

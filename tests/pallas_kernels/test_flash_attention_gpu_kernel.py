@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._common import padding
+from pallas_kernels._common import dispatch, padding
 from pallas_kernels._common.testing import assert_close
 from pallas_kernels.flash_attention import gpu, masking, reference
 
@@ -213,9 +213,10 @@ def test_compiled_path_rejects_non_power_of_two_blocks():
 
 
 def _export_for_cuda(fn, *args):
-  return jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+  with dispatch.target_platform("gpu"):
+    return jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
 
 
 @pytest.mark.parametrize("segmented,soft_cap", [(False, None), (True, 30.0)])
