@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
-# Tests run on the CPU even where an accelerator is present, unless the caller says otherwise.
+# Two test workers: the CI machine has 2 cores.
 PYTEST_ARGS ?= -n 2
+# Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
+RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart test test-slow benchmark install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +20,10 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/python -m experiments.quickstart
+	$(BIN)/python -m experiments.train --gin_file=configs/experiments/quickstart.gin --workdir=$(RUN_DIR)
+
+kernel-demo: $(STAMP)
+	$(BIN)/python -m experiments.kernel_demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
@@ -30,4 +35,4 @@ benchmark: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_kernels
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8,<5",
     "numpy>=1.26,<3",
     "tqdm>=4.66,<5",
+    # TensorBoard event files without TensorFlow.
+    "tensorboardX>=2.6,<3",
 ]
 
 EXTRAS_REQUIRE = {

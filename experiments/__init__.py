@@ -1,1 +1,1 @@
-"""Entry points: the kernel quickstart and benchmarks (training and evaluation to come)."""
+"""Entry points: training (train), the kernel demo and the kernel benchmark."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.norms import RMSNorm
+from layers.partitioning import with_logical_axes
 from layers.rope import apply_rope, rope_frequencies
 from pallas_kernels import flash_attention
 
@@ -23,6 +24,9 @@ class Attention(nnx.Module):
   head_dim (one scale shared by all heads) on q and on k; RoPE on q and k unless
   ``rope_theta`` is None (NoPE); :func:`pallas_kernels.flash_attention` with scale
   ``head_dim ** -0.5``; the output projection [num_heads x head_dim -> features].
+
+  Logical axes of the kernels: q ("embed", "heads", "head_dim"), k and v ("embed",
+  "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); QK-norm scales ("head_dim",).
 
   Args:
     features: model dimension of the input and output.
@@ -75,17 +79,23 @@ class Attention(nnx.Module):
     self.logits_soft_cap = logits_soft_cap
     self.implementation = implementation
 
-    def projection(in_features, out_features, axis):
+    def projection(in_features, out_features, axis, logical_axes):
+      kernel_init = with_logical_axes(nnx.initializers.lecun_normal(), logical_axes)
       return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=False,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
 
-    self.q_proj = projection(features, (num_heads, head_dim), -1)
-    self.k_proj = projection(features, (num_kv_heads, head_dim), -1)
-    self.v_proj = projection(features, (num_kv_heads, head_dim), -1)
-    self.o_proj = projection((num_heads, head_dim), features, (-2, -1))
+    self.q_proj = projection(features, (num_heads, head_dim), -1,
+                             ("embed", "heads", "head_dim"))
+    self.k_proj = projection(features, (num_kv_heads, head_dim), -1,
+                             ("embed", "kv_heads", "head_dim"))
+    self.v_proj = projection(features, (num_kv_heads, head_dim), -1,
+                             ("embed", "kv_heads", "head_dim"))
+    self.o_proj = projection((num_heads, head_dim), features, (-2, -1),
+                             ("heads", "head_dim", "embed"))
     if use_qk_norm:
-      self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype)
-      self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype)
+      self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype, logical_axis="head_dim")
+      self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype, logical_axis="head_dim")
     else:
       self.q_norm = self.k_norm = None
 

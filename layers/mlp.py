@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.partitioning import with_logical_axes
+
 # "gelu" is the tanh approximation, as in GeGLU models (Gemma, T5 v1.1).
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -17,7 +19,8 @@ class GatedMLP(nnx.Module):
   """Gated feed-forward block: ``down(act(gate(x)) * up(x))`` (SwiGLU with "silu").
 
   Three bias-free projections: ``gate`` and ``up`` map features -> hidden_features,
-  ``down`` maps hidden_features -> features.
+  ``down`` maps hidden_features -> features. Logical axes of the kernels: gate and up
+  ("embed", "mlp"), down ("mlp", "embed").
 
   Args:
     features: model dimension (input and output size).
@@ -41,13 +44,14 @@ class GatedMLP(nnx.Module):
       )
     self.activation = activation
 
-    def linear(n_in, n_out):
-      return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                        rngs=rngs)
+    def linear(n_in, n_out, logical_axes):
+      kernel_init = with_logical_axes(nnx.initializers.lecun_normal(), logical_axes)
+      return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=kernel_init, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
 
-    self.gate = linear(features, hidden_features)
-    self.up = linear(features, hidden_features)
-    self.down = linear(hidden_features, features)
+    self.gate = linear(features, hidden_features, ("embed", "mlp"))
+    self.up = linear(features, hidden_features, ("embed", "mlp"))
+    self.down = linear(hidden_features, features, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., features] -> [..., features]."""

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.partitioning import logical_axes_metadata
+
 
 class RMSNorm(nnx.Module):
   """Root-mean-square normalisation over the last axis, with a learnable scale.
@@ -17,17 +19,20 @@ class RMSNorm(nnx.Module):
     features: size of the last axis of the inputs (and of ``scale``).
     eps: added to the mean square before the square root.
     param_dtype: dtype of ``scale`` (initialised to ones).
+    logical_axis: logical axis name of ``scale`` ("embed" for the residual stream,
+      "head_dim" for QK-norm).
     rngs: accepted for a constructor signature shared with the other layers; unused.
   """
 
   def __init__(self, features: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               logical_axis: str | None = "embed", rngs: nnx.Rngs | None = None):
     del rngs
     if features <= 0:
       raise ValueError(f"RMSNorm: features must be positive, got {features}.")
     self.features = features
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype),
+                           **logical_axes_metadata((logical_axis,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., features] -> [..., features] in x's dtype."""

@@ -1,4 +1,4 @@
-"""The kernel benchmark driver, the memory acceptance check and the quickstart, at tiny sizes."""
+"""The kernel benchmark driver, the memory acceptance check and the kernel demo, at tiny sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import jax
 import pytest
 
-from experiments import benchmark_kernels, benchmarking, quickstart
+from experiments import benchmark_kernels, benchmarking, kernel_demo
 
 
 def _run_benchmark(tmp_path, *extra):
@@ -81,8 +81,8 @@ def test_memory_check_ours_under_a_quarter_of_the_reference():
   assert check["passed"] and check["ratio"] > 4
 
 
-def test_quickstart_passes(capsys):
-  assert quickstart.main(["--seq-len", "256", "--repeats", "1"]) == 0
+def test_kernel_demo_passes(capsys):
+  assert kernel_demo.main(["--seq-len", "256", "--repeats", "1"]) == 0
   report = capsys.readouterr().out
   assert "PASS" in report and "FAIL" not in report
 

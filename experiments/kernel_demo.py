@@ -1,6 +1,6 @@
 """A one-minute kernel demo: flash attention against the naive reference, on any machine.
 
-    python -m experiments.quickstart [--seq-len 2048] [--repeats 3]
+    python -m experiments.kernel_demo [--seq-len 2048] [--repeats 3]
 
 For causal self-attention of random float32 inputs it reports, for the default
 implementation (compiled Pallas on TPU/GPU, the blockwise XLA path on CPU) and the naive
@@ -50,7 +50,7 @@ def run(seq_len: int = 2048, *, batch: int = 1, heads: int = 8, head_dim: int = 
 
   ours, reference = (results[name] for name in IMPLEMENTATIONS)
   default = "xla" if jax.default_backend() == "cpu" else "pallas"
-  lines = [f"flash attention quickstart on {jax.devices()[0].device_kind} "
+  lines = [f"flash attention kernel demo on {jax.devices()[0].device_kind} "
            f"(default implementation: {default}), jax {jax.__version__}",
            f"  causal self-attention, float32, [batch, len, heads, head_dim] = {list(shape)}",
            "", "  max |ours - reference| (tolerance: float32 row of the test table)"]
@@ -80,7 +80,7 @@ def run(seq_len: int = 2048, *, batch: int = 1, heads: int = 8, head_dim: int = 
 
 def main(argv: list[str] | None = None) -> int:
   """Prints the report; returns 0 when every error is within tolerance, else 1."""
-  parser = argparse.ArgumentParser(prog="python -m experiments.quickstart",
+  parser = argparse.ArgumentParser(prog="python -m experiments.kernel_demo",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--seq-len", type=int, default=2048)
   parser.add_argument("--repeats", type=int, default=3, help="timed calls (median taken)")

@@ -1,0 +1,92 @@
+"""Trains a model from gin files: the project's training entry point.
+
+    python -m experiments.train --gin_file=configs/experiments/quickstart.gin \
+        [--gin_file=...] [--gin_param='train.total_steps=100'] --workdir=DIR
+
+Gin files compose (``include``); ``--gin_param`` bindings apply after the files. A binding
+gin cannot apply (unknown name, wrong argument, missing ``%gin.REQUIRED`` value) and an
+impossible configuration both stop the launch before anything compiles, with a message that
+says what to change; the exit code is then 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import gin
+
+from lclm import tasks  # noqa: F401  (registers the task configurables)
+from lclm.training import loop
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+  """The gin configuration cannot be applied or describes an impossible run."""
+
+
+def parse_gin(gin_files, gin_params) -> None:
+  """Parses files and bindings; raises ConfigError naming the bad file or binding."""
+  gin.clear_config()
+  gin.add_config_file_search_path(REPO_ROOT)
+  try:
+    gin.parse_config_files_and_bindings(gin_files or [], gin_params or [],
+                                        finalize_config=False)
+    gin.finalize()
+  except (ValueError, KeyError, TypeError, OSError, SyntaxError) as error:
+    raise ConfigError(f"bad gin configuration: {error}\n(files: {gin_files}, "
+                      f"bindings: {gin_params})") from error
+
+
+def _on_cluster() -> bool:
+  env = os.environ
+  return bool(env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+              or int(env.get("SLURM_NTASKS", "1")) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  """Calls ``jax.distributed.initialize()`` for multi-host runs.
+
+  ``mode``: "on" always, "off" never, "auto" when the environment names a cluster (Cloud TPU
+  pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set by hand). jax then discovers the
+  coordinator, the process count and this process's id itself.
+  """
+  if mode == "on" or (mode == "auto" and _on_cluster()):
+    import jax
+    jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.train",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding 'X=Y' (repeatable), applied after the files")
+  parser.add_argument("--workdir", required=True, help="run directory (created)")
+  parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                      help="call jax.distributed.initialize() (auto: when on a cluster)")
+  args = parser.parse_args(argv)
+  maybe_initialize_distributed(args.distributed)
+  try:
+    parse_gin(args.gin_file, args.gin_param)
+    loop.train(workdir=args.workdir)
+  except (ConfigError, loop.ConfigurationError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  except loop.NonFiniteLossError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 3
+  except RuntimeError as error:
+    if "Required bindings" not in str(error):  # gin's message for a missing %gin.REQUIRED
+      raise
+    print(f"error: bad gin configuration: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,79 @@
+"""Logical axis names on parameters: the vocabulary that sharding rules map onto a mesh.
+
+Every parameter of the layers carries one logical name per dimension (``"embed"``,
+``"heads"``, ``"mlp"``, ...) in the ``out_sharding`` metadata of its ``nnx.Variable``, the
+field flax's own ``nnx.with_partitioning`` writes. The layers never name mesh axes: the
+training code maps logical names to mesh axes with its rules (``lclm.sharding``).
+
+flax 0.12 shards a variable with ``out_sharding`` as soon as it is created ("eager
+sharding"), which needs a mesh and mesh-axis names. Logical names are not mesh axes, so
+each annotated variable opts out with ``eager_sharding=False``; layers then build without
+any mesh (unit tests, notebooks), and sharded creation happens in ``jax.jit`` with
+``out_shardings`` computed from the rules.
+
+Activations are not annotated by default; a model pins the sharding of an activation
+with :func:`constrain_activation`, which is the identity unless the training code has
+installed a constraint function with :func:`activation_constraints` (it does while
+tracing its jitted step). Without such pins XLA may shard activations like the weights
+they meet (e.g. features over ``fsdp``) and then reshard them at great cost.
+
+Logical names used by the layers:
+
+  vocab      token vocabulary            embed     model features (residual stream)
+  heads      query heads                 kv_heads  key/value heads
+  head_dim   features of one head        mlp       hidden features of the MLP
+  conv_width taps of a short convolution
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
+
+import jax
+from flax import nnx
+
+LOGICAL_AXES_KEY = "out_sharding"
+
+ActivationConstraint = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar[ActivationConstraint | None] = (
+    contextvars.ContextVar("activation_constraint", default=None))
+
+
+def with_logical_axes(initializer: Callable[..., Any],
+                      axes: tuple[str | None, ...]) -> Callable[..., Any]:
+  """Wraps an initializer so the variable it fills carries the logical ``axes``.
+
+  ``axes`` has one entry per dimension of the initialised array; None leaves that
+  dimension unnamed (never sharded).
+  """
+  return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)
+
+
+def logical_axes_metadata(axes: tuple[str | None, ...]) -> dict[str, Any]:
+  """Keyword metadata for ``nnx.Param(value, **logical_axes_metadata(axes))``."""
+  return {LOGICAL_AXES_KEY: tuple(axes), "eager_sharding": False}
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+  """The logical axis names of ``variable``, or None if it has none."""
+  axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
+  return tuple(axes) if axes else None
+
+
+def constrain_activation(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Pins the sharding of ``x`` (one logical name or None per dimension) if a constraint
+  function is installed; returns ``x`` unchanged otherwise."""
+  constraint = _ACTIVATION_CONSTRAINT.get()
+  return x if constraint is None else constraint(x, tuple(axes))
+
+
+@contextlib.contextmanager
+def activation_constraints(constraint: ActivationConstraint | None) -> Iterator[None]:
+  """Installs ``constraint(x, logical_axes) -> x`` for :func:`constrain_activation`."""
+  token = _ACTIVATION_CONSTRAINT.set(constraint)
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONSTRAINT.reset(token)

@@ -1,0 +1,10 @@
+"""Models: a decoder LM from a per-layer pattern of registered sequence mixers."""
+
+from lclm.model import mixers  # registers the built-in mixers
+from lclm.model.decoder import DecoderBlock, DecoderLM
+from lclm.model.registry import get_mixer, register_mixer, registered_mixers, unregister_mixer
+
+__all__ = [
+    "DecoderBlock", "DecoderLM", "get_mixer", "mixers", "register_mixer", "registered_mixers",
+    "unregister_mixer",
+]

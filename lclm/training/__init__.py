@@ -1,0 +1,1 @@
+"""Training: the pure train step, the loop, optimizer, checkpoints, metrics, evaluation."""

@@ -1,0 +1,36 @@
+"""SIGTERM (preemption) handling: the loop asks ``requested()`` each step, saves and exits."""
+
+from __future__ import annotations
+
+import signal
+
+
+class PreemptionGuard:
+  """Context manager that turns SIGTERM into a flag instead of killing the process."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._signals = signals
+    self._previous = {}
+    self._requested = False
+
+  def requested(self) -> bool:
+    return self._requested
+
+  def _handle(self, signum, frame):
+    del frame
+    self._requested = True
+    print(f"received signal {signal.Signals(signum).name}: saving a checkpoint and stopping",
+          flush=True)
+
+  def __enter__(self):
+    for sig in self._signals:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: signals cannot be caught here.
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
