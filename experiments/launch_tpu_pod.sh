@@ -20,5 +20,5 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
   if [ ! -d lclm ]; then git clone --branch $BRANCH $REPO_URL lclm; fi
   cd lclm && git fetch -q && git checkout -q $BRANCH && git pull -q
   python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'
-  .venv/bin/python -m experiments.train --gin_file=$GIN_FILE --workdir=$WORKDIR $EXTRA
+  .venv/bin/python -m experiments.train --distributed=on --gin_file=$GIN_FILE --workdir=$WORKDIR $EXTRA
 "

@@ -42,22 +42,26 @@ def parse_gin(gin_files, gin_params) -> None:
 
 def _on_cluster() -> bool:
   env = os.environ
-  return bool(env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-              or int(env.get("SLURM_NTASKS", "1")) > 1
-              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  return bool(env.get("JAX_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def maybe_initialize_distributed(mode: str) -> None:
   """Calls ``jax.distributed.initialize()`` for multi-host runs.
 
-  ``mode``: "on" always, "off" never, "auto" when the environment names a cluster (Cloud TPU
-  pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set by hand). jax then discovers the
-  coordinator, the process count and this process's id itself.
+  ``mode``: "on" always (Cloud TPU pods and SLURM are then discovered by jax), "off" never,
+  "auto" when JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID) or a
+  multi-host TPU_WORKER_HOSTNAMES is set.
   """
-  if mode == "on" or (mode == "auto" and _on_cluster()):
-    import jax
-    jax.distributed.initialize()
+  if mode == "off" or (mode == "auto" and not _on_cluster()):
+    return
+  import jax
+  kwargs = {}
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+  for env, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(env):
+      kwargs[name] = int(os.environ[env])
+  jax.distributed.initialize(**kwargs)
 
 
 def main(argv=None) -> int:

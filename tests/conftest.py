@@ -46,3 +46,11 @@ def run_on_fake_devices(code: str, num_devices: int = 8, timeout: int = 600) -> 
 def fake_devices():
   """``fake_devices(code)`` runs code on 8 fake CPU devices in a subprocess."""
   return run_on_fake_devices
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin_config():
+  """Gin bindings of one test never leak into the next (xdist workers run many tests)."""
+  yield
+  import gin
+  gin.clear_config()

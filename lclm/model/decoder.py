@@ -68,7 +68,7 @@ def _check_mixer_options(name: str, factory, options: Mapping[str, Any]) -> None
     )
 
 
-@gin.configurable
+@gin.configurable(denylist=["vocab_size", "rngs"])
 class DecoderLM(nnx.Module):
   """Token embedding, one pre-norm block per entry of ``layer_pattern``, final norm, logits.
 

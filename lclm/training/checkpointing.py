@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointsError(RuntimeError):
+  """Checkpoints exist but none restores into the current state."""
 
 
 class Checkpointer:
@@ -26,7 +32,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Remote paths (gs://...) go to Orbax as they are; local ones are made absolute.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True)
@@ -46,8 +53,13 @@ class Checkpointer:
     """Restores the newest readable checkpoint: ``(step, state)``, or None if there is none.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with shardings) like the
-    saved state. A checkpoint that fails to restore is reported and skipped.
+    saved state. A checkpoint that fails to restore is reported and set aside (renamed
+    ``<step>.unreadable-<time>``, so later saves of that step can happen) and the one before
+    it is tried. If checkpoints exist but none can be restored, raises
+    :class:`UnreadableCheckpointsError`: the state changed shape (another configuration in
+    the same directory) or every save is damaged; nothing is overwritten.
     """
+    failures = []
     for step in reversed(self.all_steps()):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
@@ -55,14 +67,26 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:  # Orbax raises many types for unreadable files.
-        log.warning("checkpoint at step %d in %s is corrupt or partial (%s: %s); "
-                    "trying the previous one", step, self.directory, type(error).__name__,
-                    str(error).splitlines()[0] if str(error) else "")
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        failures.append((step, reason))
         print(f"WARNING: checkpoint at step {step} in {self.directory} is corrupt or partial "
-              f"({type(error).__name__}); trying the previous one.", flush=True)
+              f"({reason}); trying the previous one.", flush=True)
+        log.warning("unreadable checkpoint at step %d: %s", step, reason)
         continue
+      for bad_step, _ in failures:
+        self._set_aside(bad_step)
       return step, restored["state"]
+    if failures:
+      raise UnreadableCheckpointsError(
+          f"none of the checkpoints in {self.directory} can be restored into this run's "
+          f"state (newest: step {failures[0][0]}: {failures[0][1]}). If the configuration "
+          "changed, use a fresh --workdir; otherwise remove the damaged checkpoints.")
     return None
+
+  def _set_aside(self, step: int) -> None:
+    path = epath.Path(self.directory) / str(step)
+    path.rename(path.parent / f"{step}.unreadable-{int(time.time())}")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until asynchronous saves are on disk."""

@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+from etils import epath
 
 
-def masked_accuracy_counts(logits, targets, loss_mask) -> tuple[float, float]:
-  """(correct, counted) over positions where ``loss_mask`` is set; logits [B, T, V]."""
-  predictions = np.asarray(logits).argmax(-1)
-  mask = np.asarray(loss_mask) > 0
-  return float(np.sum((predictions == np.asarray(targets)) & mask)), float(np.sum(mask))
+def masked_accuracy_counts(logits, targets, loss_mask):
+  """(correct, counted) over positions where ``loss_mask`` is set; logits [B, T, V].
+
+  Works on jax arrays inside ``jit`` (the sums stay on device) and on numpy arrays.
+  """
+  hits = (logits.argmax(-1) == targets) & (loss_mask > 0)
+  return hits.sum(dtype=np.float32), (loss_mask > 0).sum(dtype=np.float32)
 
 
-def evaluate_lengths(predict: Callable, batches_by_length: Mapping[int, Iterable[dict]]) -> dict:
-  """Accuracy per length: ``{length: correct / counted}``.
+def evaluate_lengths(count: Callable, batches_by_length: Mapping[int, Iterable[dict]]) -> dict:
+  """Accuracy per length: ``{length: correct / counted}``, token-level over the masked
+  positions (for passkey: the fraction of key digits right).
 
-  ``predict(batch) -> logits [B, T, V]``; each batch holds ``targets`` and ``loss_mask``
+  ``count(batch) -> (correct, counted)`` for one batch holding ``targets`` and ``loss_mask``
   [B, T] besides the model inputs.
   """
   accuracy = {}
   for length, batches in batches_by_length.items():
     correct = counted = 0.0
     for batch in batches:
-      c, n = masked_accuracy_counts(predict(batch), batch["targets"], batch["loss_mask"])
-      correct, counted = correct + c, counted + n
+      c, n = count(batch)
+      correct, counted = correct + float(c), counted + float(n)
     accuracy[int(length)] = correct / counted if counted else float("nan")
   return accuracy
 
@@ -38,9 +41,9 @@ def write_eval_report(workdir: str, task: str, accuracy: Mapping[int, float], *,
   returns a printable table."""
   report = {"task": task, "step": step,
             "accuracy": {str(length): float(acc) for length, acc in sorted(accuracy.items())}}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "eval.json").write_text(json.dumps(report, indent=2))
   lines = [f"evaluation of {task} (step {step})", f"  {'length':>8}  {'accuracy':>8}"]
   lines += [f"  {length:>8}  {acc:8.4f}" for length, acc in sorted(accuracy.items())]
   return "\n".join(lines)

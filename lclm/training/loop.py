@@ -18,6 +18,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -36,12 +37,17 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; names the step. The last good checkpoint is kept."""
 
 
-def _validate(*, batch_size, grad_accum_steps, total_steps, mesh, task, eval_multipliers):
+def _validate(*, batch_size, grad_accum_steps, total_steps, mesh, task, eval_multipliers,
+              intervals):
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % (batch_shards * jax.process_count()) and batch_size % batch_shards:
+  if batch_size % batch_shards:
     raise ConfigurationError(
         f"train.batch_size={batch_size} is not divisible by data x fsdp = {batch_shards} "
         f"(mesh {sharding.describe_mesh(mesh)}); change the batch size or make_mesh sizes.")
+  if batch_size % jax.process_count():
+    raise ConfigurationError(
+        f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} "
+        "processes, each of which reads its own rows.")
   if grad_accum_steps < 1 or batch_size % grad_accum_steps:
     raise ConfigurationError(
         f"train.grad_accum_steps={grad_accum_steps} must be >= 1 and divide "
@@ -50,17 +56,26 @@ def _validate(*, batch_size, grad_accum_steps, total_steps, mesh, task, eval_mul
     raise ConfigurationError(
         f"each micro-batch ({batch_size} / grad_accum_steps={grad_accum_steps}) must be "
         f"divisible by data x fsdp = {batch_shards}.")
-  if total_steps < 1:
-    raise ConfigurationError(f"train.total_steps must be >= 1, got {total_steps}.")
-  if any(m < 1 for m in eval_multipliers):
-    raise ConfigurationError(f"train.eval_length_multipliers must be >= 1, got {eval_multipliers}.")
-  if task.seq_len < 1:
-    raise ConfigurationError(f"the task's seq_len must be >= 1, got {task.seq_len}.")
+  eval_batch_size = intervals.pop("eval_batch_size")
+  if eval_batch_size is not None and eval_batch_size % (batch_shards * jax.process_count()):
+    raise ConfigurationError(
+        f"train.eval_batch_size={eval_batch_size} must be divisible by data x fsdp = "
+        f"{batch_shards} and by the {jax.process_count()} processes.")
+  for name, value in (("total_steps", total_steps), *intervals.items()):
+    if not isinstance(value, int) or value < 1:
+      raise ConfigurationError(f"train.{name} must be a positive int, got {value!r}.")
+  if not eval_multipliers or any(not isinstance(m, int) or m < 1 for m in eval_multipliers):
+    raise ConfigurationError(
+        f"train.eval_length_multipliers must be positive ints, got {eval_multipliers!r}.")
+  if not hasattr(task, "train_iterator") or not hasattr(task, "eval_batches"):
+    raise ConfigurationError(
+        f"train.task must be a task such as @MqarTask, @PasskeyTask or @TextTask, got {task!r}.")
 
 
 def _write(workdir, name, text):
-  with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-    f.write(text)
+  """Writes a small text file into the run directory (local or remote), from process 0."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / name).write_text(text)
 
 
 def _device_batch(batch, batch_sharding):
@@ -71,14 +86,19 @@ def _device_batch(batch, batch_sharding):
 
 
 def _check_finite(pending):
-  """Fetches queued (step, metrics) pairs; raises on the first non-finite loss."""
+  """Fetches queued (step, metrics) pairs; raises on the first non-finite loss or gradient.
+
+  The gradient norm of step s is checked too: a finite loss with a non-finite gradient
+  leaves non-finite parameters after step s, which must never be checkpointed.
+  """
   fetched = [(s, jax.device_get(m)) for s, m in pending]
   for s, m in fetched:
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(
-          f"the loss became {float(m['loss'])} at step {s}; stopping. The last good "
-          "checkpoint is kept. Lower the learning rate, enable clipping "
-          "(make_optimizer.clip_norm) or check the data.")
+    for name in ("loss", "grad_norm"):
+      if not np.isfinite(m[name]):
+        raise NonFiniteLossError(
+            f"the {'loss' if name == 'loss' else 'gradient norm'} became {float(m[name])} at "
+            f"step {s}; stopping. The last good checkpoint is kept. Lower the learning rate, "
+            "enable clipping (make_optimizer.clip_norm) or check the data.")
   return fetched
 
 
@@ -109,22 +129,27 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
       preemption would; the next run resumes. None trains to ``total_steps``.
     progress: show a progress bar.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  intervals = dict(log_every=log_every, checkpoint_every=checkpoint_every,
+                   keep_checkpoints=keep_checkpoints, eval_examples=eval_examples,
+                   eval_batch_size=eval_batch_size)
   try:
+    if isinstance(task, type) or (callable(task) and not hasattr(task, "train_iterator")):
+      task = task()  # `train.task = @MqarTask`: built here so its errors are config errors.
     mesh = sharding.make_mesh()
     rules = sharding.axis_rules()
-  except ValueError as error:
-    raise ConfigurationError(str(error)) from error
-  _validate(batch_size=batch_size, grad_accum_steps=grad_accum_steps, total_steps=total_steps,
-            mesh=mesh, task=task, eval_multipliers=eval_length_multipliers)
-  tx = optimizer.make_optimizer(total_steps)
+    _validate(batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+              total_steps=total_steps, mesh=mesh, task=task,
+              eval_multipliers=eval_length_multipliers, intervals=intervals)
+    tx = optimizer.make_optimizer(total_steps)
 
-  def model_factory():
-    return DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(seed))
+    def model_factory():
+      return DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(seed))
 
-  try:
-    jax.eval_shape(model_factory)  # Validates the model configuration before compiling.
-  except ValueError as error:
+    abstract_state = jax.eval_shape(
+        lambda: step.init_train_state(model_factory, tx, mesh, rules)[0])
+    del abstract_state  # Built only to check model, rules and mesh before compiling.
+  except (ValueError, TypeError) as error:
     raise ConfigurationError(str(error)) from error
   state, state_shardings = step.init_train_state(model_factory, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -138,13 +163,19 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
   if jax.process_index() == 0:
     print(f"mesh: {sharding.describe_mesh(mesh)}\n{plan}", flush=True)
 
-  data = task.train_iterator(batch_size // jax.process_count(), seed)
+  try:
+    data = task.train_iterator(batch_size // jax.process_count(), seed)
+  except (ValueError, OSError) as error:
+    raise ConfigurationError(f"the task cannot build its data: {error}") from error
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_interval_steps=checkpoint_every,
       max_to_keep=keep_checkpoints, async_save=async_checkpoints)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
-  restored = checkpointer.restore(abstract, data)
+  try:
+    restored = checkpointer.restore(abstract, data)
+  except checkpointing.UnreadableCheckpointsError as error:
+    raise ConfigurationError(str(error)) from error
   start = 0
   if restored is not None:
     start, state = restored
@@ -152,15 +183,25 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   eval_batch_size = eval_batch_size or batch_size
-  predict = jax.jit(lambda params, batch: nnx.merge(state.graphdef, params)(
-      batch["inputs"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  @jax.jit
+  def count_hits(params, batch):
+    logits = nnx.merge(state.graphdef, params)(
+        batch["inputs"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+    counts = evaluation.masked_accuracy_counts(logits, batch["targets"], batch["loss_mask"])
+    return jax.lax.with_sharding_constraint(counts, replicated)
 
   def run_eval(at_step):
     lengths = [task.seq_len * m for m in eval_length_multipliers]
-    batches = {n: task.eval_batches(n, eval_batch_size, eval_examples) for n in lengths}
-    accuracy = evaluation.evaluate_lengths(lambda b: predict(state.params, b), batches)
+    per_process = eval_batch_size // jax.process_count()
+    batches = {n: task.eval_batches(n, per_process, eval_examples) for n in lengths}
+    accuracy = evaluation.evaluate_lengths(
+        lambda b: count_hits(state.params, _device_batch(b, batch_sharding)), batches)
     writer.write(at_step, {f"accuracy_{n}": a for n, a in accuracy.items()}, split="eval")
-    return accuracy
+    table = evaluation.write_eval_report(workdir, task.name, accuracy, step=at_step) \
+        if jax.process_index() == 0 else ""
+    return accuracy, table
 
   tokens_per_step = batch_size * task.seq_len
   last = stop_after_steps if stop_after_steps is not None else total_steps
@@ -177,8 +218,9 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
         done = current + 1
         pending.append((done, step_metrics))
         timed_steps += 1
+        preempted = guard.requested()  # Read once: every decision below sees the same value.
         is_last = done == last
-        save_due = done % checkpoint_every == 0 or is_last or guard.requested()
+        save_due = done % checkpoint_every == 0 or is_last or preempted
         if done % log_every == 0 or save_due:
           for s, m in _check_finite(pending):
             history.append({"step": s, "loss": float(m["loss"]),
@@ -191,13 +233,14 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
           bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
                           acc=f"{history[-1]['accuracy']:.3f}", tok_s=f"{rate:,.0f}")
         if save_due:
-          checkpointer.save(done, state, data, force=is_last or guard.requested())
+          checkpointer.save(done, state, data, force=is_last or preempted)
         bar.update(1)
-        if eval_every and done % eval_every == 0 and not is_last:
-          run_eval(done)
-        if guard.requested():
+        if preempted:
+          print(f"SIGTERM received: saved step {done} and stopping", flush=True)
           status = "preempted"
           break
+        if eval_every and done % eval_every == 0 and not is_last:
+          run_eval(done)
       else:
         if last < total_steps:
           status = "stopped"
@@ -210,8 +253,7 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
              "final_loss": history[-1]["loss"] if history else None,
              "final_train_accuracy": history[-1]["accuracy"] if history else None}
   if status == "completed":
-    accuracy = run_eval(total_steps)
-    table = evaluation.write_eval_report(workdir, task.name, accuracy, step=total_steps)
+    accuracy, table = run_eval(total_steps)
     summary["eval_accuracy"] = {str(k): v for k, v in accuracy.items()}
     print(table, flush=True)
   checkpointer.close()

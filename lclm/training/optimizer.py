@@ -6,7 +6,7 @@ import gin
 import optax
 
 
-@gin.configurable
+@gin.configurable(denylist=["total_steps"])
 def learning_rate_schedule(total_steps: int, *, peak_learning_rate: float = 1e-3,
                            warmup_steps: int = 100, final_fraction: float = 0.1):
   """Linear warmup from 0 to ``peak_learning_rate``, then cosine decay to
@@ -20,7 +20,7 @@ def learning_rate_schedule(total_steps: int, *, peak_learning_rate: float = 1e-3
       end_value=peak_learning_rate * final_fraction)
 
 
-@gin.configurable
+@gin.configurable(denylist=["total_steps"])
 def make_optimizer(total_steps: int, *, weight_decay: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0):
   """AdamW (decoupled weight decay) on the schedule above, after global-norm clipping."""

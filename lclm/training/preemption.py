@@ -17,10 +17,8 @@ class PreemptionGuard:
     return self._requested
 
   def _handle(self, signum, frame):
-    del frame
+    del signum, frame  # Only set the flag: printing here could re-enter a stdout write.
     self._requested = True
-    print(f"received signal {signal.Signals(signum).name}: saving a checkpoint and stopping",
-          flush=True)
 
   def __enter__(self):
     for sig in self._signals:

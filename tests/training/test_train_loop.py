@@ -115,21 +115,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert saved and max(saved) < bad_step
 
 
-def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, capsys):
+def _copy_run(source, destination):
   import shutil
-  workdir = str(tmp_path / "run")
-  shutil.copytree(full_run[0], workdir)
+  shutil.copytree(source, destination)
+  return str(destination)
+
+
+def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, capsys):
+  """The final checkpoint (step 12) is damaged: the run resumes from 8, retrains 9..12 and
+  can save step 12 again (the damaged one is set aside, not overwritten)."""
+  workdir = _copy_run(full_run[0], tmp_path / "run")
   latest = os.path.join(workdir, "checkpoints", "12", "state")
   for root, _, files in os.walk(latest):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  _configure("train.total_steps = 14")
+  _configure()
   summary = loop.train(workdir)
   assert "checkpoint at step 12" in capsys.readouterr().out
-  assert summary["status"] == "completed" and summary["step"] == 14
-  # Resumed from step 8: steps 9..14 were (re)trained.
-  assert min(s for s in _losses(workdir) if s > 8) == 9
+  assert summary["status"] == "completed" and summary["step"] == 12
+  assert min(s for s in _losses(workdir) if s > 8) == 9  # steps 9..12 were trained again
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert "12" in names and any(n.startswith("12.unreadable-") for n in names)
+
+
+def test_checkpoints_of_another_configuration_are_refused(full_run, tmp_path, capsys):
+  workdir = _copy_run(full_run[0], tmp_path / "run")
+  code = train_main.main([f"--gin_param={b}" for b in TINY + ["DecoderLM.features = 48"]]
+                         + ["--workdir", workdir])
+  assert code == 2
+  assert "use a fresh --workdir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("param, message", [
@@ -139,6 +154,10 @@ def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, capsys):
     ("train.grad_accum_steps = 3", "grad_accum_steps=3 must be >= 1 and divide"),
     ("DecoderLM.layer_pattern = ['no_such_mixer']", "no_such_mixer"),
     ("NUM_HEADS = 3", "num_heads"),
+    ("MqarTask.num_kv_pairs = 40", "num_kv_pairs=40"),
+    ("train.log_every = 0", "train.log_every must be a positive int"),
+    ("axis_rules.rules = [('batch', 'data')]", "embed"),
+    ("DecoderLM.vocab_size = 5", "vocab_size"),
 ])
 def test_bad_configuration_exits_with_a_clear_message(tmp_path, capsys, param, message):
   bindings = TINY + [param]
