@@ -88,6 +88,11 @@ class Checkpointer:
     path.rename(path.parent / f"{step}.unreadable-{int(time.time())}")
     self._manager.reload()
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host preemption: True on every process once any got SIGTERM (jax's sync point,
+    set up by ``jax.distributed.initialize``), so all hosts save the same step together."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     """Blocks until asynchronous saves are on disk."""
     self._manager.wait_until_finished()

@@ -115,7 +115,8 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
   Args:
     workdir: run directory: checkpoints/, tb/, metrics.jsonl, config.gin,
       sharding_plan.txt, eval.json, summary.json.
-    task: a task object (``@MqarTask()``, ``@PasskeyTask()``, ``@TextTask()``).
+    task: a task class bound in gin (``@MqarTask``, ``@PasskeyTask``, ``@TextTask``), built
+      here so that its configuration errors are reported as such; or a task object.
     total_steps: optimizer updates of the whole run (the schedule's length).
     batch_size: global batch size (sequences per update).
     seed: model-initialisation and data seed.
@@ -211,14 +212,18 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
              dynamic_ncols=True)
   t0, timed_steps = time.perf_counter(), 0
   try:
-    with PreemptionGuard() as guard:
+    multihost = jax.process_count() > 1
+    # One process: our SIGTERM handler. Several: jax's own notifier (installed by
+    # jax.distributed.initialize) and a sync point, so that all hosts stop at one step.
+    with PreemptionGuard(enabled=not multihost) as guard:
       for current in range(start, last):
         batch = _device_batch(next(data), batch_sharding)
         state, step_metrics = train_step(state, batch)
         done = current + 1
         pending.append((done, step_metrics))
         timed_steps += 1
-        preempted = guard.requested()  # Read once: every decision below sees the same value.
+        # Read once: every decision below sees the same value.
+        preempted = checkpointer.reached_preemption(done) if multihost else guard.requested()
         is_last = done == last
         save_due = done % checkpoint_every == 0 or is_last or preempted
         if done % log_every == 0 or save_due:

@@ -8,8 +8,8 @@ import signal
 class PreemptionGuard:
   """Context manager that turns SIGTERM into a flag instead of killing the process."""
 
-  def __init__(self, signals=(signal.SIGTERM,)):
-    self._signals = signals
+  def __init__(self, signals=(signal.SIGTERM,), *, enabled: bool = True):
+    self._signals = signals if enabled else ()
     self._previous = {}
     self._requested = False
 
