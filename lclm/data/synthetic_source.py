@@ -60,11 +60,11 @@ class SyntheticSource:
     return self.example_fn(example_rng(self.seed, self.stream, index), self.config)
 
   def __repr__(self) -> str:
-    return (f"SyntheticSource({self.example_fn.__name__}, {self.config}, seed={self.seed}, "
+    return (f"{type(self).__name__}({self.example_fn.__name__}, {self.config}, seed={self.seed}, "
             f"split={self.split!r}, num_records={self.num_records})")
 
 
-class SyntheticBatchSource:
+class SyntheticBatchSource(SyntheticSource):
   """Random access to whole generated batches: ``source[i] = batch_fn(rng_i, config, batch_size)``.
 
   A fast path for fixed-length tasks with a vectorised generator (``make_mqar_batch``): one
@@ -76,19 +76,12 @@ class SyntheticBatchSource:
   def __init__(self, batch_fn: Callable[[np.random.Generator, Any, int], dict[str, Any]],
                config: Any, *, batch_size: int, seed: int = 0, split: str = "train",
                num_records: int = DEFAULT_NUM_RECORDS):
-    if batch_size < 1 or num_records < 1:
-      raise ValueError(f"batch_size and num_records must be >= 1; got {batch_size}, {num_records}.")
-    self.batch_fn = batch_fn
-    self.config = config
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    super().__init__(batch_fn, config, seed=seed, split=split, num_records=num_records)
     self.batch_size = int(batch_size)
-    self.seed = int(seed)
-    self.split = split
-    self.stream = split_stream(split)
-    self.num_records = int(num_records)
-
-  def __len__(self) -> int:
-    return self.num_records
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index) % self.num_records
-    return self.batch_fn(example_rng(self.seed, self.stream, index), self.config, self.batch_size)
+    return self.example_fn(example_rng(self.seed, self.stream, index), self.config,
+                           self.batch_size)
