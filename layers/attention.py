@@ -7,9 +7,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.norms import RMSNorm
-from layers.partitioning import with_logical_axes
+from layers.partitioning import shard_kernel, with_logical_axes
 from layers.rope import apply_rope, rope_frequencies
 from pallas_kernels import flash_attention
+
+
+# Logical axes of the kernel's operands. Query heads take the key/value heads' name: a split
+# of the kv heads into contiguous blocks carries exactly the query heads of their groups.
+_QUERY_AXES = ("batch", None, "kv_heads", None)
+_KV_AXES = ("batch", None, "kv_heads", None)
 
 
 class Attention(nnx.Module):
@@ -126,7 +132,15 @@ class Attention(nnx.Module):
       inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
       q = apply_rope(q, position_ids, inv_freq)
       k = apply_rope(k, position_ids, inv_freq)
-    out = flash_attention(
-        q, k, v, scale=None, is_causal=self.is_causal, segment_ids=segment_ids,
-        logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    def attend(q, k, v, segment_ids):
+      return flash_attention(
+          q, k, v, scale=None, is_causal=self.is_causal, segment_ids=segment_ids,
+          logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+
+    # Per shard of batch and heads under a sharded jit (the kernel is one custom call). The
+    # sequence stays whole: splitting it needs ring attention, not a plain shard_map.
+    out = shard_kernel(
+        attend, (q, k, v, segment_ids),
+        in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, None if segment_ids is None else ("batch", None)),
+        out_axes=_QUERY_AXES)
     return self.o_proj(out)

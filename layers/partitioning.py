@@ -77,3 +77,34 @@ def activation_constraints(constraint: ActivationConstraint | None) -> Iterator[
     yield
   finally:
     _ACTIVATION_CONSTRAINT.reset(token)
+
+
+KernelSharder = Callable[..., Any]
+_KERNEL_SHARDER: contextvars.ContextVar[KernelSharder | None] = contextvars.ContextVar(
+    "kernel_sharder", default=None)
+
+
+def shard_kernel(fn: Callable[..., jax.Array], args: tuple, in_axes: tuple, out_axes: tuple):
+  """Calls ``fn(*args)`` once per shard when a sharder is installed, else ``fn(*args)``.
+
+  A Pallas kernel is one opaque custom call that XLA cannot partition: under a sharded
+  ``jax.jit`` it would be fed gathered, replicated operands. The training code installs a
+  sharder (:func:`kernel_sharding`) that runs ``fn`` under ``shard_map`` along the mesh axes
+  its rules give ``in_axes`` (one tuple of logical names per argument, None for an argument
+  that is not an array) and ``out_axes`` (the output's logical names). ``fn`` must be
+  correct on any such shard, e.g. attention split over batch and heads.
+  """
+  sharder = _KERNEL_SHARDER.get()
+  if sharder is None:
+    return fn(*args)
+  return sharder(fn, args, tuple(in_axes), tuple(out_axes))
+
+
+@contextlib.contextmanager
+def kernel_sharding(sharder: KernelSharder | None) -> Iterator[None]:
+  """Installs ``sharder(fn, args, in_axes, out_axes) -> out`` for :func:`shard_kernel`."""
+  token = _KERNEL_SHARDER.set(sharder)
+  try:
+    yield
+  finally:
+    _KERNEL_SHARDER.reset(token)

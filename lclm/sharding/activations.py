@@ -6,18 +6,45 @@ import contextlib
 from typing import Iterator, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from layers import activation_constraints
+from layers import activation_constraints, kernel_sharding
 from lclm.sharding.rules import axis_rules, logical_to_mesh_spec, normalize_rules
+
+
+def kernel_specs(args, in_axes, out_axes, mesh: Mesh, rules) -> tuple[list, PartitionSpec]:
+  """shard_map specs of a kernel call: each argument's logical axes resolved by the rules.
+
+  A logical name must split the same way in every argument (e.g. the kv-head axis of the
+  queries and of the keys); where the arguments' shapes resolve it differently, it is
+  replicated everywhere. Arguments that are None get ``P()``.
+  """
+  resolved = [None if a is None or axes is None else
+              logical_to_mesh_spec(axes, rules, mesh=mesh, shape=a.shape)
+              for a, axes in zip(args, in_axes)]
+  entries = {}
+  for axes, spec in zip(in_axes, resolved):
+    for name, entry in zip(axes or (), spec or ()):
+      if name is not None:
+        entries.setdefault(name, set()).add(entry)
+  agreed = {name: next(iter(e)) for name, e in entries.items() if len(e) == 1}
+
+  def spec_of(axes):
+    return PartitionSpec(*(agreed.get(name) if name is not None else None for name in axes))
+
+  in_specs = [PartitionSpec() if a is None or axes is None else spec_of(axes)
+              for a, axes in zip(args, in_axes)]
+  return in_specs, spec_of(out_axes)
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Sequence | None = None) -> Iterator[None]:
-  """While active (around the code a ``jax.jit`` traces), ``layers.constrain_activation``
-  pins activations to the mesh axes the rules give their logical axes.
+  """While active (around the code a ``jax.jit`` traces):
 
-  A dimension whose size the rule's mesh axes do not divide is left replicated.
+  * ``layers.constrain_activation`` pins activations to the mesh axes the rules give their
+    logical axes (a dimension the rule's mesh axes do not divide stays replicated);
+  * ``layers.shard_kernel`` runs kernels (Pallas custom calls, which XLA cannot partition)
+    under ``shard_map`` on the shards the rules give their operands.
   """
   rules = axis_rules() if rules is None else normalize_rules(rules)
 
@@ -25,5 +52,10 @@ def activation_sharding(mesh: Mesh, rules: Sequence | None = None) -> Iterator[N
     spec = logical_to_mesh_spec(axes, rules, mesh=mesh, shape=x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-  with activation_constraints(constrain):
+  def shard(fn, args, in_axes, out_axes):
+    in_specs, out_spec = kernel_specs(args, in_axes, out_axes, mesh, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec,
+                         check_vma=False)(*args)
+
+  with activation_constraints(constrain), kernel_sharding(shard):
     yield
