@@ -70,13 +70,18 @@ def constrain_activation(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Arra
 
 
 @contextlib.contextmanager
-def activation_constraints(constraint: ActivationConstraint | None) -> Iterator[None]:
-  """Installs ``constraint(x, logical_axes) -> x`` for :func:`constrain_activation`."""
-  token = _ACTIVATION_CONSTRAINT.set(constraint)
+def _installed(variable: contextvars.ContextVar, value: Any) -> Iterator[None]:
+  """Sets a context variable for the duration of a ``with`` block."""
+  token = variable.set(value)
   try:
     yield
   finally:
-    _ACTIVATION_CONSTRAINT.reset(token)
+    variable.reset(token)
+
+
+def activation_constraints(constraint: ActivationConstraint | None):
+  """Installs ``constraint(x, logical_axes) -> x`` for :func:`constrain_activation`."""
+  return _installed(_ACTIVATION_CONSTRAINT, constraint)
 
 
 KernelSharder = Callable[..., Any]
@@ -100,11 +105,6 @@ def shard_kernel(fn: Callable[..., jax.Array], args: tuple, in_axes: tuple, out_
   return sharder(fn, args, tuple(in_axes), tuple(out_axes))
 
 
-@contextlib.contextmanager
-def kernel_sharding(sharder: KernelSharder | None) -> Iterator[None]:
+def kernel_sharding(sharder: KernelSharder | None):
   """Installs ``sharder(fn, args, in_axes, out_axes) -> out`` for :func:`shard_kernel`."""
-  token = _KERNEL_SHARDER.set(sharder)
-  try:
-    yield
-  finally:
-    _KERNEL_SHARDER.reset(token)
+  return _installed(_KERNEL_SHARDER, sharder)
