@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import dispatch, padding, validation
+from pallas_kernels._common import masks as masks_lib
 from pallas_kernels.flash_attention import masking
 from pallas_kernels.flash_attention.reference import flash_attention_reference
 
@@ -40,7 +41,7 @@ class _Config:
   """Everything static about one call; hashable, so it rides as a nondiff argument."""
   backend: str
   scale: float
-  is_causal: bool
+  mask: masks_lib.Mask
   logits_soft_cap: float | None
   q_offset: int
   kv_len: int
@@ -52,7 +53,7 @@ class _Config:
 
   def kernel_kwargs(self, backward: bool) -> dict:
     return dict(
-        scale=self.scale, is_causal=self.is_causal, logits_soft_cap=self.logits_soft_cap,
+        scale=self.scale, mask=self.mask, logits_soft_cap=self.logits_soft_cap,
         q_offset=self.q_offset, kv_len=self.kv_len,
         block_q=self.block_q_bwd if backward else self.block_q,
         block_k=self.block_k_bwd if backward else self.block_k, interpret=self.interpret)
@@ -123,6 +124,39 @@ def _validate(query, key, value, scale, logits_soft_cap):
   validation.check_positive_float(OP, "logits_soft_cap", logits_soft_cap, allow_none=True)
 
 
+def _build_mask(num_heads, is_causal, local_window_size, num_sink_tokens, chunk_size,
+                global_tokens, mask):
+  """The call's mask keywords as one validated :class:`masks.Mask`."""
+  if not isinstance(num_sink_tokens, int) or isinstance(num_sink_tokens, bool) or (
+      num_sink_tokens < 0):
+    raise ValueError(f"{OP}: num_sink_tokens must be a non-negative int, got "
+                     f"{num_sink_tokens!r}.")
+  if num_sink_tokens and local_window_size is None:
+    raise ValueError(f"{OP}: num_sink_tokens={num_sink_tokens} only widens a sliding window; "
+                     "pass local_window_size too (without a window every key is visible).")
+  if chunk_size is not None:
+    validation.check_positive_int(OP, "chunk_size", chunk_size)
+  if global_tokens is not None:
+    if is_causal:
+      raise ValueError(f"{OP}: global_tokens are for bidirectional attention (Longformer, "
+                       "BigBird); with is_causal=True use num_sink_tokens instead.")
+    global_tokens = tuple(global_tokens)
+    if any(not isinstance(p, int) or p < 0 for p in global_tokens):
+      raise ValueError(f"{OP}: global_tokens must be non-negative int positions, got "
+                       f"{global_tokens!r}.")
+  try:
+    result = masks_lib.make_mask(
+        is_causal=bool(is_causal), local_window_size=local_window_size,
+        num_sink_tokens=num_sink_tokens, chunk_size=chunk_size, global_tokens=global_tokens,
+        mask=mask)
+  except ValueError as e:
+    raise ValueError(f"{OP}: {e}") from None
+  if isinstance(result, masks_lib.PerHeadMask) and result.num_heads != num_heads:
+    raise ValueError(f"{OP}: the per-head mask has {result.num_heads} entries but query has "
+                     f"num_heads={num_heads}; give one mask per query head.")
+  return result
+
+
 def _block_sizes(module, platform_min, q_len, kv_len, blocks):
   """Requested (or default) block sizes, shrunk for short inputs, validated.
 
@@ -146,9 +180,14 @@ def _block_sizes(module, platform_min, q_len, kv_len, blocks):
 
 
 def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_ids=None,
-                    logits_soft_cap=None, return_lse=False, implementation=None,
-                    block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None):
-  """Memory-efficient exact attention (FlashAttention-2), with GQA, causality and segments.
+                    local_window_size=None, num_sink_tokens=0, chunk_size=None,
+                    global_tokens=None, mask=None, logits_soft_cap=None, return_lse=False,
+                    implementation=None, block_q=None, block_k=None, block_q_bwd=None,
+                    block_k_bwd=None):
+  """Memory-efficient exact attention (FlashAttention-2) with GQA, segments and sparse masks.
+
+  Work scales with the visible area: blocks the mask hides are skipped in the forward and
+  the backward pass, by every implementation.
 
   Args:
     query: [batch, q_len, num_heads, head_dim].
@@ -159,6 +198,18 @@ def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_i
       query i sits at position kv_len - q_len + i (decoding, chunked prefill).
     segment_ids: int [batch, len] for self-attention, or a pair (q_segment_ids [batch, q_len],
       kv_segment_ids [batch, kv_len]); a token sees only keys of its own segment.
+    local_window_size: sliding window, an int w or a pair (left, right) with the semantics
+      of ``jax.nn.dot_product_attention``: the query at position c sees keys c - left ...
+      c + right (w means (w, w)); with is_causal the right side is cut at c.
+    num_sink_tokens: the first keys stay visible to every query whatever the window (still
+      subject to causality, chunks and segments). Needs ``local_window_size``.
+    chunk_size: attention only inside aligned chunks of this many positions (causal inside
+      a chunk when is_causal).
+    global_tokens: positions that see every key and are seen by every query (bidirectional
+      attention only).
+    mask: a :class:`pallas_kernels.masks.Mask`, ANDed with the above; a
+      :class:`~pallas_kernels.masks.PerHeadMask` gives each query head its own mask
+      (DuoAttention retrieval/streaming heads, multi-scale windows, S²-Attn).
     logits_soft_cap: logits become cap * tanh(logits / cap) after scaling (Gemma 2).
     return_lse: also return the log-sum-exp of the visible logits [batch, q_len, num_heads]
       (float32, -inf where a query sees no key); it is differentiable.
@@ -174,6 +225,8 @@ def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_i
   _validate(query, key, value, scale, logits_soft_cap)
   b, tq, h, d = query.shape
   tk, hk = key.shape[1], key.shape[2]
+  mask = _build_mask(h, is_causal, local_window_size, num_sink_tokens, chunk_size,
+                     global_tokens, mask)
   q_seg, kv_seg = _split_segments(segment_ids, b, tq, tk)
   platform = dispatch.platform_of(query, key, value)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
@@ -182,7 +235,7 @@ def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_i
 
   if impl == "reference":
     return flash_attention_reference(
-        query, key, value, scale=scale, is_causal=is_causal, segment_ids=(
+        query, key, value, scale=scale, mask=mask, segment_ids=(
             None if q_seg is None else (q_seg, kv_seg)),
         logits_soft_cap=soft_cap, return_lse=return_lse)
 
@@ -212,7 +265,7 @@ def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_i
     kv_seg = jnp.pad(kv_seg, ((0, 0), (0, tk_pad - tk)), mode="edge")
 
   config = _Config(
-      backend=backend, scale=scale, is_causal=bool(is_causal), logits_soft_cap=soft_cap,
+      backend=backend, scale=scale, mask=mask, logits_soft_cap=soft_cap,
       q_offset=masking.causal_offset(tq, tk), kv_len=tk, interpret=(impl == "interpret"),
       **blocks)
   out, lse = _flash(q, k, v, q_seg, kv_seg, config)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import masks as masks_lib
 from pallas_kernels.flash_attention import masking
 
 
 def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
-                              segment_ids=None, logits_soft_cap=None, return_lse=False):
+                              segment_ids=None, local_window_size=None, num_sink_tokens=0,
+                              chunk_size=None, global_tokens=None, mask=None,
+                              logits_soft_cap=None, return_lse=False):
   """O(T^2) attention with the semantics of :func:`pallas_kernels.flash_attention`.
 
   Args:
@@ -18,6 +21,8 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
     scale: logit scale, default head_dim ** -0.5.
     is_causal: causal mask with queries aligned to the end of the keys.
     segment_ids: [batch, len] int (self-attention) or a pair (q_segment_ids, kv_segment_ids).
+    local_window_size, num_sink_tokens, chunk_size, global_tokens, mask: the sparse mask, as
+      in :func:`pallas_kernels.flash_attention` (combined by ``masks.make_mask``).
     logits_soft_cap: logits -> cap * tanh(logits / cap), after scaling.
     return_lse: also return the log-sum-exp [batch, q_len, num_heads] (float32; -inf for a
       query that sees no key).
@@ -41,9 +46,13 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids,) * 2
     q_seg, kv_seg = q_seg[:, None, None, :, None], kv_seg[:, None, None, None, :]
+  mask = masks_lib.make_mask(is_causal=is_causal, local_window_size=local_window_size,
+                             num_sink_tokens=num_sink_tokens, chunk_size=chunk_size,
+                             global_tokens=global_tokens, mask=mask)
+  kind = masking.kind_of_head(mask, jnp.arange(h)).reshape(1, hk, h // hk, 1, 1)
   mask = masking.visible(
-      jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], is_causal=is_causal,
-      q_offset=masking.causal_offset(tq, tk), q_segment=q_seg, kv_segment=kv_seg)
+      jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], mask=mask,
+      q_offset=masking.causal_offset(tq, tk), q_segment=q_seg, kv_segment=kv_seg, kind=kind)
   mask = jnp.broadcast_to(mask, logits.shape)
 
   logits = jnp.where(mask, logits, -jnp.inf)

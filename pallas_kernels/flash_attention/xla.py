@@ -3,11 +3,17 @@
 Same module interface as the Pallas backends (``tpu.py``, ``gpu.py``), called by ``ops.py``
 on inputs already transposed to [batch, heads, len, head_dim] and padded to whole blocks:
 
-* queries are processed one block at a time (``lax.map``); for each, a loop runs over only
-  the key blocks that causality leaves visible, and a block pair whose segment ranges do not
-  overlap is skipped by ``lax.cond``; the softmax is online, in float32;
+* queries are processed one block at a time (``lax.map``); for each, loops run over only
+  the key blocks the mask leaves visible (``block_sparsity`` intervals: window, sinks,
+  chunks, causality ...), building the mask only for partially visible blocks; a block pair
+  whose segment ranges do not overlap is skipped by ``lax.cond``; the softmax is online, in
+  float32;
 * the backward pass is a single sweep over key blocks that accumulates dK and dV for the
-  block in hand and adds each (query block, key block) contribution to dQ.
+  block in hand and adds each (query block, key block) contribution to dQ, visiting only the
+  query blocks that can see the key block.
+
+All heads of a block are processed together, so with a per-head mask the visited blocks are
+the union over heads (the mask itself is exact per head).
 
 GQA is native: queries are grouped as [batch, kv_heads, group, ...] so keys and values are
 never repeated.
@@ -21,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import block_sparsity
 from pallas_kernels.flash_attention import masking
 
 MIN_BLOCK = 1
@@ -45,18 +52,45 @@ def _block(x, axis, index, size):
   return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
 
 
-def _block_mask(i, j, *, block_q, block_k, q_seg, kv_seg, is_causal, q_offset, kv_len):
-  """[B or 1, 1, 1, bq, bk] visibility of query block i against key block j."""
+def _block_mask(i, j, *, block_q, block_k, q_seg, kv_seg, mask, kind, q_offset, kv_len):
+  """[B or 1, Hkv or 1, G or 1, bq, bk] visibility of query block i against key block j."""
   q_idx = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   k_idx = j * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   qs = ks = None
   if q_seg is not None:
-    qs = _block(q_seg, 1, i, block_q)[:, :, None]
-    ks = _block(kv_seg, 1, j, block_k)[:, None, :]
-  mask = masking.visible(q_idx, k_idx, is_causal=is_causal, q_offset=q_offset, kv_len=kv_len,
-                         q_segment=qs, kv_segment=ks)
-  mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (block_q, block_k)))
-  return mask.reshape((-1, 1, 1, block_q, block_k))
+    qs = _block(q_seg, 1, i, block_q)[:, None, None, :, None]
+    ks = _block(kv_seg, 1, j, block_k)[:, None, None, None, :]
+  visible = masking.visible(q_idx, k_idx, mask=mask, q_offset=q_offset, kv_len=kv_len,
+                            q_segment=qs, kv_segment=ks, kind=kind)
+  return visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
+
+
+def _visits(mask, *, rows_are_queries, q_offset, kv_len, block_q, block_k, nq, nk):
+  """int32 [rows, R, 4] visit intervals for all heads at once (see ``block_sparsity``)."""
+  sparsity = block_sparsity.block_sparsity(
+      mask, q_len=kv_len - q_offset, kv_len=kv_len, block_q=block_q, block_k=block_k,
+      num_q_blocks=nq, num_kv_blocks=nk, rows_are_queries=rows_are_queries)
+  return jnp.asarray(block_sparsity.union_of_kinds(sparsity)[0])
+
+
+def _sweep(intervals, step, carry, *, has_segments, overlap):
+  """Runs ``step(j, carry, masked)`` over one row's visited blocks: partial blocks masked,
+  full blocks not; with segments every block is masked and non-overlapping ones skipped."""
+  def run(lo, hi, masked, carry):
+    body = functools.partial(step, masked=masked)
+    if overlap is not None:
+      body = lambda j, c, body=body: lax.cond(overlap(j), body, lambda _, c: c, j, c)
+    return lax.fori_loop(lo, hi, body, carry)
+
+  for r in range(intervals.shape[0]):
+    lo, hi, full_lo, full_hi = (intervals[r, c] for c in range(4))
+    if has_segments:
+      carry = run(lo, hi, True, carry)
+    else:
+      carry = run(lo, full_lo, True, carry)
+      carry = run(full_lo, full_hi, False, carry)
+      carry = run(full_hi, hi, True, carry)
+  return carry
 
 
 def _logits(q, k, scale, logits_soft_cap, accum):
@@ -89,29 +123,43 @@ def attention_delta(out, d_out, d_lse, accum=jnp.float32):
   return delta
 
 
-def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, is_causal, logits_soft_cap,
+def _geometry(q, k, q_seg, kv_seg, mask, *, q_offset, kv_len, block_q, block_k):
+  b, h, tq, d = q.shape
+  hk, tk = k.shape[1], k.shape[2]
+  nq, nk = tq // block_q, tk // block_k
+  kind = masking.kind_of_head(mask, jnp.arange(h)).reshape(1, hk, h // hk, 1, 1)
+  mask_fn = functools.partial(
+      _block_mask, block_q=block_q, block_k=block_k, q_seg=q_seg, kv_seg=kv_seg, mask=mask,
+      kind=kind, q_offset=q_offset, kv_len=kv_len)
+  visits = functools.partial(_visits, mask, q_offset=q_offset, kv_len=kv_len,
+                             block_q=block_q, block_k=block_k, nq=nq, nk=nk)
+  return nq, nk, mask_fn, visits
+
+
+def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits_soft_cap,
                   q_offset, kv_len, block_q, block_k, interpret=False):
   """Returns out [B, H, Tq, D] (q.dtype) and lse [B, H, Tq] (float32; -inf where empty)."""
   del interpret
   b, h, tq, d = q.shape
-  hk, tk = k.shape[1], k.shape[2]
-  nq, nk = tq // block_q, tk // block_k
+  hk = k.shape[1]
   accum = _accum_dtype(q.dtype)
   qg = _group(q, hk)
   ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
-  mask_fn = functools.partial(
-      _block_mask, block_q=block_q, block_k=block_k, q_seg=q_segment_ids,
-      kv_seg=kv_segment_ids, is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+  nq, _, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
+                                     q_offset=q_offset, kv_len=kv_len, block_q=block_q,
+                                     block_k=block_k)
+  intervals = visits(rows_are_queries=True)
 
   def one_q_block(i):
     q_i = _block(qg, 3, i, block_q)
     stats_shape = (b, hk, h // hk, block_q)
 
-    def attend(j, carry):
+    def attend(j, carry, masked):
       m, l, acc = carry
       k_j, v_j = _block(k, 2, j, block_k), _block(v, 2, j, block_k)
       s = _logits(q_i, k_j, scale, logits_soft_cap, accum)
-      s = jnp.where(mask_fn(i, j), s, -jnp.inf)
+      if masked:
+        s = jnp.where(mask_fn(i, j), s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       p = jnp.exp(s - m_safe[..., None])
@@ -119,14 +167,11 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, is_causal, l
       pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j, preferred_element_type=accum)
       return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-    def step(j, carry):
-      return lax.cond(_segments_overlap(ranges, i, j), attend, lambda _, c: c, j, carry)
-
     init = (jnp.full(stats_shape, -jnp.inf, accum), jnp.zeros(stats_shape, accum),
             jnp.zeros(stats_shape + (d,), accum))
-    lo, hi = masking.kv_block_range(i, block_q=block_q, block_k=block_k, num_kv_blocks=nk,
-                                    is_causal=is_causal, q_offset=q_offset)
-    m, l, acc = lax.fori_loop(lo, hi, step, init)
+    overlap = None if ranges is None else (lambda j: _segments_overlap(ranges, i, j))
+    m, l, acc = _sweep(intervals[i], attend, init, has_segments=ranges is not None,
+                       overlap=overlap)
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
     return out.astype(q.dtype), lse.astype(jnp.float32)
@@ -137,7 +182,7 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, is_causal, l
   return out, lse
 
 
-def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, scale, is_causal,
+def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, scale, mask,
                    logits_soft_cap, q_offset, kv_len, block_q, block_k, d_lse=None,
                    interpret=False):
   """Returns dq [B, H, Tq, D], dk and dv [B, Hkv, Tk, D] (dk, dv summed over each group).
@@ -147,7 +192,6 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   del interpret
   b, h, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  nq, nk = tq // block_q, tk // block_k
   accum = _accum_dtype(q.dtype)
   qg, dog = _group(q, hk), _group(d_out, hk)
   delta = attention_delta(out, d_out, d_lse, accum)
@@ -155,20 +199,22 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   # A row that sees no key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse = _group(jnp.where(lse == -jnp.inf, jnp.inf, lse)[..., None], hk)[..., 0].astype(accum)
   ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
-  mask_fn = functools.partial(
-      _block_mask, block_q=block_q, block_k=block_k, q_seg=q_segment_ids,
-      kv_seg=kv_segment_ids, is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+  _, nk, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
+                                     q_offset=q_offset, kv_len=kv_len, block_q=block_q,
+                                     block_k=block_k)
+  intervals = visits(rows_are_queries=False)
 
   def one_kv_block(dq, j):
     k_j, v_j = _block(k, 2, j, block_k), _block(v, 2, j, block_k)
 
-    def accumulate(i, carry):
+    def accumulate(i, carry, masked):
       dq, dk_j, dv_j = carry
       q_i, do_i = _block(qg, 3, i, block_q), _block(dog, 3, i, block_q)
       lse_i, delta_i = _block(lse, 3, i, block_q), _block(delta, 3, i, block_q)
       s = _logits(q_i, k_j, scale, logits_soft_cap, accum)
-      mask = mask_fn(i, j)
-      p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+      p = jnp.exp(s - lse_i[..., None])
+      if masked:
+        p = jnp.where(mask_fn(i, j), p, 0.0)
       dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j, preferred_element_type=accum)
       ds = p * (dp - delta_i[..., None])
       if logits_soft_cap is not None:
@@ -183,13 +229,10 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
           dq, _block(dq, 3, i, block_q) + dq_i, i * block_q, axis=3)
       return dq, dk_j, dv_j
 
-    def step(i, carry):
-      return lax.cond(_segments_overlap(ranges, i, j), accumulate, lambda _, c: c, i, carry)
-
     zeros = jnp.zeros((b, hk, block_k, d), accum)
-    lo = masking.q_block_start(j, block_q=block_q, block_k=block_k, num_q_blocks=nq,
-                               is_causal=is_causal, q_offset=q_offset)
-    dq, dk_j, dv_j = lax.fori_loop(lo, nq, step, (dq, zeros, zeros))
+    overlap = None if ranges is None else (lambda i: _segments_overlap(ranges, i, j))
+    dq, dk_j, dv_j = _sweep(intervals[j], accumulate, (dq, zeros, zeros),
+                            has_segments=ranges is not None, overlap=overlap)
     return dq, (dk_j, dv_j)
 
   dq, (dk, dv) = lax.scan(one_kv_block, jnp.zeros(qg.shape, accum), jnp.arange(nk))
