@@ -5,6 +5,7 @@ Every public op follows the kernel contract of the design guide (GUIDE §3): an
 VJP with float32 accumulation, clear ValueErrors for bad inputs, no NaN on empty rows.
 """
 
+from pallas_kernels._common import masks
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 
-__all__ = ["flash_attention", "flash_attention_reference"]
+__all__ = ["flash_attention", "flash_attention_reference", "masks"]
