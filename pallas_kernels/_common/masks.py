@@ -28,6 +28,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # A position bound no sequence reaches; intervals use it for "unbounded".
 INF = 1 << 40
@@ -186,11 +187,19 @@ class ChunkedMask(Mask):
       raise ValueError(f"ChunkedMask: offset must be a non-negative int, got {self.offset!r}.")
 
   def _chunk(self, pos):
-    # Floor division that also holds for negative positions (queries before the first key).
+    """Chunk index of numpy positions (floor division, also for negative positions)."""
     return (pos + self.offset) // self.chunk_size
 
+  def _chunk_traced(self, pos):
+    # Truncating division of a shifted, non-negative numerator: equals floor division for
+    # positions > -2**29, and lowers in Mosaic and Triton (which lack floor division).
+    c = self.chunk_size
+    shift = c * -(-(1 << 29) // c)
+    pos = jnp.asarray(pos)
+    return lax.div(pos + jnp.asarray(shift + self.offset, pos.dtype), jnp.asarray(c, pos.dtype))
+
   def visible(self, q_pos, k_pos):
-    return self._chunk(q_pos) == self._chunk(k_pos)
+    return self._chunk_traced(q_pos) == self._chunk_traced(k_pos)
 
   def _span(self, lo, hi):
     """Positions of the chunks touched by [lo, hi), and the chunk wholly holding it (if any)."""
