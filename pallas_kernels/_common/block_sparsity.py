@@ -39,18 +39,18 @@ class BlockSparsity:
   def num_intervals(self) -> int:
     return self.intervals.shape[2]
 
-  def visited(self) -> np.ndarray:
-    """bool [kinds, rows, other blocks]: which blocks each row visits (for tests/metrics)."""
-    k, rows, r, _ = self.intervals.shape
-    n = int(self.intervals[..., 1].max(initial=0))
-    idx = np.arange(n)
-    lo, hi = self.intervals[..., 0, None], self.intervals[..., 1, None]
-    return ((idx >= lo) & (idx < hi)).any(axis=2)
+  def visited(self, num_blocks: int) -> np.ndarray:
+    """bool [kinds, rows, num_blocks]: which blocks each row visits (tests, statistics)."""
+    return self._cover(0, num_blocks)
 
-  def full(self) -> np.ndarray:
-    n = int(self.intervals[..., 1].max(initial=0))
-    idx = np.arange(n)
-    lo, hi = self.intervals[..., 2, None], self.intervals[..., 3, None]
+  def full(self, num_blocks: int) -> np.ndarray:
+    """bool [kinds, rows, num_blocks]: which visited blocks run without a mask."""
+    return self._cover(2, num_blocks)
+
+  def _cover(self, field, num_blocks):
+    idx = np.arange(num_blocks)
+    lo = self.intervals[..., field, None]
+    hi = self.intervals[..., field + 1, None]
     return ((idx >= lo) & (idx < hi)).any(axis=2)
 
 
@@ -106,6 +106,7 @@ def _rows(mask: masks_lib.Mask, *, row_lo, row_hi, method, to_blocks):
 def _key_blocks(block_k, kv_len, num_kv_blocks):
   def convert(lo, hi, *, full):
     lo, hi = np.clip(lo, 0, kv_len), np.clip(hi, 0, kv_len)
+    lo, hi = np.where(lo < hi, lo, 0), np.where(lo < hi, hi, 0)  # Empty stays empty.
     if full:  # Blocks wholly inside (the block holding padded keys never is).
       b_lo, b_hi = -(-lo // block_k), hi // block_k
     else:
@@ -121,6 +122,7 @@ def _query_blocks(block_q, q_offset, num_q_blocks):
   def convert(lo, hi, *, full):
     lo = np.clip(lo - q_offset, 0, padded_len)
     hi = np.clip(hi - q_offset, 0, padded_len)
+    lo, hi = np.where(lo < hi, lo, 0), np.where(lo < hi, hi, 0)  # Empty stays empty.
     if full:
       b_lo, b_hi = -(-lo // block_q), hi // block_q
     else:

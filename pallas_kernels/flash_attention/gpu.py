@@ -11,10 +11,16 @@ Kernels:
            and the query blocks that can see it; dK, dV come out summed over the group.
   dQ       grid (q block, B, H): one query block, looping over the key blocks it can see.
 
-Block pairs that nothing in them can see are skipped, not computed: causality bounds the
-loops, and with segments a pair whose per-block segment-id ranges do not overlap is jumped
-over by a ``lax.cond``. Inside the loop bounds, pairs that are entirely visible run without
-building a mask.
+Block pairs that nothing in them can see are skipped, not computed. The loops are bounded by
+block-sparsity metadata (:mod:`pallas_kernels._common.block_sparsity`), computed with numpy
+at trace time from the mask alone and passed to each kernel as an int32 input, expanded per
+query head: for every (head, row block) up to R intervals (lo, hi, full_lo, full_hi) of
+blocks of the other axis to visit, [full_lo, full_hi) of them wholly visible. A kernel runs,
+for each interval, a masked loop over [lo, full_lo), an unmasked one (no mask is built) over
+[full_lo, full_hi) and a masked one over [full_hi, hi). With segments every visited pair is
+masked and a pair whose per-block segment-id ranges do not overlap is jumped over by a
+``lax.cond``. Per-head masks (``masks.PerHeadMask``) give each head its own intervals, and
+the in-tile mask evaluates the kind of the program's head.
 
 Logits are kept in base 2 (natural logits times log2(e)) so that the softmax uses ``exp2``;
 the returned log-sum-exp is in natural units. Matmuls take the input dtype and accumulate in
@@ -28,10 +34,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._common import block_sparsity
+from pallas_kernels._common import masks as masks_lib
 from pallas_kernels._common import padding
 from pallas_kernels.flash_attention import masking
 
@@ -42,7 +51,7 @@ DEFAULT_BLOCK_SIZES = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-_STATIC = ("scale", "is_causal", "logits_soft_cap", "q_offset", "kv_len", "block_q", "block_k",
+_STATIC = ("scale", "mask", "logits_soft_cap", "q_offset", "kv_len", "block_q", "block_k",
            "interpret")
 
 
@@ -69,60 +78,44 @@ def _logits(q, k, scale, soft_cap):
   return t * (soft_cap * LOG2E), t
 
 
-def _mask(s, q_start, k_start, q_seg, kv_seg, *, is_causal, q_offset, kv_len):
+def _mask(s, q_start, k_start, q_seg, kv_seg, *, mask, kind, q_offset, kv_len):
   """Sets invisible entries of the [bq, bk] tile ``s`` to -inf."""
   bq, bk = s.shape
   visible = masking.visible(
       q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :],
-      is_causal=is_causal, q_offset=q_offset, kv_len=kv_len,
+      mask=mask, q_offset=q_offset, kv_len=kv_len,
       q_segment=None if q_seg is None else q_seg[:, None],
-      kv_segment=None if kv_seg is None else kv_seg[None, :])
+      kv_segment=None if kv_seg is None else kv_seg[None, :], kind=kind)
   return jnp.where(visible, s, -jnp.inf)
 
 
-def _kv_loop_bounds(q_block, *, block_q, block_k, is_causal, q_offset, kv_len, has_segments):
-  """(lo, mid, hi): key blocks [lo, mid) are wholly visible to ``q_block``; [mid, hi) need a mask.
+def _kind(mask, head):
+  """Mask kind of ``head`` for the in-tile predicate (None unless the mask is per head)."""
+  return masking.kind_of_head(mask, head) if isinstance(mask, masks_lib.PerHeadMask) else None
 
-  Blocks outside [lo, hi) hold nothing visible (keys past ``kv_len`` or in the causal future).
-  Works on Python ints and on traced int32 scalars.
+
+def _visits(mask, *, num_heads, q_offset, kv_len, block_q, block_k, nq, nk, rows_are_queries):
+  """int32 [H, rows, Rp, 4] visit intervals per query head, and R (the real count).
+
+  Rows are query blocks (``rows_are_queries``) or key blocks. R is padded up to a power of two
+  Rp with empty (0, 0, 0, 0) intervals (Triton loads power-of-two blocks); kernels loop over
+  the first R only.
   """
-  lo, hi = masking.kv_block_range(q_block, block_q=block_q, block_k=block_k,
-                                  num_kv_blocks=pl.cdiv(kv_len, block_k),
-                                  is_causal=is_causal, q_offset=q_offset)
-  if has_segments:
-    return lo, lo, hi
-  mid = kv_len // block_k  # The last, partial block holds padded keys.
-  if is_causal:
-    # Key block j is wholly visible when its last key is <= the block's first query position.
-    mid = jnp.minimum(mid, (q_block * block_q + q_offset + 1) // block_k)
-  return lo, jnp.clip(mid, lo, hi), hi
-
-
-def _select(pred, on_true, on_false):
-  """Scalar int ``pred ? on_true : on_false``; Triton cannot lower a scalar select_n of ints."""
-  pred = jnp.asarray(pred, jnp.int32)
-  return pred * on_true + (1 - pred) * on_false
-
-
-def _q_loop_bounds(kv_block, *, block_q, block_k, num_q_blocks, is_causal, q_offset, kv_len,
-                   has_segments):
-  """(lo, mid, hi): query blocks [lo, mid) need a mask against ``kv_block``; [mid, hi) see it all.
-
-  Query blocks outside [lo, hi) see nothing of ``kv_block``.
-  """
-  lo = masking.q_block_start(kv_block, block_q=block_q, block_k=block_k,
-                             num_q_blocks=num_q_blocks, is_causal=is_causal, q_offset=q_offset)
-  hi = num_q_blocks
-  lo = _select(kv_block * block_k >= kv_len, hi, lo)  # Only padded keys.
-  if has_segments:
-    return lo, hi, hi
-  mid = lo
-  if is_causal:
-    # Smallest query block whose first query position is >= the block's last key.
-    last_key = (kv_block + 1) * block_k - 1
-    mid = -((q_offset - last_key) // block_q)
-  mid = _select((kv_block + 1) * block_k > kv_len, hi, mid)  # Holds padded keys.
-  return lo, jnp.clip(mid, lo, hi), hi
+  sparsity = block_sparsity.block_sparsity(
+      mask, q_len=kv_len - q_offset, kv_len=kv_len, block_q=block_q, block_k=block_k,
+      num_q_blocks=nq, num_kv_blocks=nk, rows_are_queries=rows_are_queries)
+  intervals = sparsity.intervals
+  if isinstance(mask, masks_lib.PerHeadMask):
+    if mask.num_heads != num_heads:
+      raise ValueError(f"flash_attention (gpu): the per-head mask has {mask.num_heads} "
+                       f"entries but there are {num_heads} query heads.")
+    kinds = np.asarray(mask.head_kinds())
+  else:
+    kinds = np.zeros(num_heads, np.int64)
+  num_kinds, rows, r, _ = intervals.shape
+  padded = np.zeros((num_kinds, rows, padding.next_power_of_2(r), 4), np.int32)
+  padded[:, :, :r] = intervals
+  return jnp.asarray(padded[kinds]), r
 
 
 def _segment_ranges(segment_ids, block):
@@ -145,6 +138,27 @@ def _loop(lo, hi, step, carry, overlap=None):
     return lax.cond(overlap(i), lambda c: step(i, c), lambda c: c, carry)
 
   return lax.fori_loop(lo, hi, body, carry)
+
+
+def _sweep(interval, num_intervals, step, carry, overlap=None):
+  """Runs ``step(block, carry, masked)`` over the blocks one metadata row visits.
+
+  ``interval(r, c)`` reads field c of interval r (an int32 scalar). Per interval: a masked
+  loop over [lo, full_lo), an unmasked one over [full_lo, full_hi), a masked one over
+  [full_hi, hi). With segments (``overlap`` given) every block is masked, and skipped where
+  the segment ranges do not overlap.
+  """
+  masked = functools.partial(step, masked=True)
+  for r in range(num_intervals):
+    lo, hi = interval(r, 0), interval(r, 1)
+    if overlap is not None:
+      carry = _loop(lo, hi, masked, carry, overlap)
+    else:
+      full_lo, full_hi = interval(r, 2), interval(r, 3)
+      carry = _loop(lo, full_lo, masked, carry)
+      carry = _loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+      carry = _loop(full_hi, hi, masked, carry)
+  return carry
 
 
 def _compiler_params(block_fixed, block_streamed, head_dim, itemsize, num_stages):
@@ -170,14 +184,15 @@ def _check_blocks(name, length, block, interpret):
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, soft_cap, is_causal, q_offset, kv_len,
-                    block_k, has_segments):
+def _forward_kernel(q_ref, k_ref, v_ref, visits_ref, *refs, scale, soft_cap, mask,
+                    num_intervals, q_offset, kv_len, block_k, has_segments):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, o_ref, lse_ref = refs
   else:
     o_ref, lse_ref = refs
   block_q, head_dim = q_ref.shape
   i = pl.program_id(0)
+  kind = _kind(mask, pl.program_id(2))
   q = q_ref[...]
   q_seg = q_seg_ref[...] if has_segments else None
 
@@ -187,7 +202,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, soft_cap, is_causal, q_of
     s, _ = _logits(q, k_ref[keys, :], scale, soft_cap)
     if masked:
       s = _mask(s, i * block_q, j * block_k, q_seg, kv_seg_ref[keys] if has_segments else None,
-                is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
+                mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
     m_new = jnp.maximum(m, s.max(axis=-1))
     m_shift = m_new
     if masked:  # A row with nothing visible yet keeps m = -inf; it exponentiates against 0.
@@ -198,29 +213,26 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, soft_cap, is_causal, q_of
     acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
     return acc, m_new, alpha * l + p.sum(axis=-1)
 
-  lo, mid, hi = _kv_loop_bounds(i, block_q=block_q, block_k=block_k, is_causal=is_causal,
-                                q_offset=q_offset, kv_len=kv_len, has_segments=has_segments)
   overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
   carry = (jnp.zeros((block_q, head_dim), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  if not has_segments:  # With segments every visited block pair is masked.
-    carry = _loop(lo, mid, functools.partial(step, masked=False), carry)
-  acc, m, l = _loop(mid, hi, functools.partial(step, masked=True), carry, overlap)
+  acc, m, l = _sweep(lambda r, c: visits_ref[r, c], num_intervals, step, carry, overlap)
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, is_causal: bool,
-                  logits_soft_cap: float | None, q_offset: int, kv_len: int, block_q: int,
-                  block_k: int, interpret: bool = False):
+def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float,
+                  mask: masks_lib.Mask, logits_soft_cap: float | None, q_offset: int,
+                  kv_len: int, block_q: int, block_k: int, interpret: bool = False):
   """Flash-attention forward pass.
 
   Args:
     q: [B, H, Tq, Dp]; k, v: [B, Hkv, Tk, Dp]; Tq % block_q == Tk % block_k == 0.
     q_segment_ids, kv_segment_ids: int32 [B, Tq] and [B, Tk], or both None.
     scale: multiplies the logits, before the soft cap ``cap * tanh(s / cap)``.
+    mask: the attention mask (hashable ``masks.Mask``; a ``PerHeadMask`` has H entries).
     q_offset: position of query 0 (true kv_len - true q_len; may be negative).
     kv_len: true number of keys; keys at or past it are padding and never visible.
 
@@ -237,13 +249,18 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, is_ca
   group = h // hkv
   nq, nk = tq // block_q, tk // block_k
   has_segments = q_segment_ids is not None
+  visits, num_intervals = _visits(mask, num_heads=h, q_offset=q_offset, kv_len=kv_len,
+                                  block_q=block_q, block_k=block_k, nq=nq, nk=nk,
+                                  rows_are_queries=True)
+  rp = visits.shape[2]
 
   in_specs = [
       pl.BlockSpec((None, None, block_q, dp), lambda i, b, h: (b, h, i, 0)),
       pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0)),
       pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0)),
+      pl.BlockSpec((None, None, rp, 4), lambda i, b, h: (h, i, 0, 0)),
   ]
-  args = [q, k, v]
+  args = [q, k, v, visits]
   if has_segments:
     in_specs += [
         pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
@@ -255,8 +272,9 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, is_ca
              _segment_ranges(kv_segment_ids, block_k)]
 
   kernel = functools.partial(
-      _forward_kernel, scale=scale, soft_cap=logits_soft_cap, is_causal=is_causal,
-      q_offset=q_offset, kv_len=kv_len, block_k=block_k, has_segments=has_segments)
+      _forward_kernel, scale=scale, soft_cap=logits_soft_cap, mask=mask,
+      num_intervals=num_intervals, q_offset=q_offset, kv_len=kv_len, block_k=block_k,
+      has_segments=has_segments)
   return pl.pallas_call(
       kernel,
       grid=(nq, b, h),
@@ -277,8 +295,8 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, is_ca
 def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
   """P [bq, bk] and dS, the gradient of the scaled (pre-cap) logits, both float32.
 
-  ``lse2`` is the base-2 log-sum-exp (+inf for rows that see nothing, so P = 0 there) and
-  ``delta`` = rowsum(dO * O) - dLSE.
+  ``mask`` (None: no mask) sets invisible logits to -inf. ``lse2`` is the base-2 log-sum-exp
+  (+inf for rows that see nothing, so P = 0 there) and ``delta`` = rowsum(dO * O) - dLSE.
   """
   s, t = _logits(q, k, scale, soft_cap)
   if mask is not None:
@@ -290,46 +308,42 @@ def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
   return p, ds
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, soft_cap,
-                 is_causal, q_offset, kv_len, block_q, has_segments):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *refs, scale,
+                 soft_cap, mask, num_intervals, q_offset, kv_len, block_q, has_segments):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dk_ref, dv_ref = refs
   else:
     dk_ref, dv_ref = refs
-  group, tq = lse_ref.shape
+  group = lse_ref.shape[0]
   block_k, head_dim = k_ref.shape
   j = pl.program_id(0)
+  first_head = pl.program_id(2) * group
   k, v = k_ref[...], v_ref[...]
   kv_seg = kv_seg_ref[...] if has_segments else None
 
-  def step(i, carry, g, masked):
+  def step(i, carry, g, kind, masked):
     dk, dv = carry
     rows = pl.ds(i * block_q, block_q)
     q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]
-    mask = None
+    tile_mask = None
     if masked:
-      mask = functools.partial(
+      tile_mask = functools.partial(
           _mask, q_start=i * block_q, k_start=j * block_k,
           q_seg=q_seg_ref[rows] if has_segments else None, kv_seg=kv_seg,
-          is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
-    p, ds = _probs_and_dlogits(q, k, v, d_out, lse_ref[g, rows], delta_ref[g, rows], mask,
-                               scale, soft_cap)
+          mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
+    p, ds = _probs_and_dlogits(q, k, v, d_out, lse_ref[g, rows], delta_ref[g, rows],
+                               tile_mask, scale, soft_cap)
     dv = dv + _dot(p.astype(d_out.dtype), d_out, 0, 0)
     dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
     return dk, dv
 
-  lo, mid, hi = _q_loop_bounds(j, block_q=block_q, block_k=block_k, num_q_blocks=tq // block_q,
-                               is_causal=is_causal, q_offset=q_offset, kv_len=kv_len,
-                               has_segments=has_segments)
   overlap = None
   if has_segments:
     overlap = lambda i: _overlap(q_range_ref, i, kv_range_ref, j)
 
   def head(g, carry):
-    carry = _loop(lo, mid, functools.partial(step, g=g, masked=True), carry, overlap)
-    if has_segments:  # Every visited block pair is masked.
-      return carry
-    return _loop(mid, hi, functools.partial(step, g=g, masked=False), carry)
+    body = functools.partial(step, g=g, kind=_kind(mask, first_head + g))
+    return _sweep(lambda r, c: visits_ref[g, r, c], num_intervals, body, carry, overlap)
 
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -337,43 +351,42 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, 
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, soft_cap,
-               is_causal, q_offset, kv_len, block_k, has_segments):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *refs, scale,
+               soft_cap, mask, num_intervals, q_offset, kv_len, block_k, has_segments):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
   block_q, head_dim = q_ref.shape
   i = pl.program_id(0)
+  kind = _kind(mask, pl.program_id(2))
   q, d_out, lse2, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_seg = q_seg_ref[...] if has_segments else None
 
   def step(j, dq, masked):
     keys = pl.ds(j * block_k, block_k)
     k = k_ref[keys, :]
-    mask = None
+    tile_mask = None
     if masked:
-      mask = functools.partial(
+      tile_mask = functools.partial(
           _mask, q_start=i * block_q, k_start=j * block_k, q_seg=q_seg,
           kv_seg=kv_seg_ref[keys] if has_segments else None,
-          is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
-    _, ds = _probs_and_dlogits(q, k, v_ref[keys, :], d_out, lse2, delta, mask, scale, soft_cap)
+          mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
+    _, ds = _probs_and_dlogits(q, k, v_ref[keys, :], d_out, lse2, delta, tile_mask, scale,
+                               soft_cap)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  lo, mid, hi = _kv_loop_bounds(i, block_q=block_q, block_k=block_k, is_causal=is_causal,
-                                q_offset=q_offset, kv_len=kv_len, has_segments=has_segments)
   overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
-  dq = jnp.zeros((block_q, head_dim), jnp.float32)
-  if not has_segments:  # With segments every visited block pair is masked.
-    dq = _loop(lo, mid, functools.partial(step, masked=False), dq)
-  dq = _loop(mid, hi, functools.partial(step, masked=True), dq, overlap)
+  dq = _sweep(lambda r, c: visits_ref[r, c], num_intervals, step,
+              jnp.zeros((block_q, head_dim), jnp.float32), overlap)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, scale: float,
-                   is_causal: bool, logits_soft_cap: float | None, q_offset: int, kv_len: int,
-                   block_q: int, block_k: int, d_lse=None, interpret: bool = False):
+                   mask: masks_lib.Mask, logits_soft_cap: float | None, q_offset: int,
+                   kv_len: int, block_q: int, block_k: int, d_lse=None,
+                   interpret: bool = False):
   """Flash-attention backward pass (FlashAttention-2: a dK/dV kernel and a dQ kernel).
 
   Args: as :func:`flash_forward`, plus the forward's ``out`` [B, H, Tq, Dp] and ``lse``
@@ -394,13 +407,15 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   group = h // hkv
   nq, nk = tq // block_q, tk // block_k
   has_segments = q_segment_ids is not None
+  visits = functools.partial(_visits, mask, num_heads=h, q_offset=q_offset, kv_len=kv_len,
+                             block_q=block_q, block_k=block_k, nq=nq, nk=nk)
 
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse.astype(jnp.float32)
   # Base 2, and +inf for rows that see nothing so that their probabilities exp2(-inf) are 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-  static = dict(scale=scale, soft_cap=logits_soft_cap, is_causal=is_causal, q_offset=q_offset,
+  static = dict(scale=scale, soft_cap=logits_soft_cap, mask=mask, q_offset=q_offset,
                 kv_len=kv_len, has_segments=has_segments)
   segment_args = []
   if has_segments:
@@ -408,17 +423,21 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
                     _segment_ranges(kv_segment_ids, block_k)]
 
   # dK, dV: one program per (kv block, b, kv head); the whole query group rides in its blocks.
+  kv_visits, num_intervals = visits(rows_are_queries=False)  # [H, nk, Rp, 4]
   group_rows = pl.BlockSpec((None, group, tq, dp), lambda j, b, g: (b, g, 0, 0))
   group_stats = pl.BlockSpec((None, group, tq), lambda j, b, g: (b, g, 0))
   kv_block = pl.BlockSpec((None, None, block_k, dp), lambda j, b, g: (b, g, j, 0))
-  in_specs = [group_rows, kv_block, kv_block, group_rows, group_stats, group_stats]
+  group_visits = pl.BlockSpec((group, None, kv_visits.shape[2], 4),
+                              lambda j, b, g: (g, j, 0, 0))
+  in_specs = [group_rows, kv_block, kv_block, group_rows, group_stats, group_stats,
+              group_visits]
   if has_segments:
     in_specs += [pl.BlockSpec((None, tq), lambda j, b, g: (b, 0)),
                  pl.BlockSpec((None, block_k), lambda j, b, g: (b, j)),
                  pl.BlockSpec((None, 2, nq), lambda j, b, g: (b, 0, 0)),
                  pl.BlockSpec((None, 2, nk), lambda j, b, g: (b, 0, 0))]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, block_q=block_q, **static),
+      functools.partial(_dkdv_kernel, block_q=block_q, num_intervals=num_intervals, **static),
       grid=(nk, b, hkv),
       in_specs=in_specs,
       out_specs=[kv_block, kv_block],
@@ -426,20 +445,22 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
       compiler_params=_compiler_params(block_k, block_q, dp, q.dtype.itemsize, num_stages=2),
       interpret=interpret,
       name="flash_attention_dkdv",
-  )(q, k, v, d_out, lse2, delta, *segment_args)
+  )(q, k, v, d_out, lse2, delta, kv_visits, *segment_args)
 
   # dQ: one program per (q block, b, head).
+  q_visits, num_intervals = visits(rows_are_queries=True)  # [H, nq, Rp, 4]
   q_rows = pl.BlockSpec((None, None, block_q, dp), lambda i, b, h: (b, h, i, 0))
   q_stats = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
   kv_rows = pl.BlockSpec((None, None, tk, dp), lambda i, b, h: (b, h // group, 0, 0))
-  in_specs = [q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats]
+  row_visits = pl.BlockSpec((None, None, q_visits.shape[2], 4), lambda i, b, h: (h, i, 0, 0))
+  in_specs = [q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats, row_visits]
   if has_segments:
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
                  pl.BlockSpec((None, tk), lambda i, b, h: (b, 0)),
                  pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
                  pl.BlockSpec((None, 2, nk), lambda i, b, h: (b, 0, 0))]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_k=block_k, **static),
+      functools.partial(_dq_kernel, block_k=block_k, num_intervals=num_intervals, **static),
       grid=(nq, b, h),
       in_specs=in_specs,
       out_specs=q_rows,
@@ -447,5 +468,5 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
       compiler_params=_compiler_params(block_q, block_k, dp, q.dtype.itemsize, num_stages=2),
       interpret=interpret,
       name="flash_attention_dq",
-  )(q, k, v, d_out, lse2, delta, *segment_args)
+  )(q, k, v, d_out, lse2, delta, q_visits, *segment_args)
   return dq, dk, dv

@@ -157,14 +157,18 @@ def _build_mask(num_heads, is_causal, local_window_size, num_sink_tokens, chunk_
   return result
 
 
-def _block_sizes(module, platform_min, q_len, kv_len, blocks):
+def _block_sizes(module, platform_min, q_len, kv_len, blocks, mask):
   """Requested (or default) block sizes, shrunk for short inputs, validated.
 
-  A backend whose blocks must be powers of two says so with ``POWER_OF_TWO_BLOCKS``.
+  A backend whose blocks must be powers of two says so with ``POWER_OF_TWO_BLOCKS``; one
+  with ``default_block_size(mask, q_len, kv_len)`` picks its default from the mask.
   """
+  defaults = module.DEFAULT_BLOCK_SIZES
+  if hasattr(module, "default_block_size") and all(b is None for b in blocks.values()):
+    defaults = dict.fromkeys(defaults, module.default_block_size(mask, q_len, kv_len))
   sizes = {}
   for name, requested in blocks.items():
-    size = module.DEFAULT_BLOCK_SIZES[name] if requested is None else requested
+    size = defaults[name] if requested is None else requested
     validation.check_positive_int(OP, name, size)
     if size % platform_min:
       raise ValueError(f"{OP}: {name} must be a multiple of {platform_min} for this "
@@ -247,7 +251,8 @@ def flash_attention(query, key, value, *, scale=None, is_causal=False, segment_i
   backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
   module = _backend_module(backend)
   blocks = _block_sizes(module, module.MIN_BLOCK, tq, tk, dict(
-      block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd))
+      block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd),
+      mask)
   tq_pad = padding.round_up(tq, math.lcm(blocks["block_q"], blocks["block_q_bwd"]))
   tk_pad = padding.round_up(tk, math.lcm(blocks["block_k"], blocks["block_k_bwd"]))
   d_pad = module.padded_head_dim(d)

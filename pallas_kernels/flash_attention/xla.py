@@ -32,6 +32,26 @@ from pallas_kernels.flash_attention import masking
 
 MIN_BLOCK = 1
 DEFAULT_BLOCK_SIZES = dict(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)
+# Square block sizes tried when the caller gives none: sparse masks (a short window) do less
+# wasted work with smaller blocks. See ``default_block_size``.
+AUTO_BLOCK_CANDIDATES = (512, 256, 128)
+# Fixed cost of visiting one block pair, in multiply-adds of the logits (loop step, slices).
+BLOCK_OVERHEAD = 128 * 128
+
+
+def default_block_size(mask, q_len: int, kv_len: int) -> int:
+  """The candidate block size with the least estimated work for this mask: visited block
+  pairs x (block area + overhead). Dense and causal masks keep 512; a 256-token window at 8K
+  tokens picks 256 (measured ~2x faster than 512 on CPU)."""
+  def cost(size):
+    n_q, n_k = -(-q_len // size), -(-kv_len // size)
+    sparsity = block_sparsity.block_sparsity(
+        mask, q_len=q_len, kv_len=kv_len, block_q=size, block_k=size, num_q_blocks=n_q,
+        num_kv_blocks=n_k)
+    intervals = block_sparsity.union_of_kinds(sparsity)
+    pairs = int((intervals[..., 1] - intervals[..., 0]).sum())
+    return pairs * (size * size + BLOCK_OVERHEAD)
+  return min(AUTO_BLOCK_CANDIDATES, key=cost)
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._common import dispatch, padding
+from pallas_kernels._common import block_sparsity, dispatch, masks, padding
 from pallas_kernels._common.testing import assert_close
 from pallas_kernels.flash_attention import gpu, masking, reference
 
@@ -33,7 +33,7 @@ def _from_kernel(x, length, head_dim):
   return jnp.transpose(x[:, :, :length, :head_dim], (0, 2, 1, 3))
 
 
-def _run_kernels(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, blocks, scale,
+def _run_kernels(q, k, v, segments, d_out, d_lse, *, mask, soft_cap, blocks, scale,
                  interpret=True):
   """gpu.flash_forward + flash_backward on [B, T, H, D] inputs, results sliced back.
 
@@ -50,7 +50,7 @@ def _run_kernels(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, blocks
   if segments is not None:
     q_seg = jnp.pad(segments[0], ((0, 0), (0, tq_p - tq)), mode="edge")
     kv_seg = jnp.pad(segments[1], ((0, 0), (0, tk_p - tk)), mode="edge")
-  common = dict(scale=scale, is_causal=is_causal, logits_soft_cap=soft_cap,
+  common = dict(scale=scale, mask=mask, logits_soft_cap=soft_cap,
                 q_offset=masking.causal_offset(tq, tk), kv_len=tk, interpret=interpret)
   out, lse = gpu.flash_forward(qp, kp, vp, q_seg, kv_seg, block_q=block_q, block_k=block_k,
                                **common)
@@ -62,10 +62,10 @@ def _run_kernels(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, blocks
           _from_kernel(dq, tq, d), _from_kernel(dk, tk, d), _from_kernel(dv, tk, d))
 
 
-@functools.partial(jax.jit, static_argnames=("is_causal", "soft_cap", "scale"))
-def _run_reference(q, k, v, segments, d_out, d_lse, *, is_causal, soft_cap, scale):
+@functools.partial(jax.jit, static_argnames=("mask", "soft_cap", "scale"))
+def _run_reference(q, k, v, segments, d_out, d_lse, *, mask, soft_cap, scale):
   fn = lambda q, k, v: reference.flash_attention_reference(
-      q, k, v, scale=scale, is_causal=is_causal, segment_ids=segments,
+      q, k, v, scale=scale, mask=mask, segment_ids=segments,
       logits_soft_cap=soft_cap, return_lse=True)
   (out, lse), vjp = jax.vjp(fn, q, k, v)
   return (out, lse, *vjp((d_out, d_lse)))
@@ -96,32 +96,58 @@ def _check(case, kernel, ref, dtype):
     assert_close(quantity, dtype, got, want, name=f"{case} {name}")
 
 
-# (name, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, causal, segments, soft_cap,
+CAUSAL = masks.make_mask(is_causal=True)
+FULL = masks.make_mask()
+PER_HEAD = masks.per_head_windows([None, 24, (8, 8), 24])
+
+# (name, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, mask, segments, soft_cap,
 #  blocks (block_q, block_k, block_q_bwd, block_k_bwd))
 CASES = [
-    ("mha", 2, 64, 64, 2, 2, 32, jnp.float32, False, False, None, (32, 16, 16, 32)),
-    ("mha_causal_len63_dim60", 1, 63, 63, 2, 2, 60, jnp.float32, True, False, None,
+    ("mha", 2, 64, 64, 2, 2, 32, jnp.float32, FULL, False, None, (32, 16, 16, 32)),
+    ("mha_causal_len63_dim60", 1, 63, 63, 2, 2, 60, jnp.float32, CAUSAL, False, None,
      (16, 16, 16, 16)),
-    ("gqa_causal_soft_cap", 1, 63, 63, 4, 2, 32, jnp.float32, True, False, 2.0,
+    ("gqa_causal_soft_cap", 1, 63, 63, 4, 2, 32, jnp.float32, CAUSAL, False, 2.0,
      (16, 32, 32, 16)),
-    ("mqa_short_q_long_kv_causal", 1, 40, 100, 2, 1, 32, jnp.float32, True, False, None,
+    ("mqa_short_q_long_kv_causal", 1, 40, 100, 2, 1, 32, jnp.float32, CAUSAL, False, None,
      (16, 32, 16, 16)),
-    ("segments_causal_gqa", 2, 64, 64, 4, 2, 32, jnp.float32, True, True, None,
+    ("segments_causal_gqa", 2, 64, 64, 4, 2, 32, jnp.float32, CAUSAL, True, None,
      (16, 16, 16, 16)),
-    ("segments_short_q_long_kv", 1, 40, 100, 2, 2, 32, jnp.float32, False, True, None,
+    ("segments_short_q_long_kv", 1, 40, 100, 2, 2, 32, jnp.float32, FULL, True, None,
      (16, 16, 16, 32)),
-    ("bf16_gqa_causal_segments_soft_cap", 1, 64, 64, 4, 2, 64, jnp.bfloat16, True, True, 5.0,
+    ("bf16_gqa_causal_segments_soft_cap", 1, 64, 64, 4, 2, 64, jnp.bfloat16, CAUSAL, True, 5.0,
      (32, 16, 16, 16)),
-    ("bf16_mqa_long_q_short_kv_causal_dim60", 1, 100, 40, 4, 1, 60, jnp.bfloat16, True,
+    ("bf16_mqa_long_q_short_kv_causal_dim60", 1, 100, 40, 4, 1, 60, jnp.bfloat16, CAUSAL,
      False, None, (16, 16, 32, 16)),
+    # Sparse masks: several intervals per row, partial and full blocks, skipped blocks.
+    ("gqa_causal_window_40_sinks_3", 1, 100, 100, 4, 2, 32, jnp.float32,
+     masks.make_mask(is_causal=True, local_window_size=(40, 0), num_sink_tokens=3), False,
+     None, (16, 16, 16, 16)),
+    ("window_17_5_short_q_long_kv", 1, 50, 120, 2, 2, 32, jnp.float32,
+     masks.make_mask(local_window_size=(17, 5)), False, None, (16, 32, 32, 16)),
+    ("chunked_causal_48", 1, 112, 112, 2, 1, 32, jnp.float32,
+     masks.make_mask(is_causal=True, chunk_size=48), False, None, (16, 16, 16, 32)),
+    ("global_tokens_and_window", 1, 120, 120, 2, 1, 32, jnp.float32,
+     masks.make_mask(local_window_size=16, global_tokens=(0, 7, 100)), False, None,
+     (16, 16, 16, 16)),
+    ("per_head_windows_gqa", 1, 96, 96, 4, 2, 32, jnp.float32, PER_HEAD, False, None,
+     (16, 32, 16, 16)),
+    ("per_head_windows_short_q_soft_cap", 1, 50, 96, 4, 1, 32, jnp.float32, PER_HEAD, False,
+     3.0, (32, 16, 16, 32)),
+    ("gqa_causal_window_segments", 2, 96, 96, 4, 2, 32, jnp.float32,
+     masks.make_mask(is_causal=True, local_window_size=(20, 0)), True, None, (16, 16, 16, 16)),
+    ("window_wider_than_sequence", 1, 40, 70, 2, 2, 32, jnp.float32,
+     masks.make_mask(local_window_size=(500, 300)), False, None, (16, 16, 16, 32)),
+    ("bf16_gqa_causal_window_sinks_soft_cap", 1, 80, 80, 4, 2, 32, jnp.bfloat16,
+     masks.make_mask(is_causal=True, local_window_size=(24, 0), num_sink_tokens=5), False,
+     5.0, (16, 16, 32, 16)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference_interpret(case):
-  name, b, tq, tk, h, hkv, d, dtype, causal, segmented, cap, blocks = case
+  name, b, tq, tk, h, hkv, d, dtype, mask, segmented, cap, blocks = case
   q, k, v, segments, d_out, d_lse = _inputs(len(name), b, tq, tk, h, hkv, d, dtype, segmented)
-  kw = dict(is_causal=causal, soft_cap=cap, scale=d ** -0.5)
+  kw = dict(mask=mask, soft_cap=cap, scale=d ** -0.5)
   ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
   # A query that sees no key has lse = -inf; a loss cannot depend on it.
   d_lse = jnp.where(jnp.isfinite(ref[1]), d_lse, 0.0)
@@ -134,7 +160,7 @@ def test_queries_before_the_first_key_see_nothing():
   """100 queries end-aligned with 40 keys, causal: queries 0..59 sit before key 0."""
   q, k, v, _, d_out, d_lse = _inputs(7, 1, 100, 40, 2, 2, 32, jnp.float32, False)
   d_lse = d_lse.at[:, :60].set(0.0)
-  kw = dict(is_causal=True, soft_cap=None, scale=0.2)
+  kw = dict(mask=CAUSAL, soft_cap=None, scale=0.2)
   got = _run_kernels(q, k, v, None, d_out, d_lse, blocks=(16, 16, 32, 16), **kw)
   out, lse, dq = got[:3]
   np.testing.assert_array_equal(np.asarray(out[:, :60]), 0.0)
@@ -157,47 +183,93 @@ def test_segment_masked_blocks_are_skipped():
   poison = lambda x: x.at[:, 3 * block:].set(jnp.nan)
   d_lse = d_lse.at[:, 3 * block:].set(0.0)
   got = _run_kernels(poison(q), poison(k), poison(v), (q_seg, kv_seg), poison(d_out), d_lse,
-                     is_causal=False, soft_cap=None, blocks=(block,) * 4, scale=d ** -0.5)
+                     mask=FULL, soft_cap=None, blocks=(block,) * 4, scale=d ** -0.5)
   clean = lambda x: x.at[:, 3 * block:].set(0.0)
   ref = _run_reference(q, clean(k), clean(v), (q_seg, kv_seg), clean(d_out), d_lse,
-                       is_causal=False, soft_cap=None, scale=d ** -0.5)
+                       mask=FULL, soft_cap=None, scale=d ** -0.5)
   _check("poisoned", got, ref, jnp.float32)
 
 
-def _block_visibility(tq_p, tk_p, block_q, block_k, is_causal, q_offset, kv_len):
-  """[nq, nk] (any visible, all visible) per block pair, from the full visibility matrix."""
-  vis = masking.visible(np.arange(tq_p)[:, None], np.arange(tk_p)[None, :],
-                        is_causal=is_causal, q_offset=q_offset, kv_len=kv_len)
-  vis = np.broadcast_to(np.asarray(vis), (tq_p, tk_p))
-  tiles = vis.reshape(tq_p // block_q, block_q, tk_p // block_k, block_k)
-  return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+def test_window_masked_blocks_are_skipped():
+  """Key blocks that the mask hides from every query are never read (NaN does not leak).
+
+  96 queries end-aligned with 192 keys, causal window of 16: the queries (positions 96..191)
+  reach back to key 80 at most, so key blocks 0 and 1 (keys 0..63) are seen by nobody.
+  """
+  tq, tk, h, d, block = 96, 192, 2, 32, 32
+  q, k, v, _, d_out, d_lse = _inputs(13, 1, tq, tk, h, h, d, jnp.float32, False)
+  mask = masks.make_mask(is_causal=True, local_window_size=(16, 0))
+  poison = lambda x: x.at[:, :2 * block].set(jnp.nan)
+  kw = dict(mask=mask, soft_cap=None, scale=d ** -0.5)
+  got = _run_kernels(q, poison(k), poison(v), None, d_out, d_lse, blocks=(block,) * 4, **kw)
+  clean = lambda x: x.at[:, :2 * block].set(0.0)
+  ref = _run_reference(q, clean(k), clean(v), None, d_out, d_lse, **kw)
+  for x in got[3:]:  # dk, dv of the unseen keys
+    np.testing.assert_array_equal(np.asarray(x[:, :2 * block]), 0.0)
+  _check("poisoned window", got, ref, jnp.float32)
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_loop_bounds_are_exact(is_causal):
-  """The kernels' loop bounds visit every block pair with a visible entry and no other, and
-  run unmasked exactly on the wholly visible pairs at the loop ends."""
+def _block_visibility(tq_p, tk_p, block_q, block_k, mask, q_offset, kv_len, num_heads):
+  """[H, nq, nk] (any visible, all visible) per head and block pair, from the full matrix."""
+  kind = masking.kind_of_head(mask, np.arange(num_heads))[:, None, None]
+  vis = masking.visible(np.arange(tq_p)[None, :, None], np.arange(tk_p)[None, None, :],
+                        mask=mask, q_offset=q_offset, kv_len=kv_len, kind=kind)
+  vis = np.broadcast_to(np.asarray(vis), (num_heads, tq_p, tk_p))
+  tiles = vis.reshape(num_heads, tq_p // block_q, block_q, tk_p // block_k, block_k)
+  return tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))
+
+
+def _covered(intervals, n, lo_field, hi_field):
+  """[H, rows, n] bool: blocks inside any of the [lo, hi) intervals of each row."""
+  idx = np.arange(n)
+  lo, hi = intervals[..., lo_field, None], intervals[..., hi_field, None]
+  return ((idx >= lo) & (idx < hi)).any(axis=2)
+
+
+@pytest.mark.parametrize("mask,exact_visits,exact_full", [
+    (FULL, True, True), (CAUSAL, True, True),
+    (masks.make_mask(local_window_size=(17, 5)), True, True),
+    (masks.make_mask(is_causal=True, local_window_size=(40, 0), num_sink_tokens=3), True,
+     True),
+    (PER_HEAD, True, True),
+    # Global tokens: visits may be a (harmless) superset, e.g. for a global key past kv_len.
+    (masks.make_mask(local_window_size=16, global_tokens=(0, 7, 100)), False, False),
+], ids=["full", "causal", "window_17_5", "window_sinks", "per_head", "global_window"])
+def test_visits_metadata(mask, exact_visits, exact_full):
+  """The per-head metadata the kernels get: every block pair with a visible entry is visited,
+  blocks run unmasked only where all is visible, padding intervals are empty, R is padded to a
+  power of two. Where the mask's interval views are tight, the visits are exact."""
+  heads = 4
   for q_len, kv_len, block_q, block_k in [(40, 100, 16, 32), (100, 40, 32, 16),
                                           (64, 64, 16, 16), (63, 63, 32, 16), (33, 95, 16, 64)]:
-    tq_p, tk_p = padding.round_up(q_len, block_q), padding.round_up(kv_len, block_k)
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
     q_offset = masking.causal_offset(q_len, kv_len)
-    any_vis, all_vis = _block_visibility(tq_p, tk_p, block_q, block_k, is_causal, q_offset,
-                                         kv_len)
-    nq, nk = any_vis.shape
-    common = dict(block_q=block_q, block_k=block_k, is_causal=is_causal, q_offset=q_offset,
-                  kv_len=kv_len, has_segments=False)
-    for i in range(nq):
-      lo, mid, hi = (int(x) for x in gpu._kv_loop_bounds(i, **common))
-      visited = np.zeros(nk, bool)
-      visited[lo:hi] = True
-      np.testing.assert_array_equal(visited, any_vis[i], err_msg=f"kv blocks of q block {i}")
-      assert all_vis[i, lo:mid].all() and not all_vis[i, mid:hi].any(), (i, lo, mid, hi)
-    for j in range(nk):
-      lo, mid, hi = (int(x) for x in gpu._q_loop_bounds(j, num_q_blocks=nq, **common))
-      visited = np.zeros(nq, bool)
-      visited[lo:hi] = True
-      np.testing.assert_array_equal(visited, any_vis[:, j], err_msg=f"q blocks of kv block {j}")
-      assert all_vis[mid:hi, j].all() and not all_vis[lo:mid, j].any(), (j, lo, mid, hi)
+    any_vis, all_vis = _block_visibility(nq * block_q, nk * block_k, block_q, block_k, mask,
+                                         q_offset, kv_len, heads)
+    common = dict(num_heads=heads, q_offset=q_offset, kv_len=kv_len, block_q=block_q,
+                  block_k=block_k, nq=nq, nk=nk)
+    for rows_are_queries, any_v, all_v in [(True, any_vis, all_vis),
+                                           (False, any_vis.transpose(0, 2, 1),
+                                            all_vis.transpose(0, 2, 1))]:
+      visits, r = gpu._visits(mask, rows_are_queries=rows_are_queries, **common)
+      visits = np.asarray(visits)
+      label = f"{q_len=} {kv_len=} {block_q=} {block_k=} {rows_are_queries=}"
+      assert visits.shape[:2] == any_v.shape[:2] and visits.shape[3] == 4, label
+      assert visits.shape[2] == padding.next_power_of_2(r), label
+      np.testing.assert_array_equal(visits[:, :, r:], 0, err_msg=label)
+      sparsity = block_sparsity.block_sparsity(
+          mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+          num_q_blocks=nq, num_kv_blocks=nk, rows_are_queries=rows_are_queries)
+      assert r == sparsity.num_intervals, label
+      n = any_v.shape[2]
+      visited, full = _covered(visits, n, 0, 1), _covered(visits, n, 2, 3)
+      assert not (any_v & ~visited).any(), f"{label}: a visible block pair is not visited"
+      assert not (full & ~all_v).any(), f"{label}: a block runs unmasked but is not all visible"
+      assert not (full & ~visited).any(), label
+      if exact_visits:
+        np.testing.assert_array_equal(visited, any_v, err_msg=label)
+      if exact_full:  # Every wholly visible block pair runs unmasked.
+        np.testing.assert_array_equal(full, all_v, err_msg=label)
 
 
 def test_padded_head_dim():
@@ -208,7 +280,7 @@ def test_padded_head_dim():
 def test_compiled_path_rejects_non_power_of_two_blocks():
   x = jnp.zeros((1, 1, 48, 16), jnp.float32)
   with pytest.raises(ValueError, match="power-of-two"):
-    gpu.flash_forward(x, x, x, None, None, scale=1.0, is_causal=False, logits_soft_cap=None,
+    gpu.flash_forward(x, x, x, None, None, scale=1.0, mask=FULL, logits_soft_cap=None,
                       q_offset=0, kv_len=48, block_q=48, block_k=16, interpret=False)
 
 
@@ -219,8 +291,19 @@ def _export_for_cuda(fn, *args):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
 
 
-@pytest.mark.parametrize("segmented,soft_cap", [(False, None), (True, 30.0)])
-def test_lowers_for_cuda(segmented, soft_cap):
+LOWERING_MASKS = {
+    "causal": CAUSAL,
+    "window_sinks": masks.make_mask(is_causal=True, local_window_size=(256, 0),
+                                    num_sink_tokens=4),
+    "per_head": masks.per_head_windows([None, 256, (128, 128), 256]),
+}
+
+
+@pytest.mark.parametrize("mask_name,segmented,soft_cap", [
+    ("causal", False, None), ("causal", True, 30.0), ("window_sinks", False, None),
+    ("window_sinks", True, None), ("per_head", False, 30.0),
+])
+def test_lowers_for_cuda(mask_name, segmented, soft_cap):
   """Forward and backward lower to Triton for CUDA at a realistic size (on a CPU machine).
 
   This runs the Pallas -> Triton IR lowering (where Triton's shape and op restrictions are
@@ -231,8 +314,8 @@ def test_lowers_for_cuda(segmented, soft_cap):
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  common = dict(scale=d ** -0.5, is_causal=True, logits_soft_cap=soft_cap, q_offset=0,
-                kv_len=1000, interpret=False)
+  common = dict(scale=d ** -0.5, mask=LOWERING_MASKS[mask_name], logits_soft_cap=soft_cap,
+                q_offset=0, kv_len=1000, interpret=False)
   pick = lambda s: s if segmented else None
 
   def forward(q, k, v, q_seg, kv_seg):
@@ -259,13 +342,16 @@ def test_lowers_for_cuda(segmented, soft_cap):
 class TestCompiledOnGpu:
   """The compiled Triton kernels (interpret=False) against the reference."""
 
-  @pytest.mark.parametrize("segmented", [False, True])
-  def test_bf16_causal_matches_reference(self, segmented):
+  @pytest.mark.parametrize("mask_name,segmented", [
+      ("causal", False), ("causal", True), ("window_sinks", False), ("window_sinks", True),
+      ("per_head", False),
+  ])
+  def test_bf16_matches_reference(self, mask_name, segmented):
     b, t, h, hkv, d = 1, 1024, 4, 2, 128
     q, k, v, segments, d_out, d_lse = _inputs(3, b, t, t, h, hkv, d, jnp.bfloat16, segmented)
     blocks = tuple(gpu.DEFAULT_BLOCK_SIZES[n]
                    for n in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"))
-    kw = dict(is_causal=True, soft_cap=None, scale=d ** -0.5)
+    kw = dict(mask=LOWERING_MASKS[mask_name], soft_cap=None, scale=d ** -0.5)
     ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
     got = _run_kernels(q, k, v, segments, d_out, d_lse, blocks=blocks, interpret=False, **kw)
     _check("gpu", got, ref, jnp.bfloat16)
