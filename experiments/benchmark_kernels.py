@@ -3,6 +3,8 @@
     python -m experiments.benchmark_kernels [--kernels flash_attention] [--sizes 1024,4096]
         [--dtype bfloat16] [--modes fwd,fwd_bwd] [--out benchmarks/results/x.json] [--quick]
     python -m experiments.benchmark_kernels --memory-check [--memory-check-len 16384]
+    python -m experiments.benchmark_kernels --window-check [--window-check-len 8192]
+        [--window-check-window 256]
 
 Each kernel is an entry of ``KERNEL_BENCHMARKS`` (name -> function of :class:`Settings`
 returning :class:`Row` s); adding a kernel adds an entry and leaves the driver alone. For each
@@ -229,6 +231,88 @@ def format_memory_check(check: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sliding window vs dense causal: block skipping must turn into time.
+
+# Per platform: the size, the window and the target (window time / dense time at most
+# ``max_ratio``). CPU runs the default (XLA) path at 8K; accelerators the Pallas kernels at 32K.
+WINDOW_CHECK_CASES = {
+    "cpu": dict(seq_len=8192, window=256, batch=1, heads=4, head_dim=64, dtype="float32",
+                max_ratio=0.2),
+    "accelerator": dict(seq_len=32768, window=1024, batch=1, heads=16, head_dim=128,
+                        dtype="bfloat16", max_ratio=1 / 8),
+}
+
+
+def window_check(seq_len: int | None = None, window: int | None = None, *,
+                 warmup: int = 2, repeats: int = 5,
+                 budget_bytes: int | None = None) -> tuple[list[Row], dict]:
+  """Forward + backward of the default implementation: causal sliding window vs dense causal.
+
+  Both programs run in this process at the same size, their timed calls interleaved (causal
+  self-attention; the window case passes ``local_window_size=window``, so each query sees
+  itself and ``window`` keys before it). ``seq_len`` and ``window`` override the platform's
+  case (``WINDOW_CHECK_CASES``). Returns the two rows (dense has the "reference" role, so
+  the window row's ``x ref`` is its speedup) and a summary: times, ratio = window time /
+  dense time, the ratio of the visible areas (what perfect skipping would give), the target
+  and ``passed``.
+  """
+  platform = jax.default_backend()
+  case = dict(WINDOW_CHECK_CASES["cpu" if platform == "cpu" else "accelerator"])
+  if seq_len is not None:
+    case["seq_len"] = seq_len
+  if window is not None:
+    case["window"] = window
+  t, w = case["seq_len"], case["window"]
+  b, h, d, dtype = case["batch"], case["heads"], case["head_dim"], case["dtype"]
+  budget = benchmarking.memory_budget_bytes() if budget_bytes is None else budget_bytes
+  keys = jax.random.split(jax.random.key(t), 4)
+  q, k, v, d_out = (jax.random.normal(key, (b, t, h, d), dtype) for key in keys)
+  config = f"B{b} H{h} D{d} causal"
+  programs = (
+      ("dense causal", REFERENCE, None,
+       benchmarking.attention_flops(b, h, t, t, d, causal=True, backward=True)),
+      (f"window {w}", OURS, w,
+       benchmarking.window_attention_flops(b, h, t, d, w, backward=True)),
+  )
+  fns = [benchmarking.forward_and_backward(
+      lambda q, k, v, lws=lws: flash_attention(q, k, v, is_causal=True, local_window_size=lws))
+         for _, _, lws, _ in programs]
+  # Interleaved timing: the two programs alternate, so load changes hit both alike.
+  measurements = benchmarking.measure_interleaved(
+      [(fn, (q, k, v, d_out)) for fn in fns], budget_bytes=budget, warmup=warmup,
+      repeats=repeats)
+  rows = []
+  for (name, role, _, flops), measurement in zip(programs, measurements):
+    rows.append(row_from_measurement(
+        measurement, flops=flops, kernel="flash_attention", config=config, size=t,
+        mode="fwd_bwd", dtype=dtype, implementation=name, role=role))
+    _progress(rows[-1])
+  add_ratios(rows)
+  dense, windowed = rows
+  ratio = (windowed.time_ms / dense.time_ms
+           if dense.time_ms and windowed.time_ms else None)
+  summary = dict(
+      case, platform=platform, implementation="xla" if platform == "cpu" else "pallas",
+      mode="fwd_bwd", dense_ms=dense.time_ms, window_ms=windowed.time_ms, ratio=ratio,
+      visible_area_ratio=benchmarking.causal_window_pairs(t, w) / (t * (t + 1) / 2),
+      passed=ratio is not None and ratio <= case["max_ratio"])
+  return rows, summary
+
+
+def format_window_check(check: dict) -> str:
+  ms = lambda x: f"{'-':>15}" if x is None else f"{x:12,.2f} ms"
+  ratio = "-" if check["ratio"] is None else f"{check['ratio']:.3f}"
+  return (
+      f"Window check (forward + backward, default implementation={check['implementation']}, "
+      f"B{check['batch']} T{check['seq_len']} H{check['heads']} D{check['head_dim']} "
+      f"{check['dtype']}, causal):\n"
+      f"  {'dense causal:':<21}{ms(check['dense_ms'])}\n"
+      f"  {'window ' + str(check['window']) + ':':<21}{ms(check['window_ms'])}\n"
+      f"  window / dense time: {ratio} (visible area {check['visible_area_ratio']:.3f}; "
+      f"target <= {check['max_ratio']:.3f}) -> {'PASS' if check['passed'] else 'FAIL'}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry and the driver.
 
 KERNEL_BENCHMARKS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -301,11 +385,11 @@ def _progress(row: Row) -> None:
         f"{time_text} {row.note}".rstrip(), file=sys.stderr, flush=True)
 
 
-def _default_out(environment: dict, quick: bool) -> str:
+def _default_out(environment: dict, quick: bool, prefix: str = "kernels") -> str:
   # Accelerator tables are the project's record; CPU and quick runs go to ignored *.tmp.json.
   slug = re.sub(r"[^a-z0-9]+", "_", environment["device_kind"].lower()).strip("_")
   temporary = quick or environment["platform"] == "cpu"
-  return os.path.join(RESULTS_DIR, f"kernels_{slug}{'.tmp' if temporary else ''}.json")
+  return os.path.join(RESULTS_DIR, f"{prefix}_{slug}{'.tmp' if temporary else ''}.json")
 
 
 def _parse_args(argv):
@@ -331,7 +415,22 @@ def _parse_args(argv):
                       help="only run the memory check (ours vs reference, compile only)")
   parser.add_argument("--memory-check-len", type=int, default=16384,
                       help="sequence length of the memory check (default 16384)")
+  parser.add_argument("--window-check", action="store_true",
+                      help="only run the window check: forward + backward with a causal "
+                      "sliding window vs dense causal, exit 1 if the time ratio misses the "
+                      "target (CPU: 8K tokens, window 256, <= 0.2; accelerators: 32K, window "
+                      "1024, <= 1/8)")
+  parser.add_argument("--window-check-len", type=int,
+                      help="sequence length of the window check (default: per platform)")
+  parser.add_argument("--window-check-window", type=int,
+                      help="window of the window check (default: per platform)")
   args = parser.parse_args(argv)
+  if args.window_check and args.memory_check:
+    parser.error("--window-check and --memory-check are separate runs; pass one of them")
+  for name in ("window_check_len", "window_check_window"):
+    value = getattr(args, name)
+    if value is not None and value < (1 if name == "window_check_len" else 0):
+      parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
   kernels = [k for k in args.kernels.split(",") if k]
   unknown = sorted(set(kernels) - set(KERNEL_BENCHMARKS))
   if unknown:
@@ -357,7 +456,7 @@ def _parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
   """Runs the benchmarks; prints the table and writes JSON. Returns the exit code.
 
-  Non-zero only when the memory check runs and fails.
+  Non-zero only when the memory check or the window check runs and fails.
   """
   argv = sys.argv[1:] if argv is None else argv
   args, kernels, settings = _parse_args(argv)
@@ -368,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
       settings=dataclasses.asdict(settings))
   print(f"{environment['device_kind']} ({environment['platform']}), jax "
         f"{environment['jax_version']}; budget {settings.budget_bytes / 2 ** 30:.1f} GiB")
+
+  if args.window_check:
+    return _run_window_check(args, settings, environment, metadata)
 
   rows = []
   if not args.memory_check:
@@ -387,6 +489,21 @@ def main(argv: list[str] | None = None) -> int:
                    memory_check=check), f, indent=1, allow_nan=False)
   print(f"wrote {out}")
   return 0 if check is None or check["passed"] else 1
+
+
+def _run_window_check(args, settings: Settings, environment: dict, metadata: dict) -> int:
+  rows, check = window_check(args.window_check_len, args.window_check_window,
+                             warmup=settings.warmup, repeats=settings.repeats,
+                             budget_bytes=settings.budget_bytes)
+  print(format_table(rows))
+  print(format_window_check(check))
+  out = args.out or _default_out(environment, args.quick, prefix="window_check")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(dict(metadata=metadata, rows=[dataclasses.asdict(r) for r in rows],
+                   window_check=check), f, indent=1, allow_nan=False)
+  print(f"wrote {out}")
+  return 0 if check["passed"] else 1
 
 
 if __name__ == "__main__":

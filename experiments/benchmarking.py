@@ -105,6 +105,21 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
   return flops * 3.5 if backward else flops
 
 
+def causal_window_pairs(seq_len: int, window: int) -> int:
+  """Visible (query, key) pairs of causal self-attention with a left window: query i sees
+  keys max(i - window, 0) ... i, i.e. min(i, window) + 1 keys."""
+  full = min(seq_len, window + 1)  # Queries 0 .. full-1 see all keys before them.
+  return full * (full + 1) // 2 + (seq_len - full) * (window + 1)
+
+
+def window_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, window: int,
+                           *, backward: bool) -> float:
+  """Nominal FLOPs of causal sliding-window self-attention: :func:`attention_flops`'
+  convention (4 * B * H * D per visible pair, x3.5 with the backward) on the visible pairs."""
+  flops = 4.0 * batch * heads * head_dim * causal_window_pairs(seq_len, window)
+  return flops * 3.5 if backward else flops
+
+
 def forward_and_backward(forward):
   """``forward(*inputs) -> out`` becomes ``(*inputs, d_out) -> (out, *input_gradients)``.
 
@@ -166,6 +181,54 @@ def measure(fn, *args, budget_bytes: int, warmup: int = 2, repeats: int = 5) -> 
   raised = peak_after is not None and (peak_before is None or peak_after > peak_before)
   return Measurement("ok", seconds=seconds, memory_bytes=memory,
                      measured_peak_bytes=peak_after if raised else None)
+
+
+def measure_interleaved(programs, *, budget_bytes: int, warmup: int = 2,
+                        repeats: int = 5) -> list[Measurement]:
+  """Like :func:`measure` for several ``(fn, args)`` programs whose times will be compared.
+
+  All are compiled first; then the timed calls alternate between the programs (one call of
+  each per round), so a change in machine load during the run hits them alike and their
+  ratio holds better than with back-to-back measurements. A program that fails or is over
+  the budget is left out of the rounds. No allocator peak is recorded (the programs share
+  the process's high-water mark).
+  """
+  if repeats < 1:
+    raise ValueError(f"measure_interleaved: repeats must be >= 1, got {repeats}.")
+  results, runnable = [], []
+  for fn, args in programs:
+    try:
+      compiled = compile_fn(fn, *args)
+      memory = compiled_memory_bytes(compiled)
+    except Exception as error:
+      results.append(Measurement("failed", note=_short_error(error)))
+      continue
+    if memory is not None and memory > budget_bytes:
+      results.append(Measurement("skipped", memory_bytes=memory, note=(
+          f"not run: compiled memory {memory / MIB:,.0f} MiB > budget "
+          f"{budget_bytes / MIB:,.0f} MiB")))
+      continue
+    results.append(Measurement("ok", memory_bytes=memory))
+    runnable.append((len(results) - 1, compiled, args))
+  times = {i: [] for i, _, _ in runnable}
+  for round_ in range(max(warmup, 1) + repeats):
+    for i, compiled, args in runnable:
+      if results[i].status != "ok":
+        continue
+      try:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        elapsed = time.perf_counter() - start
+      except Exception as error:
+        results[i] = Measurement("failed", memory_bytes=results[i].memory_bytes,
+                                 note=_short_error(error))
+        continue
+      if round_ >= max(warmup, 1):
+        times[i].append(elapsed)
+  for i, seconds in times.items():
+    if results[i].status == "ok":
+      results[i].seconds = statistics.median(seconds)
+  return results
 
 
 def _memory_stats(device):

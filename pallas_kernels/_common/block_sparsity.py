@@ -8,7 +8,8 @@ sub-interval of blocks is *full* (every entry visible, so kernels skip the mask 
 
 Rows are query blocks (``rows_are_queries=True``) or key blocks. ``kind`` indexes the distinct
 masks of a :class:`~pallas_kernels._common.masks.PerHeadMask` (one kind otherwise). The size
-is kinds x blocks x R x 4 int32 -- a sliding window at 1M tokens in 512-blocks is 32 KiB --
+is kinds x blocks x R x 4 int32 -- a causal sliding window at 1M tokens in 512-blocks is
+32 KiB, 64 KiB with sinks --
 and it is computed once per static configuration with numpy.
 
 Geometry: ``q_len``/``kv_len`` are the true lengths (queries end-aligned to keys); arrays are

@@ -121,7 +121,7 @@ class LocalMask(Mask):
   def __post_init__(self):
     for name in ("left", "right"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+      if value is not None and (not _is_int(value) or value < 0):
         raise ValueError(f"LocalMask: {name} must be a non-negative int or None, got {value!r}.")
 
   def visible(self, q_pos, k_pos):
@@ -181,9 +181,9 @@ class ChunkedMask(Mask):
   offset: int = 0
 
   def __post_init__(self):
-    if not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size <= 0:
+    if not _is_int(self.chunk_size) or self.chunk_size <= 0:
       raise ValueError(f"ChunkedMask: chunk_size must be a positive int, got {self.chunk_size!r}.")
-    if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
+    if not _is_int(self.offset) or self.offset < 0:
       raise ValueError(f"ChunkedMask: offset must be a non-negative int, got {self.offset!r}.")
 
   def _chunk(self, pos):
@@ -416,14 +416,36 @@ def window_sizes(local_window_size) -> tuple[int, int]:
   return int(left), int(right)
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def make_mask(*, is_causal: bool = False, local_window_size=None, num_sink_tokens: int = 0,
               chunk_size: int | None = None, global_tokens: Sequence[int] | None = None,
-              mask: Mask | None = None) -> Mask:
-  """The mask of flash attention's keyword arguments, as one :class:`Mask`.
+              mask: Mask | None = None, num_heads: int | None = None) -> Mask:
+  """The mask of flash attention's keyword arguments, as one validated :class:`Mask`.
 
   Visible = causal & (window | sinks) & chunk & ``mask``, then | global tokens. Sinks only
-  widen a window; without one they change nothing.
+  widen a window, so they need one; global tokens are bidirectional, so they exclude
+  ``is_causal``. With ``num_heads``, a per-head mask must have that many entries.
   """
+  if not _is_int(num_sink_tokens) or num_sink_tokens < 0:
+    raise ValueError(f"num_sink_tokens must be a non-negative int, got {num_sink_tokens!r}.")
+  if num_sink_tokens and local_window_size is None:
+    raise ValueError(f"num_sink_tokens={num_sink_tokens} only widens a sliding window; pass "
+                     "local_window_size too (without a window every key is visible).")
+  if chunk_size is not None and (not _is_int(chunk_size) or chunk_size <= 0):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  if global_tokens is not None:
+    if is_causal:
+      raise ValueError("global_tokens are for bidirectional attention (Longformer, BigBird); "
+                       "with is_causal=True use num_sink_tokens instead.")
+    if any(not _is_int(p) or p < 0 for p in global_tokens):
+      raise ValueError(f"global_tokens must be non-negative int positions, got "
+                       f"{tuple(global_tokens)!r}.")
+  if mask is not None and not isinstance(mask, Mask):
+    raise ValueError(f"mask must be a pallas_kernels.masks.Mask, got {type(mask).__name__}.")
+
   parts: list[Mask] = []
   if is_causal:
     parts.append(CausalMask())
@@ -435,14 +457,16 @@ def make_mask(*, is_causal: bool = False, local_window_size=None, num_sink_token
   if chunk_size is not None:
     parts.append(ChunkedMask(int(chunk_size)))
   if mask is not None:
-    if not isinstance(mask, Mask):
-      raise ValueError(f"mask must be a pallas_kernels masks.Mask, got {type(mask).__name__}.")
     parts.append(mask)
   result = parts[0] if parts else FullMask()
   for p in parts[1:]:
     result = result & p
   if global_tokens:
     result = result | GlobalTokensMask(tuple(global_tokens))
+  if (num_heads is not None and isinstance(result, PerHeadMask)
+      and result.num_heads != num_heads):
+    raise ValueError(f"the per-head mask has {result.num_heads} entries but query has "
+                     f"num_heads={num_heads}; give one mask per query head.")
   return result
 
 

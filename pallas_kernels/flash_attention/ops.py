@@ -127,34 +127,14 @@ def _validate(query, key, value, scale, logits_soft_cap):
 def _build_mask(num_heads, is_causal, local_window_size, num_sink_tokens, chunk_size,
                 global_tokens, mask):
   """The call's mask keywords as one validated :class:`masks.Mask`."""
-  if not isinstance(num_sink_tokens, int) or isinstance(num_sink_tokens, bool) or (
-      num_sink_tokens < 0):
-    raise ValueError(f"{OP}: num_sink_tokens must be a non-negative int, got "
-                     f"{num_sink_tokens!r}.")
-  if num_sink_tokens and local_window_size is None:
-    raise ValueError(f"{OP}: num_sink_tokens={num_sink_tokens} only widens a sliding window; "
-                     "pass local_window_size too (without a window every key is visible).")
-  if chunk_size is not None:
-    validation.check_positive_int(OP, "chunk_size", chunk_size)
-  if global_tokens is not None:
-    if is_causal:
-      raise ValueError(f"{OP}: global_tokens are for bidirectional attention (Longformer, "
-                       "BigBird); with is_causal=True use num_sink_tokens instead.")
-    global_tokens = tuple(global_tokens)
-    if any(not isinstance(p, int) or p < 0 for p in global_tokens):
-      raise ValueError(f"{OP}: global_tokens must be non-negative int positions, got "
-                       f"{global_tokens!r}.")
   try:
-    result = masks_lib.make_mask(
+    return masks_lib.make_mask(
         is_causal=bool(is_causal), local_window_size=local_window_size,
-        num_sink_tokens=num_sink_tokens, chunk_size=chunk_size, global_tokens=global_tokens,
-        mask=mask)
+        num_sink_tokens=num_sink_tokens, chunk_size=chunk_size,
+        global_tokens=None if global_tokens is None else tuple(global_tokens), mask=mask,
+        num_heads=num_heads)
   except ValueError as e:
     raise ValueError(f"{OP}: {e}") from None
-  if isinstance(result, masks_lib.PerHeadMask) and result.num_heads != num_heads:
-    raise ValueError(f"{OP}: the per-head mask has {result.num_heads} entries but query has "
-                     f"num_heads={num_heads}; give one mask per query head.")
-  return result
 
 
 def _block_sizes(module, platform_min, q_len, kv_len, blocks, mask):

@@ -48,7 +48,7 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
     q_seg, kv_seg = q_seg[:, None, None, :, None], kv_seg[:, None, None, None, :]
   mask = masks_lib.make_mask(is_causal=is_causal, local_window_size=local_window_size,
                              num_sink_tokens=num_sink_tokens, chunk_size=chunk_size,
-                             global_tokens=global_tokens, mask=mask)
+                             global_tokens=global_tokens, mask=mask, num_heads=h)
   kind = masking.kind_of_head(mask, jnp.arange(h)).reshape(1, hk, h // hk, 1, 1)
   mask = masking.visible(
       jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], mask=mask,

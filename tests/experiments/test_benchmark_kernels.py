@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import pytest
@@ -81,13 +82,66 @@ def test_memory_check_ours_under_a_quarter_of_the_reference():
   assert check["passed"] and check["ratio"] > 4
 
 
+def test_window_check_at_a_tiny_size(tmp_path, capsys):
+  out = tmp_path / "window.json"
+  code = benchmark_kernels.main([
+      "--window-check", "--window-check-len", "256", "--window-check-window", "16",
+      "--warmup", "1", "--repeats", "1", "--out", str(out)])
+  report = capsys.readouterr().out
+  result = json.loads(out.read_text())
+  check = result["window_check"]
+  assert (check["seq_len"], check["window"], check["mode"]) == (256, 16, "fwd_bwd")
+  assert check["dense_ms"] > 0 and check["window_ms"] > 0
+  assert check["ratio"] == check["window_ms"] / check["dense_ms"]
+  # Query i sees min(i, 16) + 1 keys: 17 * 256 - 136 pairs of 256 * 257 / 2.
+  assert check["visible_area_ratio"] == (17 * 256 - 136) / (256 * 257 / 2)
+  assert check["passed"] == (check["ratio"] <= check["max_ratio"])
+  assert code == (0 if check["passed"] else 1)
+  rows = {r["implementation"]: r for r in result["rows"]}
+  assert set(rows) == {"dense causal", "window 16"}
+  assert all(r["status"] == "ok" and r["size"] == 256 for r in rows.values())
+  assert rows["window 16"]["speedup_vs_reference"] == rows["dense causal"]["time_ms"] / rows[
+      "window 16"]["time_ms"]
+  # The table, then the summary with the ratio and the verdict.
+  assert re.search(r"flash_attention\s+fwd_bwd\s+256\s+float32\s+dense causal\s+ok", report)
+  assert re.search(r"flash_attention\s+fwd_bwd\s+256\s+float32\s+window 16\s+ok", report)
+  verdict = "PASS" if check["passed"] else "FAIL"
+  assert re.search(rf"window / dense time: {check['ratio']:.3f} \(visible area 0\.\d{{3}}; "
+                   rf"target <= {check['max_ratio']:.3f}\) -> {verdict}", report), report
+  assert "--window-check" in result["metadata"]["command"]
+
+
 def test_kernel_demo_passes(capsys):
   assert kernel_demo.main(["--seq-len", "256", "--repeats", "1"]) == 0
   report = capsys.readouterr().out
   assert "PASS" in report and "FAIL" not in report
 
 
-@pytest.mark.parametrize("bad", [["--modes", "bwd"], ["--kernels", "nope"]])
+def test_measure_interleaved_reports_each_program():
+  import jax.numpy as jnp
+  x = jnp.arange(64.0)
+  fail = lambda x: x.reshape(7, -1)  # Does not trace: 64 is not a multiple of 7.
+  big = lambda x: jnp.outer(x, x)
+  results = benchmarking.measure_interleaved(
+      [(jnp.sin, (x,)), (fail, (x,)), (big, (x,)), (jnp.cos, (x,))],
+      budget_bytes=4 * 1024, warmup=1, repeats=2)
+  assert [r.status for r in results] == ["ok", "failed", "skipped", "ok"]
+  assert results[0].seconds > 0 and results[3].seconds > 0 and results[0].memory_bytes > 0
+  assert "reshape" in results[1].note.lower() or "TypeError" in results[1].note
+  assert results[2].seconds is None and "budget" in results[2].note
+
+
+def test_causal_window_pairs():
+  brute = lambda t, w: sum(min(i, w) + 1 for i in range(t))
+  for t, w in ((1, 0), (5, 0), (5, 2), (5, 10), (100, 7)):
+    assert benchmarking.causal_window_pairs(t, w) == brute(t, w), (t, w)
+  assert benchmarking.window_attention_flops(2, 3, 5, 7, 2, backward=False) == (
+      4 * 2 * 3 * 7 * brute(5, 2))
+
+
+@pytest.mark.parametrize("bad", [["--modes", "bwd"], ["--kernels", "nope"],
+                                 ["--window-check", "--memory-check"],
+                                 ["--window-check", "--window-check-len", "0"]])
 def test_benchmark_rejects_bad_arguments(bad):
   with pytest.raises(SystemExit):
     benchmark_kernels.main(bad)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import flash_attention, flash_attention_reference
+from pallas_kernels import flash_attention, flash_attention_reference, masks
 from pallas_kernels._common import dispatch
 from pallas_kernels._common.testing import assert_close
 
@@ -81,6 +81,40 @@ SHAPES = {
     "head_dim_60": (1, 63, 63, 2, 1, 60),
     "head_dim_80": (1, 70, 90, 2, 2, 80),
 }
+
+
+# Sparse masks: name -> (b, tq, tk, h, hk, d), dtype, mask keyword arguments (+ "segments").
+MASK_CASES = {
+    "window_sinks_causal_segments_gqa": ((2, 150, 150, 4, 2, 32), jnp.float32, dict(
+        is_causal=True, local_window_size=20, num_sink_tokens=3, segments=True)),
+    "window_wider_than_sequence": ((1, 70, 90, 2, 1, 32), jnp.float32, dict(
+        is_causal=True, local_window_size=(500, 300))),
+    "window_q_shorter": ((1, 40, 150, 4, 2, 32), jnp.float32, dict(
+        is_causal=True, local_window_size=(30, 0), num_sink_tokens=2)),
+    "window_q_longer": ((1, 120, 50, 2, 1, 32), jnp.float32, dict(
+        is_causal=True, local_window_size=17)),
+    "window_non_causal_left_right": ((1, 120, 120, 2, 2, 32), jnp.float32, dict(
+        local_window_size=(17, 5))),
+    "chunked_causal": ((1, 130, 130, 2, 1, 32), jnp.float32, dict(
+        is_causal=True, chunk_size=40)),
+    "global_tokens_window": ((1, 110, 110, 2, 1, 32), jnp.float32, dict(
+        local_window_size=(9, 9), global_tokens=(0, 1, 50, 109))),
+    "per_head_windows_gqa": ((1, 100, 100, 4, 2, 32), jnp.float32, dict(
+        mask=masks.per_head_windows([None, 24, (8, 8), 24]))),
+    "shifted_sparse_s2_attn": ((1, 128, 128, 4, 2, 32), jnp.float32, dict(
+        mask=masks.shifted_sparse_mask(4, 32))),
+    "bfloat16_window_sinks": ((1, 150, 150, 4, 2, 32), jnp.bfloat16, dict(
+        is_causal=True, local_window_size=32, num_sink_tokens=4)),
+}
+
+
+def _check_mask_case(impl, name, seed, blocks=None):
+  (b, tq, tk, h, hk, d), dtype, kwargs = MASK_CASES[name]
+  kwargs = dict(kwargs)
+  q, k, v, do = _inputs(seed, b, tq, tk, h, hk, d, dtype)
+  if kwargs.pop("segments", False):
+    kwargs["segment_ids"] = (_packed_segments(seed, b, tq), _packed_segments(seed + 1, b, tk))
+  return _check(impl, q, k, v, do, blocks=blocks, **kwargs)
 
 
 class FlashAttentionCases:
@@ -154,6 +188,19 @@ class FlashAttentionCases:
     np.testing.assert_array_equal(np.asarray(out[:, :20]), 0.0)
     np.testing.assert_array_equal(np.asarray(dq[:, :20]), 0.0)
 
+  @pytest.mark.parametrize("case", list(MASK_CASES))
+  def test_sparse_masks(self, case):
+    _check_mask_case(self.IMPLEMENTATION, case, 20, self.BLOCKS)
+
+  def test_window_row_without_keys(self):
+    """Queries before key 0 (q_len > kv_len, causal) see nothing, sinks included."""
+    q, k, v, do = _inputs(21, 1, 90, 40, 2, 1, 32, jnp.float32)
+    out, lse, (dq, _, _) = _check(self.IMPLEMENTATION, q, k, v, do, blocks=self.BLOCKS,
+                                  is_causal=True, local_window_size=8, num_sink_tokens=2)
+    np.testing.assert_array_equal(np.asarray(out[:, :50]), 0.0)
+    assert np.all(np.isneginf(np.asarray(lse[:, :50])))
+    np.testing.assert_array_equal(np.asarray(dq[:, :50]), 0.0)
+
   def test_jit_and_default_blocks(self):
     q, k, v, _ = _inputs(10, 1, 80, 80, 2, 1, 32, jnp.float32)
     fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, is_causal=True,
@@ -203,6 +250,10 @@ class TestDefault:
     q, k, v, do = _inputs(14, b, tq, tk, h, hk, d, jnp.float32)
     segs = (_packed_segments(14, b, tq), _packed_segments(15, b, tk))
     _check(None, q, k, v, do, is_causal=True, segment_ids=segs, logits_soft_cap=20.0)
+
+  @pytest.mark.parametrize("case", ["window_sinks_causal_segments_gqa", "per_head_windows_gqa"])
+  def test_sparse_masks(self, case):
+    _check_mask_case(None, case, 22)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import flash_attention
+from pallas_kernels import flash_attention, masks
 from pallas_kernels._common import dispatch
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -24,13 +24,22 @@ CASES = {
                                   segments=True, logits_soft_cap=50.0),
     "mqa_cross_head_dim_64": dict(shape=(1, 256, 2048, 4, 1, 64), is_causal=True),
     "head_dim_80_non_causal": dict(shape=(1, 500, 700, 4, 4, 80)),
+    # Sparse masks: the block-skip metadata drives the kernels' loops and index maps.
+    "gqa_causal_window_sinks_2048": dict(shape=(1, 2048, 2048, 8, 2, 128), is_causal=True,
+                                         mask_kwargs=dict(local_window_size=256,
+                                                          num_sink_tokens=4)),
+    "per_head_windows_gqa": dict(shape=(1, 1000, 1000, 4, 2, 64), mask_kwargs=dict(
+        mask=masks.per_head_windows([None, 128, (64, 64), 128]))),
+    "chunked_segments_q_shorter": dict(shape=(1, 300, 1100, 4, 1, 128), is_causal=True,
+                                       segments=True, mask_kwargs=dict(chunk_size=256)),
 }
 
 
 def _export(platform, case, dtype, with_backward):
   b, tq, tk, h, hk, d = case["shape"]
   kwargs = dict(is_causal=case.get("is_causal", False),
-                logits_soft_cap=case.get("logits_soft_cap"), implementation="pallas")
+                logits_soft_cap=case.get("logits_soft_cap"), implementation="pallas",
+                **case.get("mask_kwargs", {}))
   args = [jax.ShapeDtypeStruct((b, tq, h, d), dtype),
           jax.ShapeDtypeStruct((b, tk, hk, d), dtype),
           jax.ShapeDtypeStruct((b, tk, hk, d), dtype)]
