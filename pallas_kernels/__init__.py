@@ -7,5 +7,8 @@ VJP with float32 accumulation, clear ValueErrors for bad inputs, no NaN on empty
 
 from pallas_kernels._common import masks
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.ring_attention import (context_parallel_attention, ring_attention,
+                                          ring_attention_reference)
 
-__all__ = ["flash_attention", "flash_attention_reference", "masks"]
+__all__ = ["context_parallel_attention", "flash_attention", "flash_attention_reference", "masks",
+           "ring_attention", "ring_attention_reference"]

@@ -82,50 +82,50 @@ def _flash_bwd(config, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _split_segments(segment_ids, batch, q_len, kv_len):
+def _split_segments(segment_ids, batch, q_len, kv_len, op=OP):
   if segment_ids is None:
     return None, None
   if isinstance(segment_ids, (tuple, list)):
     if len(segment_ids) != 2:
-      raise ValueError(f"{OP}: segment_ids must be one array or a pair (q_segment_ids, "
+      raise ValueError(f"{op}: segment_ids must be one array or a pair (q_segment_ids, "
                        f"kv_segment_ids), got a sequence of {len(segment_ids)}.")
     q_seg, kv_seg = segment_ids
   else:
     if q_len != kv_len:
       raise ValueError(
-          f"{OP}: a single segment_ids array needs q_len == kv_len, got q_len={q_len}, "
+          f"{op}: a single segment_ids array needs q_len == kv_len, got q_len={q_len}, "
           f"kv_len={kv_len}; pass a pair (q_segment_ids [batch, q_len], kv_segment_ids "
           "[batch, kv_len]) instead.")
     q_seg = kv_seg = segment_ids
   for name, seg, length in (("q_segment_ids", q_seg, q_len), ("kv_segment_ids", kv_seg, kv_len)):
-    validation.check_rank(OP, name, seg, 2, "[batch, len]")
-    validation.check_int_dtype(OP, name, seg)
-    validation.check_shape(OP, name, seg, (batch, length), "[batch, len]")
+    validation.check_rank(op, name, seg, 2, "[batch, len]")
+    validation.check_int_dtype(op, name, seg)
+    validation.check_shape(op, name, seg, (batch, length), "[batch, len]")
   return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
-def _validate(query, key, value, scale, logits_soft_cap):
-  validation.check_rank(OP, "query", query, 4, LAYOUT_Q)
-  validation.check_rank(OP, "key", key, 4, LAYOUT_KV)
-  validation.check_rank(OP, "value", value, 4, LAYOUT_KV)
+def _validate(query, key, value, scale, logits_soft_cap, op=OP):
+  validation.check_rank(op, "query", query, 4, LAYOUT_Q)
+  validation.check_rank(op, "key", key, 4, LAYOUT_KV)
+  validation.check_rank(op, "value", value, 4, LAYOUT_KV)
   for name, x in (("query", query), ("key", key), ("value", value)):
-    validation.check_float_dtype(OP, name, x)
-  validation.check_same_dtype(OP, ("query", "key", "value"), (query, key, value))
+    validation.check_float_dtype(op, name, x)
+  validation.check_same_dtype(op, ("query", "key", "value"), (query, key, value))
   b, _, h, d = query.shape
   if key.shape[0] != b or key.shape[3] != d:
-    raise ValueError(f"{OP}: key must be {LAYOUT_KV} with batch={b} and head_dim={d} like "
+    raise ValueError(f"{op}: key must be {LAYOUT_KV} with batch={b} and head_dim={d} like "
                      f"query {tuple(query.shape)}, got {tuple(key.shape)}.")
-  validation.check_shape(OP, "value", value, key.shape, f"{LAYOUT_KV} (the shape of key)")
+  validation.check_shape(op, "value", value, key.shape, f"{LAYOUT_KV} (the shape of key)")
   hk = key.shape[2]
   if hk == 0 or h % hk:
-    raise ValueError(f"{OP}: num_heads ({h}, from query {tuple(query.shape)}) must be a "
+    raise ValueError(f"{op}: num_heads ({h}, from query {tuple(query.shape)}) must be a "
                      f"multiple of num_kv_heads ({hk}, from key {tuple(key.shape)}).")
-  validation.check_positive_float(OP, "scale", scale, allow_none=True)
-  validation.check_positive_float(OP, "logits_soft_cap", logits_soft_cap, allow_none=True)
+  validation.check_positive_float(op, "scale", scale, allow_none=True)
+  validation.check_positive_float(op, "logits_soft_cap", logits_soft_cap, allow_none=True)
 
 
 def _build_mask(num_heads, is_causal, local_window_size, num_sink_tokens, chunk_size,
-                global_tokens, mask):
+                global_tokens, mask, op=OP):
   """The call's mask keywords as one validated :class:`masks.Mask`."""
   try:
     return masks_lib.make_mask(
@@ -134,10 +134,10 @@ def _build_mask(num_heads, is_causal, local_window_size, num_sink_tokens, chunk_
         global_tokens=None if global_tokens is None else tuple(global_tokens), mask=mask,
         num_heads=num_heads)
   except ValueError as e:
-    raise ValueError(f"{OP}: {e}") from None
+    raise ValueError(f"{op}: {e}") from None
 
 
-def _block_sizes(module, platform_min, q_len, kv_len, blocks, mask):
+def _block_sizes(module, platform_min, q_len, kv_len, blocks, mask, op=OP):
   """Requested (or default) block sizes, shrunk for short inputs, validated.
 
   A backend whose blocks must be powers of two says so with ``POWER_OF_TWO_BLOCKS``; one
@@ -149,14 +149,14 @@ def _block_sizes(module, platform_min, q_len, kv_len, blocks, mask):
   sizes = {}
   for name, requested in blocks.items():
     size = defaults[name] if requested is None else requested
-    validation.check_positive_int(OP, name, size)
+    validation.check_positive_int(op, name, size)
     if size % platform_min:
-      raise ValueError(f"{OP}: {name} must be a multiple of {platform_min} for this "
+      raise ValueError(f"{op}: {name} must be a multiple of {platform_min} for this "
                        f"implementation, got {size}.")
     length = padding.round_up(q_len if name.startswith("block_q") else kv_len, platform_min)
     if getattr(module, "POWER_OF_TWO_BLOCKS", False):
       if size & (size - 1):
-        raise ValueError(f"{OP}: {name} must be a power of two for this implementation, "
+        raise ValueError(f"{op}: {name} must be a power of two for this implementation, "
                          f"got {size}.")
       length = padding.next_power_of_2(length)
     sizes[name] = min(size, length)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import block_sparsity
+from pallas_kernels._common import block_sparsity, sharding
 from pallas_kernels.flash_attention import masking
 
 MIN_BLOCK = 1
@@ -189,6 +189,9 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits
 
     init = (jnp.full(stats_shape, -jnp.inf, accum), jnp.zeros(stats_shape, accum),
             jnp.zeros(stats_shape + (d,), accum))
+    # Inside shard_map the carry varies like the inputs it mixes with.
+    init = tuple(sharding.match_varying(x, q, k, v, q_segment_ids, kv_segment_ids)
+                 for x in init)
     overlap = None if ranges is None else (lambda j: _segments_overlap(ranges, i, j))
     m, l, acc = _sweep(intervals[i], attend, init, has_segments=ranges is not None,
                        overlap=overlap)
@@ -214,6 +217,7 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   hk, tk = k.shape[1], k.shape[2]
   accum = _accum_dtype(q.dtype)
   qg, dog = _group(q, hk), _group(d_out, hk)
+  inputs = (q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse)
   delta = attention_delta(out, d_out, d_lse, accum)
   delta = _group(delta[..., None], hk)[..., 0]
   # A row that sees no key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
@@ -249,13 +253,14 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
           dq, _block(dq, 3, i, block_q) + dq_i, i * block_q, axis=3)
       return dq, dk_j, dv_j
 
-    zeros = jnp.zeros((b, hk, block_k, d), accum)
+    zeros = sharding.match_varying(jnp.zeros((b, hk, block_k, d), accum), *inputs)
     overlap = None if ranges is None else (lambda i: _segments_overlap(ranges, i, j))
     dq, dk_j, dv_j = _sweep(intervals[j], accumulate, (dq, zeros, zeros),
                             has_segments=ranges is not None, overlap=overlap)
     return dq, (dk_j, dv_j)
 
-  dq, (dk, dv) = lax.scan(one_kv_block, jnp.zeros(qg.shape, accum), jnp.arange(nk))
+  dq0 = sharding.match_varying(jnp.zeros(qg.shape, accum), *inputs)
+  dq, (dk, dv) = lax.scan(one_kv_block, dq0, jnp.arange(nk))
   dq = dq.reshape(b, h, tq, d).astype(q.dtype)
   dk = jnp.moveaxis(dk, 0, 2).reshape(b, hk, tk, d).astype(k.dtype)
   dv = jnp.moveaxis(dv, 0, 2).reshape(b, hk, tk, d).astype(v.dtype)
