@@ -4,6 +4,10 @@ A task is gin-configurable and offers ``name``, ``vocab_size``, ``seq_len``,
 ``train_iterator(batch_size, seed)`` (a checkpointable Grain iterator of batches in the
 format of :mod:`lclm.data.pipeline`) and ``eval_batches(seq_len, batch_size, num_examples)``
 (held-out batches at any length, for evaluation at the training length and beyond).
+
+Every task takes an optional ``position_transform`` (gin: ``MqarTask.position_transform =
+@PoSE()``; see :mod:`lclm.data.position_augmentation`) applied to its *training* batches only;
+held-out batches keep their plain positions.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ class MqarTask:
     random_non_queries: fill the positions between queries with random tokens (Zoology);
       False fills them with the pad token (no accidental repeats of keys).
     seed: data seed (train and held-out splits use different streams of it).
+    position_transform: optional augmentation of the training batches' position ids.
   """
 
   name = "mqar"
 
   def __init__(self, seq_len: int = gin.REQUIRED, *, vocab_size: int = 8192,
                num_kv_pairs: int = 8, num_queries: int | None = None, gap_alpha: float = 0.99,
-               random_non_queries: bool = True, seed: int = 0):
+               random_non_queries: bool = True, seed: int = 0, position_transform=None):
     self.seq_len = seq_len
+    self.position_transform = position_transform
     self.vocab_size = vocab_size
     self.seed = seed
     self.config = mqar.MqarConfig(vocab_size=vocab_size, seq_len=seq_len,
@@ -46,7 +52,7 @@ class MqarTask:
   def train_iterator(self, batch_size: int, seed: int):
     source = synthetic_source.SyntheticBatchSource(
         mqar.make_mqar_batch, self.config, batch_size=batch_size, seed=self.seed + seed)
-    return pipeline.make_batch_iterator(source)
+    return pipeline.make_batch_iterator(source, position_transform=self.position_transform)
 
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
     config = dataclasses.replace(self.config, seq_len=seq_len)
@@ -65,8 +71,10 @@ class PasskeyTask:
 
   name = "passkey"
 
-  def __init__(self, seq_len: int = gin.REQUIRED, *, num_digits: int = 5, seed: int = 0):
+  def __init__(self, seq_len: int = gin.REQUIRED, *, num_digits: int = 5, seed: int = 0,
+               position_transform=None):
     self.seq_len = seq_len
+    self.position_transform = position_transform
     self.vocab_size = ByteTokenizer().vocab_size
     self.seed = seed
     self.config = passkey.PasskeyConfig(seq_len=seq_len, num_digits=num_digits)
@@ -79,7 +87,8 @@ class PasskeyTask:
   def train_iterator(self, batch_size: int, seed: int):
     return pipeline.make_train_iterator(self._source(self.seq_len, "train"),
                                         batch_size=batch_size, seq_len=self.seq_len,
-                                        seed=self.seed + seed, pack=False)
+                                        seed=self.seed + seed, pack=False,
+                                        position_transform=self.position_transform)
 
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
     return pipeline.make_eval_batches(self._source(seq_len, "validation"),
@@ -100,13 +109,15 @@ class TextTask:
 
   def __init__(self, seq_len: int = gin.REQUIRED, *, train_files: str | None = None,
                eval_files: str | None = None, tfds_name: str | None = None,
-               tfds_feature: str = "text", eval_split: str = "validation", seed: int = 0):
+               tfds_feature: str = "text", eval_split: str = "validation", seed: int = 0,
+               position_transform=None):
     if (train_files is None) == (tfds_name is None):
       raise ValueError("TextTask: give exactly one of train_files (a glob of local text "
                        "files) and tfds_name (a TFDS text dataset).")
     self.seq_len = seq_len
     self.vocab_size = ByteTokenizer().vocab_size
     self.seed = seed
+    self.position_transform = position_transform
     self._train_files, self._eval_files = train_files, eval_files or train_files
     self._tfds_name, self._feature, self._eval_split = tfds_name, tfds_feature, eval_split
 
@@ -118,7 +129,8 @@ class TextTask:
 
   def train_iterator(self, batch_size: int, seed: int):
     return pipeline.make_train_iterator(self._source(True), batch_size=batch_size,
-                                        seq_len=self.seq_len, seed=self.seed + seed)
+                                        seq_len=self.seq_len, seed=self.seed + seed,
+                                        position_transform=self.position_transform)
 
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
     return pipeline.make_eval_batches(self._source(False), batch_size=batch_size,

@@ -28,6 +28,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from lclm.data import position_augmentation
+
 FEATURES = ("inputs", "targets", "loss_mask")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "position_ids")
 LONG_EXAMPLE_POLICIES = ("split", "truncate", "error")
@@ -127,6 +129,7 @@ def make_train_dataset(
     shard_options: grain.sharding.ShardOptions | None = None,
     num_packing_bins: int | None = None, long_examples: str = "split",
     drop_remainder: bool = True, num_threads: int = 0, prefetch_batches: int = 0,
+    position_transform: position_augmentation.PositionTransform | None = None,
 ) -> grain.IterDataset:
   """The training pipeline as a Grain ``IterDataset`` of batches (see the module docstring).
 
@@ -146,6 +149,10 @@ def make_train_dataset(
     drop_remainder: drop a last incomplete batch (only reached when ``num_epochs`` is set).
     num_threads: Grain threads reading the source (0 reads in the consuming thread).
     prefetch_batches: batches prepared ahead in a background thread (0: none).
+    position_transform: optional ``transform(batch, rng) -> batch`` applied to every batch
+      (PoSE, random position offsets: :mod:`lclm.data.position_augmentation`), with Grain's
+      ``random_map`` (deterministic from ``seed`` and the transform's own ``seed``; resumes
+      with the iterator state). None (default): batches as they are.
   """
   _check_sizes(batch_size, seq_len)
   if shard_options is None:
@@ -162,6 +169,9 @@ def make_train_dataset(
   ds = _rows(ds, seq_len=seq_len, pack=pack, num_packing_bins=num_packing_bins or batch_size,
              seed=seed, shuffle_bins=shuffle, long_examples=long_examples)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if position_transform is not None:
+    ds = ds.random_map(position_transform,
+                       seed=position_augmentation.transform_seed(position_transform, seed))
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
@@ -194,16 +204,22 @@ def _full_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def make_batch_iterator(batch_source: Any, *,
                         shard_options: grain.sharding.ShardOptions | None = None,
-                        prefetch_batches: int = 0) -> grain.DatasetIterator:
+                        prefetch_batches: int = 0,
+                        position_transform: position_augmentation.PositionTransform | None
+                        = None) -> grain.DatasetIterator:
   """A checkpointable iterator over a source of whole batches (``SyntheticBatchSource``).
 
   Process ``p`` of ``n`` reads records ``p, p + n, p + 2n, ...``; every row is one full-length
   example (segment id 1, positions ``0..T-1``). Same batch format and state API as
-  ``make_train_iterator``.
+  ``make_train_iterator``; ``position_transform`` as in ``make_train_dataset`` (seeded by the
+  transform's own ``seed``).
   """
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
   ds = _shard(grain.MapDataset.source(batch_source), shard_options).map(_full_rows)
+  if position_transform is not None:
+    ds = ds.random_map(position_transform,
+                       seed=position_augmentation.transform_seed(position_transform))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)

@@ -100,16 +100,32 @@ class FullMask(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class CausalMask(Mask):
-  """A query sees keys at its own position and before: k <= q."""
+  """A query sees keys at its own position and before: k <= q - shift.
+
+  ``shift=0`` (the default) is plain causal attention. A positive shift keeps only keys at
+  distance >= shift (Self-Extend's grouped-position pass, LM-Infinite's far range: the
+  complement of ``LocalMask(shift - 1, 0)`` within causal attention); a negative shift lets
+  each query also see the next ``-shift`` keys.
+  """
+  shift: int = 0
+
+  def __post_init__(self):
+    if not _is_int(self.shift):
+      raise ValueError(f"CausalMask: shift must be an int, got {self.shift!r}.")
+    object.__setattr__(self, "shift", int(self.shift))
 
   def visible(self, q_pos, k_pos):
-    return k_pos <= q_pos
+    if self.shift == 0:
+      return k_pos <= q_pos
+    return k_pos + self.shift <= q_pos
 
   def key_intervals(self, q_lo, q_hi):
-    return [(_const(q_lo, -INF), q_hi)], [(_const(q_lo, -INF), q_lo + 1)]
+    s = self.shift
+    return [(_const(q_lo, -INF), q_hi - s)], [(_const(q_lo, -INF), q_lo + 1 - s)]
 
   def query_intervals(self, k_lo, k_hi):
-    return [(k_lo, _const(k_lo, INF))], [(k_hi - 1, _const(k_lo, INF))]
+    s = self.shift
+    return [(k_lo + s, _const(k_lo, INF))], [(k_hi - 1 + s, _const(k_lo, INF))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,6 +188,62 @@ A, B, C, D = (masks.CausalMask(), masks.LocalMask(4, 1), masks.SinkMask(2),
               masks.ChunkedMask(8))
 
 
+def test_causal_shift_default_is_plain_causal():
+  assert masks.CausalMask() == masks.CausalMask(0) and hash(masks.CausalMask()) == hash(
+      masks.CausalMask(shift=0))
+  assert masks.CausalMask(3) != masks.CausalMask()
+  assert masks.make_mask(is_causal=True) == masks.CausalMask()
+
+
+def test_causal_shift_sees_keys_at_distance_at_least_shift():
+  q = np.arange(30)[:, None]
+  k = np.arange(30)[None, :]
+  for shift in (-3, 0, 1, 4, 16):
+    np.testing.assert_array_equal(masks.CausalMask(shift).visible(q, k), q - k >= shift)
+  # Shifted causal and the causal window (shift - 1, 0) split causal attention exactly.
+  near = np.asarray((masks.CausalMask() & masks.LocalMask(3, 0)).visible(q, k))
+  far = np.asarray(masks.CausalMask(4).visible(q, k))
+  assert not (near & far).any()
+  np.testing.assert_array_equal(near | far, k <= q)
+  seen = _support("xla", 24, 24, mask=masks.CausalMask(5))
+  assert list(np.flatnonzero(seen[10])) == list(range(6))
+  assert not seen[:5].any()
+
+
+@pytest.mark.parametrize("impl, block", [("xla", 16), ("interpret", 128)])
+def test_shifted_causal_op_matches_reference(impl, block):
+  """Output, lse and all gradients with the shifted causal mask (GQA, end-aligned queries,
+  whole key blocks skipped) against the reference; rows that see nothing give 0 / -inf."""
+  mask = masks.CausalMask(100)
+  q, k, v = _qkv(31, 150, 280, h=4, hk=2, d=32)
+  do = _qkv(32, 150, 280, h=4, hk=2, d=32)[0]
+  blocks = dict(block_q=block, block_k=block, block_q_bwd=block, block_k_bwd=block)
+
+  def run(fn, **kw):
+    def f(q, k, v):
+      return fn(q, k, v, mask=mask, return_lse=True, **kw)
+
+    @jax.jit
+    def go(q, k, v):
+      (out, lse), vjp = jax.vjp(f, q, k, v)
+      d_lse = jnp.cos(jnp.arange(lse.size, dtype=jnp.float32).reshape(lse.shape))
+      return out, lse, vjp((do, d_lse))
+    return go(q, k, v)
+
+  out, lse, grads = run(flash_attention, implementation=impl, **blocks)
+  out_r, lse_r, grads_r = run(flash_attention_reference)
+  assert_close("attention_output", jnp.float32, out, out_r)
+  assert_close("lse", jnp.float32, lse, lse_r)
+  for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
+    assert_close(name, jnp.float32, g, g_r, name=name)
+  # 200 queries against 150 keys: query i sits at i - 50 and sees keys <= i - 150.
+  out, lse = _run(flash_attention, q[:, :150].repeat(2, 1)[:, :200], k[:, :150], v[:, :150],
+                  mask=mask, return_lse=True, implementation=impl, **blocks)
+  np.testing.assert_array_equal(np.asarray(out[:, :150]), 0.0)
+  assert np.isneginf(np.asarray(lse[:, :150])).all()
+  assert np.isfinite(np.asarray(lse[:, 150:])).all()
+
+
 def test_union_and_intersection_flatten():
   assert A | B | C == masks.UnionMask((A, B, C))
   assert (A | B) | (C | D) == masks.UnionMask((A, B, C, D))
@@ -270,6 +326,8 @@ def test_shifted_sparse_mask_groups():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: masks.LocalMask(-1, 0), "left"),
+    (lambda: masks.CausalMask(1.5), "shift"),
+    (lambda: masks.CausalMask(True), "shift"),
     (lambda: masks.LocalMask(0, -2), "right"),
     (lambda: masks.LocalMask(1.5, 0), "left"),
     (lambda: masks.window_sizes(-3), "non-negative"),
@@ -392,6 +450,7 @@ def _windows():
 def _shared_masks():
   leaf = st.one_of(
       st.just(masks.CausalMask()),
+      st.builds(masks.CausalMask, st.integers(-10, 40)),  # Shifted: k <= q - shift.
       st.builds(masks.LocalMask, st.integers(0, 40), st.integers(0, 40)),
       st.builds(masks.LocalMask, st.none() | st.integers(0, 20), st.none() | st.integers(0, 20)),
       st.builds(masks.SinkMask, st.integers(1, 6)),
@@ -426,7 +485,8 @@ def test_block_sparsity_covers_the_mask(mask, q_len, kv_len, block_q, block_k, e
 
 @hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
 @hypothesis.given(
-    kind=st.sampled_from(["causal", "causal_window", "chunked", "causal_chunked"]),
+    kind=st.sampled_from(["causal", "causal_shifted", "causal_window", "chunked",
+                          "causal_chunked"]),
     window=_windows(), chunk=st.integers(1, 40), offset=st.integers(0, 39),
     q_len=st.integers(1, 150), kv_len=st.integers(1, 150),
     block_q=st.sampled_from([1, 8, 16, 24, 64]), block_k=st.sampled_from([1, 8, 16, 40, 128]))
@@ -434,6 +494,7 @@ def test_block_sparsity_is_tight_for_simple_masks(kind, window, chunk, offset, q
                                                   block_q, block_k):
   mask = {
       "causal": masks.CausalMask(),
+      "causal_shifted": masks.CausalMask(offset - 8),
       "causal_window": masks.CausalMask() & masks.LocalMask(*window),
       "chunked": masks.ChunkedMask(chunk, offset % chunk),
       "causal_chunked": masks.CausalMask() & masks.ChunkedMask(chunk, offset % chunk),
@@ -448,7 +509,10 @@ def test_block_sparsity_is_tight_for_simple_masks(kind, window, chunk, offset, q
     masks.make_mask(is_causal=True, chunk_size=24),
     masks.per_head_windows([None, 24, (8, 8), 24]),
     masks.shifted_sparse_mask(4, 32),
-], ids=["causal_window_sinks", "window_global", "causal_chunks", "per_head", "s2_attn"])
+    masks.CausalMask(40),
+    masks.CausalMask(17) | (masks.CausalMask() & masks.LocalMask(16, 0)),
+], ids=["causal_window_sinks", "window_global", "causal_chunks", "per_head", "s2_attn",
+        "causal_shift_40", "near_or_far"])
 @pytest.mark.parametrize("lengths", [(150, 150), (40, 150), (150, 63)])
 def test_block_sparsity_of_the_op_masks(mask, lengths):
   check_block_sparsity(mask, q_len=lengths[0], kv_len=lengths[1], block_q=32, block_k=16)

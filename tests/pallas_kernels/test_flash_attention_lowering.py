@@ -32,6 +32,9 @@ CASES = {
         mask=masks.per_head_windows([None, 128, (64, 64), 128]))),
     "chunked_segments_q_shorter": dict(shape=(1, 300, 1100, 4, 1, 128), is_causal=True,
                                        segments=True, mask_kwargs=dict(chunk_size=256)),
+    # Shifted causal (keys at distance >= 256) & sinks: LM-Infinite's far pass.
+    "far_sinks_shifted_causal": dict(shape=(1, 1000, 1000, 4, 2, 64), mask_kwargs=dict(
+        mask=masks.SinkMask(4) & masks.CausalMask(256) | masks.CausalMask(600))),
 }
 
 
