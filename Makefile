@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-slow: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_kernels
+
+# Sliding window vs dense causal, forward + backward, one run; fails if the window is not
+# fast enough (CPU: 8K tokens, window 256, time ratio <= 0.2; GPU/TPU: 32K, 1024, <= 1/8).
+benchmark-window: $(STAMP)
+	$(BIN)/python -m experiments.benchmark_kernels --window-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs

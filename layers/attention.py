@@ -1,25 +1,55 @@
-"""Multi-head self-attention (MHA, GQA, MQA) on the flash-attention kernel."""
+"""Multi-head self-attention (MHA, GQA, MQA) on the flash-attention kernel, with sparse masks."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layers.norms import RMSNorm
 from layers.partitioning import shard_kernel, with_logical_axes
 from layers.rope import apply_rope, rope_frequencies
-from pallas_kernels import flash_attention
+from pallas_kernels import flash_attention, masks
 
 
 # Logical axes of the kernel's operands. Query heads take the key/value heads' name: a split
 # of the kv heads into contiguous blocks carries exactly the query heads of their groups.
 _QUERY_AXES = ("batch", None, "kv_heads", None)
 _KV_AXES = ("batch", None, "kv_heads", None)
+_HEAD_IDS_AXES = ("kv_heads",)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _shifted_sparse_mask(num_heads: int, group_size: int, is_causal: bool) -> masks.PerHeadMask:
+  """LongLoRA's S²-Attn: groups of ``group_size`` tokens, the second half of the heads shifted
+  by half a group (causal inside each group when ``is_causal``)."""
+  if is_causal:
+    return masks.shifted_sparse_mask(num_heads, group_size)
+  masks.shifted_sparse_mask(num_heads, group_size)  # Same validation as the causal variant.
+  plain, shifted = masks.ChunkedMask(group_size), masks.ChunkedMask(group_size, group_size // 2)
+  return masks.PerHeadMask((plain,) * (num_heads // 2) + (shifted,) * (num_heads // 2))
+
+
+def _union_length(intervals, start: int, stop: int) -> int:
+  """Number of integers of [start, stop) covered by the half-open ``intervals``."""
+  clipped = sorted((max(int(lo), start), min(int(hi), stop)) for lo, hi in intervals)
+  covered, end = 0, start
+  for lo, hi in clipped:
+    lo = max(lo, end)
+    if hi > lo:
+      covered += hi - lo
+      end = hi
+  return covered
 
 
 class Attention(nnx.Module):
-  """Self-attention with grouped key/value heads, optional QK-norm and RoPE.
+  """Self-attention with grouped key/value heads, optional QK-norm, RoPE and sparse masks.
 
   ``num_kv_heads == num_heads`` is multi-head attention, ``1`` is multi-query attention and
   anything in between that divides ``num_heads`` is grouped-query attention: query head
@@ -30,6 +60,9 @@ class Attention(nnx.Module):
   head_dim (one scale shared by all heads) on q and on k; RoPE on q and k unless
   ``rope_theta`` is None (NoPE); :func:`pallas_kernels.flash_attention` with scale
   ``head_dim ** -0.5``; the output projection [num_heads x head_dim -> features].
+
+  Sparse attention: the mask options go to the kernel, which skips the blocks they hide.
+  Visible = causal & (window | sinks) & chunk & ``mask`` [& S²-Attn while training].
 
   Logical axes of the kernels: q ("embed", "heads", "head_dim"), k and v ("embed",
   "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); QK-norm scales ("head_dim",).
@@ -42,6 +75,25 @@ class Attention(nnx.Module):
     use_qk_norm: RMS-normalise each query and key head vector before RoPE.
     rope_theta: RoPE base (rotate-half layout), or None for no position encoding.
     is_causal: each token attends only to itself and earlier tokens.
+    local_window_size: sliding window with the kernel's (``jax.nn.dot_product_attention``)
+      semantics: an int w or a pair (left, right); the query at position c sees keys
+      c - left ... c + right, so a causal layer with ``w`` sees ``w + 1`` keys, itself
+      included. None: no window.
+    num_sink_tokens: the first keys of each row stay visible to every query whatever the
+      window (StreamingLLM's attention sinks); needs ``local_window_size``. Positions are
+      those of the row: with packed sequences only the first segment has sinks.
+    chunk_size: attention only inside aligned chunks of this many positions.
+    mask: a :class:`pallas_kernels.masks.Mask` ANDed with the above, shared by all heads or
+      a :class:`~pallas_kernels.masks.PerHeadMask` with one entry per query head (e.g.
+      ``masks.per_head_windows([...])`` for DuoAttention's retrieval/streaming heads).
+    shifted_sparse_group_size: LongLoRA's shifted sparse attention (S²-Attn), a
+      **training-time** approximation: attention inside groups of this many tokens, the
+      second half of the heads on groups shifted by half a group (ANDed with the rest of
+      the mask). It applies only while ``deterministic`` is False; ``model.eval()`` (or
+      ``deterministic=True``) gives the full (causal) attention that inference uses, and
+      :meth:`kv_cache_tokens` ignores it. Needs an even ``num_heads`` and an even group.
+    deterministic: evaluation mode (flax's train/eval switch: ``module.eval()`` sets it);
+      only S²-Attn depends on it.
     logits_soft_cap: if set, logits -> cap * tanh(logits / cap).
     implementation: passed to the kernel: None, "pallas", "interpret", "xla", "reference".
     dtype: computation dtype of the projections; None promotes inputs and parameters.
@@ -52,6 +104,9 @@ class Attention(nnx.Module):
   def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_qk_norm: bool = False,
                rope_theta: float | None = 10000.0, is_causal: bool = True,
+               local_window_size: int | Sequence[int] | None = None, num_sink_tokens: int = 0,
+               chunk_size: int | None = None, mask: masks.Mask | None = None,
+               shifted_sparse_group_size: int | None = None, deterministic: bool = False,
                logits_soft_cap: float | None = None, implementation: str | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -84,6 +139,9 @@ class Attention(nnx.Module):
     self.is_causal = is_causal
     self.logits_soft_cap = logits_soft_cap
     self.implementation = implementation
+    self.deterministic = deterministic
+    self._set_mask_options(local_window_size, num_sink_tokens, chunk_size, mask,
+                           shifted_sparse_group_size)
 
     def projection(in_features, out_features, axis, logical_axes):
       kernel_init = with_logical_axes(nnx.initializers.lecun_normal(), logical_axes)
@@ -104,6 +162,87 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype, logical_axis="head_dim")
     else:
       self.q_norm = self.k_norm = None
+
+  def _set_mask_options(self, local_window_size, num_sink_tokens, chunk_size, mask,
+                        shifted_sparse_group_size):
+    """Validates the sparse-attention options (at construction, before anything compiles)."""
+    if local_window_size is not None:
+      try:
+        left, right = masks.window_sizes(local_window_size)
+      except ValueError as error:
+        raise ValueError(f"Attention: {error}") from None
+      local_window_size = left if left == right and _is_int(local_window_size) else (left, right)
+    if not _is_int(num_sink_tokens) or num_sink_tokens < 0:
+      raise ValueError(
+          f"Attention: num_sink_tokens must be a non-negative int, got {num_sink_tokens!r}.")
+    if num_sink_tokens and local_window_size is None:
+      raise ValueError(
+          f"Attention: num_sink_tokens={num_sink_tokens} only widens a sliding window; set "
+          "local_window_size too (without a window every key is visible already).")
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size <= 0):
+      raise ValueError(f"Attention: chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if mask is not None:
+      if not isinstance(mask, masks.Mask):
+        raise ValueError(
+            f"Attention: mask must be a pallas_kernels.masks.Mask (e.g. masks.per_head_windows"
+            f"([...])), got {type(mask).__name__}.")
+      if isinstance(mask, masks.PerHeadMask) and mask.num_heads != self.num_heads:
+        raise ValueError(
+            f"Attention: the per-head mask has {mask.num_heads} entries but the layer has "
+            f"num_heads={self.num_heads}; give one mask per query head.")
+    s2_mask = None
+    if shifted_sparse_group_size is not None:
+      if not _is_int(shifted_sparse_group_size):
+        raise ValueError("Attention: shifted_sparse_group_size must be an even int >= 2 or "
+                         f"None, got {shifted_sparse_group_size!r}.")
+      try:
+        s2_mask = _shifted_sparse_mask(self.num_heads, int(shifted_sparse_group_size),
+                                       self.is_causal)
+      except ValueError as error:
+        raise ValueError(f"Attention: shifted_sparse_group_size={shifted_sparse_group_size} "
+                         f"(LongLoRA S²-Attn): {error}") from None
+    self.local_window_size = local_window_size
+    self.num_sink_tokens = int(num_sink_tokens)
+    self.chunk_size = None if chunk_size is None else int(chunk_size)
+    self.mask = mask
+    self.shifted_sparse_group_size = shifted_sparse_group_size
+    self._s2_mask = s2_mask
+    # The whole inference mask, built once: it also catches combinations the kernel rejects.
+    self._inference_mask = masks.make_mask(
+        is_causal=self.is_causal, local_window_size=local_window_size,
+        num_sink_tokens=self.num_sink_tokens, chunk_size=self.chunk_size, mask=mask)
+
+  def _kernel_mask(self) -> masks.Mask | None:
+    """The ``mask`` argument of the kernel: the user's mask, & S²-Attn while training."""
+    if self._s2_mask is None or self.deterministic:
+      return self.mask
+    return self._s2_mask if self.mask is None else self.mask & self._s2_mask
+
+  def kv_cache_tokens(self, seq_len: int) -> tuple[int, ...]:
+    """Tokens each key/value head must keep cached after ``seq_len`` tokens, to decode on.
+
+    A key stays cached while the current query (position ``seq_len - 1``) or a later one
+    can see it: all ``seq_len`` keys for full causal attention, ``min(seq_len, w + 1 +
+    sinks)`` for a causal window ``w`` (the query itself included), the current chunk for
+    chunked attention. A key/value head keeps the union of what its query heads need.
+    S²-Attn is training-only and does not count; a bidirectional layer keeps everything.
+    """
+    if not _is_int(seq_len) or seq_len < 0:
+      raise ValueError(f"Attention.kv_cache_tokens: seq_len must be an int >= 0, got {seq_len!r}.")
+    if not self.is_causal or seq_len == 0:
+      return (int(seq_len),) * self.num_kv_heads
+    mask = self._inference_mask
+    head_masks = mask.masks if isinstance(mask, masks.PerHeadMask) else (mask,) * self.num_heads
+    q_lo, q_hi = np.array([seq_len - 1], np.int64), np.array([masks.INF], np.int64)
+    group = self.num_heads // self.num_kv_heads
+    tokens = []
+    for kv_head in range(self.num_kv_heads):
+      intervals = []
+      for head_mask in head_masks[kv_head * group:(kv_head + 1) * group]:
+        visit, _ = head_mask.key_intervals(q_lo, q_hi)
+        intervals += [(lo[0], hi[0]) for lo, hi in visit]
+      tokens.append(_union_length(intervals, 0, seq_len))
+    return tuple(tokens)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -132,15 +271,40 @@ class Attention(nnx.Module):
       inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
       q = apply_rope(q, position_ids, inv_freq)
       k = apply_rope(k, position_ids, inv_freq)
-    def attend(q, k, v, segment_ids):
+    mask = self._kernel_mask()
+
+    def kernel(q, k, v, segment_ids, mask):
       return flash_attention(
           q, k, v, scale=None, is_causal=self.is_causal, segment_ids=segment_ids,
-          logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+          local_window_size=self.local_window_size, num_sink_tokens=self.num_sink_tokens,
+          chunk_size=self.chunk_size, mask=mask, logits_soft_cap=self.logits_soft_cap,
+          implementation=self.implementation)
+
+    def attend(q, k, v, segment_ids, head_ids):
+      return self._attend_heads(kernel, mask, q, k, v, segment_ids, head_ids)
 
     # Per shard of batch and heads under a sharded jit (the kernel is one custom call). The
     # sequence stays whole: splitting it needs ring attention, not a plain shard_map.
+    # ``head_ids`` (the kv-head indices) is split like the heads, so that a shard knows
+    # which heads, and hence which entries of a per-head mask, it holds.
+    head_ids = jnp.arange(self.num_kv_heads, dtype=jnp.int32)
     out = shard_kernel(
-        attend, (q, k, v, segment_ids),
-        in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, None if segment_ids is None else ("batch", None)),
+        attend, (q, k, v, segment_ids, head_ids),
+        in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES,
+                 None if segment_ids is None else ("batch", None), _HEAD_IDS_AXES),
         out_axes=_QUERY_AXES)
     return self.o_proj(out)
+
+  def _attend_heads(self, kernel, mask, q, k, v, segment_ids, head_ids):
+    """Runs ``kernel`` on the heads of one shard, with the entries of a per-head mask that
+    belong to them (all heads, unsharded: the mask as it is)."""
+    local_kv_heads, local_heads = k.shape[2], q.shape[2]
+    if not isinstance(mask, masks.PerHeadMask) or local_kv_heads == self.num_kv_heads:
+      return kernel(q, k, v, segment_ids, mask)
+    # Heads split into contiguous blocks of local_heads query heads: one mask per block.
+    blocks = [masks.PerHeadMask(mask.masks[start:start + local_heads])
+              for start in range(0, self.num_heads, local_heads)]
+    if len(set(blocks)) == 1:
+      return kernel(q, k, v, segment_ids, blocks[0])
+    branches = [lambda q, k, v, s, m=m: kernel(q, k, v, s, m) for m in blocks]
+    return jax.lax.switch(head_ids[0] // local_kv_heads, branches, q, k, v, segment_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Mapping, Sequence
 
 import gin
@@ -47,25 +48,71 @@ class DecoderBlock(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
 
-def _check_mixer_options(name: str, factory, options: Mapping[str, Any]) -> None:
-  """Raises ValueError for options the factory does not accept (typos in gin files)."""
-  reserved = {"features", "rngs", "dtype", "param_dtype"}
-  clashing = sorted(set(options) & reserved)
-  if clashing:
-    raise ValueError(
-        f"DecoderLM: mixer_options[{name!r}] sets {clashing}, which the model passes itself."
-    )
+_RESERVED_OPTIONS = frozenset({"features", "rngs", "dtype", "param_dtype"})
+
+
+def _accepted_options(factory) -> frozenset[str] | None:
+  """Keyword options a mixer factory accepts; None if it takes any (``**kwargs``)."""
   parameters = inspect.signature(factory).parameters
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return None
+  return frozenset(n for n, p in parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _RESERVED_OPTIONS)
+
+
+def _check_mixer_options(name: str, factory, options: Mapping[str, Any],
+                         binding: str = "") -> None:
+  """Raises ValueError for options the factory does not accept (typos in gin files)."""
+  binding = binding or f"DecoderLM.mixer_options[{name!r}]"
+  clashing = sorted(set(options) & _RESERVED_OPTIONS)
+  if clashing:
+    raise ValueError(
+        f"DecoderLM: {binding} sets {clashing}, which the model passes itself."
+    )
+  accepted = _accepted_options(factory)
+  if accepted is None:
     return
-  accepted = sorted(n for n, p in parameters.items()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved)
-  unknown = sorted(set(options) - set(accepted))
+  unknown = sorted(set(options) - accepted)
   if unknown:
     raise ValueError(
-        f"DecoderLM: mixer {name!r} does not accept the option(s) {unknown}; it accepts "
-        f"{accepted}."
+        f"DecoderLM: mixer {name!r} does not accept the option(s) {unknown} (from {binding}); "
+        f"it accepts {sorted(accepted)}."
     )
+
+
+def _layer_indices(layer_options, num_layers: int) -> dict[int, tuple[int, dict[str, Any]]]:
+  """``layer_options`` by layer position (negative keys count from the end): position ->
+  (the key as written, the options)."""
+  if not isinstance(layer_options, Mapping):
+    raise ValueError(
+        "DecoderLM: layer_options must map layer indices to option dicts, e.g. "
+        f"{{0: {{'window': 8}}}}, got {layer_options!r}.")
+  indexed = {}
+  for index, options in layer_options.items():
+    if not isinstance(index, int) or isinstance(index, bool) or not (
+        -num_layers <= index < num_layers):
+      raise ValueError(
+          f"DecoderLM: layer_options key {index!r} is not a layer index of the "
+          f"{num_layers}-layer pattern (0 ... {num_layers - 1}, or negative from the end).")
+    if not isinstance(options, Mapping):
+      raise ValueError(f"DecoderLM: layer_options[{index!r}] must be a dict of mixer options, "
+                       f"got {options!r}.")
+    position = index % num_layers
+    if position in indexed:
+      raise ValueError(f"DecoderLM: layer_options names layer {position} twice "
+                       f"(keys {indexed[position][0]!r} and {index!r}).")
+    indexed[position] = (index, dict(options))
+  return indexed
+
+
+def _with_bindings(error: ValueError, sources: Mapping[str, str]) -> str:
+  """The error's message plus the gin bindings that set the options it names."""
+  message = str(error)
+  named = [f"{option} is set by {binding}" for option, binding in sources.items()
+           if re.search(rf"\b{re.escape(option)}\b", message)]
+  if not named:
+    return message
+  return f"{message.rstrip().rstrip('.')} ({'; '.join(named)})."
 
 
 @gin.configurable(denylist=["vocab_size", "rngs"])
@@ -78,6 +125,13 @@ class DecoderLM(nnx.Module):
     layer_pattern: one registered mixer name per layer, e.g. ["attention", "attention"].
     mixer_options: mixer name -> keyword options of its factory, shared by every layer
       using that mixer, e.g. {"attention": {"num_heads": 4, "rope_theta": 10000.0}}.
+    shared_mixer_options: options given to every mixer of the pattern whose factory
+      accepts them, e.g. {"num_heads": 4, "num_kv_heads": 2} for the local and the global
+      attention layers of a hybrid alike; an option no mixer of the pattern accepts is an
+      error. ``mixer_options`` override them.
+    layer_options: layer index -> options for that layer alone, over the mixer's options,
+      e.g. {0: {"window": 8}, 3: {"window": 32}} for different sliding windows per layer
+      (negative indices count from the end).
     mlp_hidden_features: hidden size of each gated MLP; default 4 * features.
     mlp_activation: "silu" (SwiGLU) or "gelu" (GeGLU).
     short_conv_size: taps of the short causal depthwise convolution in front of each
@@ -92,6 +146,8 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, vocab_size: int, features: int, *, layer_pattern: Sequence[str],
                mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
+               shared_mixer_options: Mapping[str, Any] | None = None,
+               layer_options: Mapping[int, Mapping[str, Any]] | None = None,
                mlp_hidden_features: int | None = None, mlp_activation: str = "silu",
                short_conv_size: int = 0, tie_embeddings: bool = True, norm_eps: float = 1e-6,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -117,6 +173,40 @@ class DecoderLM(nnx.Module):
     factories = {name: get_mixer(name) for name in dict.fromkeys(layer_pattern)}
     for name, factory in factories.items():
       _check_mixer_options(name, factory, mixer_options.get(name, {}))
+    layer_options = _layer_indices(layer_options or {}, len(layer_pattern))
+    for position, (key, options) in layer_options.items():
+      _check_mixer_options(layer_pattern[position], factories[layer_pattern[position]], options,
+                           f"DecoderLM.layer_options[{key!r}]")
+    shared_mixer_options = dict(shared_mixer_options or {})
+    clashing = sorted(set(shared_mixer_options) & _RESERVED_OPTIONS)
+    if clashing:
+      raise ValueError(f"DecoderLM: shared_mixer_options sets {clashing}, which the model "
+                       "passes itself.")
+    accepted = {name: _accepted_options(factory) for name, factory in factories.items()}
+    unused = sorted(option for option in shared_mixer_options
+                    if not any(a is None or option in a for a in accepted.values()))
+    if unused:
+      raise ValueError(
+          f"DecoderLM: shared_mixer_options sets {unused}, which no mixer of layer_pattern "
+          f"{list(layer_pattern)} accepts.")
+
+    def layer_config(position: int, name: str) -> tuple[dict[str, Any], dict[str, str]]:
+      """The options of one layer and the gin binding each comes from."""
+      options, sources = {}, {}
+      for option, value in shared_mixer_options.items():
+        if accepted[name] is None or option in accepted[name]:
+          options[option] = value
+          sources[option] = f"DecoderLM.shared_mixer_options[{option!r}]"
+      for option, value in mixer_options.get(name, {}).items():
+        options[option] = value
+        sources[option] = f"DecoderLM.mixer_options[{name!r}][{option!r}]"
+      if position in layer_options:
+        key, overrides = layer_options[position]
+        for option, value in overrides.items():
+          options[option] = value
+          sources[option] = f"DecoderLM.layer_options[{key!r}][{option!r}]"
+      return options, sources
+
     mlp_hidden_features = 4 * features if mlp_hidden_features is None else mlp_hidden_features
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
 
@@ -133,13 +223,14 @@ class DecoderLM(nnx.Module):
                            embedding_init=embedding_init, rngs=rngs)
     blocks = []
     for index, name in enumerate(self.layer_pattern):
-      options = mixer_options.get(name, {})
+      options, sources = layer_config(index, name)
       try:
         mixer = factories[name](features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                 **options)
       except ValueError as error:
         raise ValueError(
-            f"DecoderLM: layer {index} (mixer {name!r}, options {options}): {error}") from error
+            f"DecoderLM: layer {index} (mixer {name!r}, options {options}): "
+            f"{_with_bindings(error, sources)}") from error
       blocks.append(DecoderBlock(
           features, mixer, mlp_hidden_features=mlp_hidden_features,
           mlp_activation=mlp_activation, short_conv_size=short_conv_size, norm_eps=norm_eps,

@@ -1,11 +1,92 @@
-"""The built-in sequence mixers, registered by name."""
+"""The built-in sequence mixers, registered by name.
+
+Attention flavours (all :class:`layers.Attention`, causal, on the flash-attention kernel):
+
+* ``"attention"``: full causal attention; optionally DuoAttention-style per-head windows
+  (``per_head_windows``) and LongLoRA's training-time S²-Attn (``shifted_sparse_group_size``).
+* ``"local_attention"``: sliding-window attention (``window``, required) with optional
+  attention sinks; RoPE base 10 000 by default.
+* ``"global_attention"``: full causal attention with its own RoPE base, 1 000 000 by default
+  (Gemma 3's global layers); ``rope_theta=None`` makes it NoPE.
+
+Windows count tokens as Mistral, Gemma and Hugging Face's ``sliding_window`` do: a query
+sees the ``window`` most recent tokens, itself included (keys c - window + 1 ... c), and
+a decoder caches at most ``window`` (+ sinks) tokens for the layer. (The layer's
+``local_window_size`` keeps the kernel's convention instead: keys c - w ... c.)
+
+All three accept the common options num_heads (required), num_kv_heads, head_dim,
+use_qk_norm, rope_theta, logits_soft_cap, implementation: set them once for every layer
+with ``DecoderLM.shared_mixer_options``.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from flax import nnx
 
 from layers import Attention
 from lclm.model.registry import register_mixer
+from pallas_kernels import masks
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_num_heads(mixer: str, num_heads) -> None:
+  if num_heads is None:
+    raise ValueError(
+        f"mixer {mixer!r} needs the option num_heads, e.g. "
+        f"mixer_options={{{mixer!r}: {{'num_heads': 4}}}} or "
+        "shared_mixer_options={'num_heads': 4}.")
+
+
+def _check_window(mixer: str, name: str, window) -> None:
+  if not _is_int(window) or window < 1:
+    raise ValueError(
+        f"mixer {mixer!r}: option {name} must be a positive int (the tokens each query sees, "
+        f"itself included), got {window!r}.")
+
+
+def _check_sinks(mixer: str, num_sink_tokens) -> None:
+  if not _is_int(num_sink_tokens) or num_sink_tokens < 0:
+    raise ValueError(f"mixer {mixer!r}: option num_sink_tokens must be a non-negative int, "
+                     f"got {num_sink_tokens!r}.")
+
+
+def causal_window(window: int) -> tuple[int, int]:
+  """The kernel's ``local_window_size`` of a causal window of ``window`` tokens (itself
+  included): keys c - window + 1 ... c."""
+  return (window - 1, 0)
+
+
+def _per_head_mask(mixer: str, per_head_windows: Sequence, num_heads: int,
+                   num_sink_tokens: int) -> masks.PerHeadMask:
+  if isinstance(per_head_windows, (str, bytes)) or not isinstance(per_head_windows,
+                                                                   (list, tuple)):
+    raise ValueError(
+        f"mixer {mixer!r}: option per_head_windows must be a list with one entry per query "
+        f"head (a window in tokens, or None for full attention), got {per_head_windows!r}.")
+  if len(per_head_windows) != num_heads:
+    raise ValueError(
+        f"mixer {mixer!r}: option per_head_windows has {len(per_head_windows)} entries but "
+        f"num_heads={num_heads}; give one window (or None) per query head.")
+  for window in per_head_windows:
+    if window is not None:
+      _check_window(mixer, "per_head_windows", window)
+  # Not causal here: the layer's own causal mask is ANDed in by the kernel.
+  return masks.per_head_windows(
+      [None if w is None else causal_window(w) for w in per_head_windows], is_causal=False,
+      num_sink_tokens=num_sink_tokens)
+
+
+def _layer(features, *, rngs, dtype, param_dtype, num_heads, num_kv_heads, head_dim,
+           use_qk_norm, rope_theta, logits_soft_cap, implementation, **mask_options):
+  return Attention(features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   use_qk_norm=use_qk_norm, rope_theta=rope_theta, is_causal=True,
+                   logits_soft_cap=logits_soft_cap, implementation=implementation,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs, **mask_options)
 
 
 @register_mixer("attention")
@@ -13,17 +94,77 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
               num_heads: int | None = None, num_kv_heads: int | None = None,
               head_dim: int | None = None, use_qk_norm: bool = False,
               rope_theta: float | None = 10000.0, logits_soft_cap: float | None = None,
-              implementation: str | None = None) -> Attention:
+              implementation: str | None = None, per_head_windows: Sequence | None = None,
+              num_sink_tokens: int = 0,
+              shifted_sparse_group_size: int | None = None) -> Attention:
   """Causal self-attention (:class:`layers.Attention`); ``rope_theta=None`` is NoPE.
 
-  ``num_heads`` is required; the other options default as in the layer.
+  ``num_heads`` is required; the other options default as in the layer. Sparse options:
+
+  * ``per_head_windows``: one entry per query head, None (full attention: DuoAttention's
+    retrieval heads) or a window in tokens (streaming heads, which also keep
+    ``num_sink_tokens`` sinks). With GQA, a key/value head caches what its widest query
+    head needs.
+  * ``shifted_sparse_group_size``: LongLoRA's S²-Attn while training; evaluation
+    (``model.eval()``) and the KV cache use full causal attention.
   """
-  if num_heads is None:
+  _require_num_heads("attention", num_heads)
+  _check_sinks("attention", num_sink_tokens)
+  mask = None
+  if per_head_windows is not None:
+    mask = _per_head_mask("attention", per_head_windows, num_heads, num_sink_tokens)
+  elif num_sink_tokens:
     raise ValueError(
-        "mixer 'attention' needs the option num_heads, e.g. "
-        "mixer_options={'attention': {'num_heads': 4}}."
-    )
-  return Attention(features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   use_qk_norm=use_qk_norm, rope_theta=rope_theta, is_causal=True,
-                   logits_soft_cap=logits_soft_cap, implementation=implementation,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        f"mixer 'attention': option num_sink_tokens={num_sink_tokens} needs per_head_windows "
+        "(sinks widen a window); for a sliding window in every head use 'local_attention'.")
+  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
+                logits_soft_cap=logits_soft_cap, implementation=implementation, mask=mask,
+                shifted_sparse_group_size=shifted_sparse_group_size)
+
+
+@register_mixer("local_attention")
+def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                    window: int | None = None, num_sink_tokens: int = 0,
+                    num_heads: int | None = None, num_kv_heads: int | None = None,
+                    head_dim: int | None = None, use_qk_norm: bool = False,
+                    rope_theta: float | None = 10000.0, logits_soft_cap: float | None = None,
+                    implementation: str | None = None) -> Attention:
+  """Sliding-window causal attention: each query sees its ``window`` most recent tokens
+  (itself included) and the first ``num_sink_tokens`` tokens of the row (StreamingLLM).
+
+  ``window`` and ``num_heads`` are required; RoPE base 10 000 unless ``rope_theta`` says
+  otherwise (None: NoPE). A different window per layer: ``DecoderLM.layer_options``.
+  """
+  _require_num_heads("local_attention", num_heads)
+  if window is None:
+    raise ValueError("mixer 'local_attention' needs the option window (tokens each query "
+                     "sees, itself included), e.g. {'window': 16}.")
+  _check_window("local_attention", "window", window)
+  _check_sinks("local_attention", num_sink_tokens)
+  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
+                logits_soft_cap=logits_soft_cap, implementation=implementation,
+                local_window_size=causal_window(window), num_sink_tokens=num_sink_tokens)
+
+
+@register_mixer("global_attention")
+def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                     num_heads: int | None = None, num_kv_heads: int | None = None,
+                     head_dim: int | None = None, use_qk_norm: bool = False,
+                     rope_theta: float | None = 1_000_000.0,
+                     logits_soft_cap: float | None = None, implementation: str | None = None,
+                     shifted_sparse_group_size: int | None = None) -> Attention:
+  """Full causal attention with its own RoPE base: 1 000 000 by default (Gemma 3's global
+  layers beside local layers at 10 000); ``rope_theta=None`` is NoPE (RNoPE-SWA).
+
+  ``shifted_sparse_group_size``: LongLoRA's training-time S²-Attn, as in ``"attention"``.
+  """
+  _require_num_heads("global_attention", num_heads)
+  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
+                logits_soft_cap=logits_soft_cap, implementation=implementation,
+                shifted_sparse_group_size=shifted_sparse_group_size)

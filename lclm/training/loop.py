@@ -188,7 +188,9 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
 
   @jax.jit
   def count_hits(params, batch):
-    logits = nnx.merge(state.graphdef, params)(
+    model = nnx.merge(state.graphdef, params)
+    model.eval()  # Evaluation mode: e.g. no training-time S²-Attn (full attention instead).
+    logits = model(
         batch["inputs"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
     counts = evaluation.masked_accuracy_counts(logits, batch["targets"], batch["loss_mask"])
     return jax.lax.with_sharding_constraint(counts, replicated)

@@ -46,3 +46,24 @@ def silu(x):
 
 def gelu_tanh(x):
   return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def masked_attention(q, k, v, visible, scale=None):
+  """Softmax attention with an explicit mask, float64.
+
+  q [b, tq, h, d]; k, v [b, tk, hk, d] (query head i reads kv head i // (h // hk));
+  visible bool [h, tq, tk]. A query that sees nothing gets zeros.
+  """
+  q, k, v = f64(q), f64(k), f64(v)
+  h, hk = q.shape[2], k.shape[2]
+  group = h // hk
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  logits = np.where(visible[None], logits, -np.inf)
+  row_max = np.max(logits, axis=-1, keepdims=True)
+  row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+  weights = np.where(visible[None], np.exp(logits - row_max), 0.0)
+  denom = weights.sum(-1, keepdims=True)
+  probs = weights / np.where(denom == 0, 1.0, denom)
+  return np.einsum("bhqk,bkhd->bqhd", probs, v)
