@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window length-extrapolation install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ benchmark: $(STAMP)
 # fast enough (CPU: 8K tokens, window 256, time ratio <= 0.2; GPU/TPU: 32K, 1024, <= 1/8).
 benchmark-window: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_kernels --window-check
+
+# Train at length 64 with several position methods, evaluate at 64 ... 1024 (CPU: ~15 min).
+length-extrapolation: $(STAMP)
+	$(BIN)/python -m experiments.length_extrapolation \
+	    --gin_file=configs/experiments/length_extrapolation.gin --workdir=runs/length-extrapolation
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs

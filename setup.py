@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     # TensorBoard event files without TensorFlow.
     "tensorboardX>=2.6,<3",
+    # Plots written by the experiments (length extrapolation).
+    "matplotlib>=3.8,<4",
 ]
 
 EXTRAS_REQUIRE = {
@@ -26,7 +28,6 @@ EXTRAS_REQUIRE = {
     ],
     "notebooks": [
         "jupyter>=1.0,<2",
-        "matplotlib>=3.8,<4",
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
     "tpu": ["jax[tpu]>=0.10.0,<0.12"],

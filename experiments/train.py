@@ -64,13 +64,18 @@ def maybe_initialize_distributed(mode: str) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.train",
-                                   description=__doc__.split("\n")[0])
+def gin_argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+  """A parser with the flags every gin entry point takes: --gin_file, --gin_param, --workdir."""
+  parser = argparse.ArgumentParser(prog=prog, description=description)
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding 'X=Y' (repeatable), applied after the files")
   parser.add_argument("--workdir", required=True, help="run directory (created)")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = gin_argument_parser("python -m experiments.train", __doc__.split("\n")[0])
   parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                       help="call jax.distributed.initialize() (auto: when on a cluster)")
   args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,12 @@ import numpy as np
 from flax import nnx
 
 from layers.norms import RMSNorm
-from layers.partitioning import shard_kernel, with_logical_axes
-from layers.rope import apply_rope, rope_frequencies
+from layers.partitioning import (ContextParallelism, context_parallelism, shard_kernel,
+                                 with_logical_axes)
+from layers.position_extensions import PositionExtension, attend_passes
+from layers.rotary import RotaryEmbedding
 from pallas_kernels import flash_attention, masks
+from pallas_kernels.ring_attention import context_parallel_shard
 
 
 # Logical axes of the kernel's operands. Query heads take the key/value heads' name: a split
@@ -20,6 +23,8 @@ from pallas_kernels import flash_attention, masks
 _QUERY_AXES = ("batch", None, "kv_heads", None)
 _KV_AXES = ("batch", None, "kv_heads", None)
 _HEAD_IDS_AXES = ("kv_heads",)
+# Under context parallelism the kernel gets sequence shards too ("length" over "context").
+_CONTEXT_PARALLEL_AXES = ("batch", "length", "kv_heads", None)
 
 
 def _is_int(value) -> bool:
@@ -58,11 +63,22 @@ class Attention(nnx.Module):
   Per call: bias-free projections q [features -> num_heads x head_dim] and k, v
   [features -> num_kv_heads x head_dim]; with ``use_qk_norm`` an :class:`RMSNorm` over
   head_dim (one scale shared by all heads) on q and on k; RoPE on q and k unless
-  ``rope_theta`` is None (NoPE); :func:`pallas_kernels.flash_attention` with scale
-  ``head_dim ** -0.5``; the output projection [num_heads x head_dim -> features].
+  ``rope_theta`` is None (NoPE), with the options of :class:`layers.rotary.RotaryEmbedding`
+  (scaling, per-head bases, partial rotary, layout); :func:`pallas_kernels.flash_attention`
+  with scale ``head_dim ** -0.5``; the output projection [num_heads x head_dim -> features].
+
+  Training-free length extension (``position_extension``): Self-Extend or LM-Infinite
+  replace the single kernel call by their two flash passes merged through the log-sum-exp
+  (:mod:`layers.position_extensions`); they need RoPE, causality and no other sparse option.
 
   Sparse attention: the mask options go to the kernel, which skips the blocks they hide.
   Visible = causal & (window | sinks) & chunk & ``mask`` [& S²-Attn while training].
+
+  Context parallelism: while the training code has installed a plan
+  (``layers.partitioning.context_parallelism()``: the mesh splits the sequence), the kernel
+  runs on sequence shards (:func:`pallas_kernels.ring_attention.context_parallel_shard`:
+  ring, all-gather or Ulysses). It supports causality, a window, segments, GQA and the soft
+  cap; sinks, chunks, ``mask``, S²-Attn and position extensions raise a ValueError.
 
   Logical axes of the kernels: q ("embed", "heads", "head_dim"), k and v ("embed",
   "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); QK-norm scales ("head_dim",).
@@ -73,7 +89,19 @@ class Attention(nnx.Module):
     num_kv_heads: number of key/value heads; default ``num_heads``.
     head_dim: size of each head; default ``features // num_heads``.
     use_qk_norm: RMS-normalise each query and key head vector before RoPE.
-    rope_theta: RoPE base (rotate-half layout), or None for no position encoding.
+    rope_theta: RoPE base, a list of one base per query head (HARPE; query heads of one
+      GQA group must share a base), or None for no position encoding (NoPE).
+    rope_scaling: None or a Hugging Face ``rope_scaling`` dict (``rope_type`` linear, ntk,
+      dynamic, yarn, longrope, llama3 and the keys it reads; see :mod:`layers.rope`). The
+      length-dependent types read ``seq_len = max(position_ids) + 1`` at call time.
+    partial_rotary_factor: rotate the first ``int(head_dim * factor)`` coordinates only.
+    rope_layout: "half" (rotate-half: GPT-NeoX, Llama) or "interleaved" (GPT-J pairs).
+    max_position_embeddings: Hugging Face's ``config.max_position_embeddings``, read by some
+      scaling types (see :func:`layers.rope.rope_frequencies`).
+    position_extension: None, ``{"method": "self_extend", "group_size": G, "window": W}``
+      or ``{"method": "lm_infinite", "local_window": L, "max_distance": M, "num_global":
+      S}`` (see :mod:`layers.position_extensions`); position ids must be contiguous within
+      each segment.
     is_causal: each token attends only to itself and earlier tokens.
     local_window_size: sliding window with the kernel's (``jax.nn.dot_product_attention``)
       semantics: an int w or a pair (left, right); the query at position c sees keys
@@ -103,7 +131,11 @@ class Attention(nnx.Module):
 
   def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_qk_norm: bool = False,
-               rope_theta: float | None = 10000.0, is_causal: bool = True,
+               rope_theta: float | Sequence[float] | None = 10000.0,
+               rope_scaling: Mapping[str, Any] | None = None,
+               partial_rotary_factor: float = 1.0, rope_layout: str = "half",
+               max_position_embeddings: int | None = None,
+               position_extension: Mapping[str, Any] | None = None, is_causal: bool = True,
                local_window_size: int | Sequence[int] | None = None, num_sink_tokens: int = 0,
                chunk_size: int | None = None, mask: masks.Mask | None = None,
                shifted_sparse_group_size: int | None = None, deterministic: bool = False,
@@ -130,18 +162,34 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention: head_dim must be positive, got {head_dim}.")
     if rope_theta is not None and head_dim % 2:
       raise ValueError(f"Attention: RoPE needs an even head_dim, got head_dim={head_dim}.")
+    if rope_theta is None:
+      rope_options = dict(rope_scaling=rope_scaling, position_extension=position_extension)
+      if partial_rotary_factor != 1.0:
+        rope_options["partial_rotary_factor"] = partial_rotary_factor
+      given = sorted(name for name, value in rope_options.items() if value is not None)
+      if given:
+        raise ValueError(f"Attention: {given} need RoPE, but rope_theta is None (NoPE); set "
+                         "rope_theta or drop them.")
+      self.rotary = None
+    else:
+      self.rotary = RotaryEmbedding.create(
+          head_dim, rope_theta, num_heads=num_heads, num_kv_heads=num_kv_heads,
+          scaling=rope_scaling, partial_rotary_factor=partial_rotary_factor,
+          layout=rope_layout, max_position_embeddings=max_position_embeddings)
 
     self.features = features
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
-    self.rope_theta = rope_theta
+    self.rope_theta = tuple(rope_theta) if isinstance(rope_theta, (list, tuple)) else rope_theta
     self.is_causal = is_causal
     self.logits_soft_cap = logits_soft_cap
     self.implementation = implementation
     self.deterministic = deterministic
     self._set_mask_options(local_window_size, num_sink_tokens, chunk_size, mask,
                            shifted_sparse_group_size)
+    self._set_position_extension(position_extension)
+    self._check_context_parallelism(context_parallelism())
 
     def projection(in_features, out_features, axis, logical_axes):
       kernel_init = with_logical_axes(nnx.initializers.lecun_normal(), logical_axes)
@@ -212,6 +260,75 @@ class Attention(nnx.Module):
         is_causal=self.is_causal, local_window_size=local_window_size,
         num_sink_tokens=self.num_sink_tokens, chunk_size=self.chunk_size, mask=mask)
 
+  def _set_position_extension(self, spec):
+    """Validates ``position_extension``: it brings its own masks, so no other sparse option."""
+    if spec is None:
+      self.position_extension = None
+      return
+    extension = PositionExtension.create(spec)
+    others = dict(local_window_size=self.local_window_size, num_sink_tokens=self.num_sink_tokens,
+                  chunk_size=self.chunk_size, mask=self.mask,
+                  shifted_sparse_group_size=self.shifted_sparse_group_size)
+    clashing = sorted(name for name, value in others.items() if value)
+    if clashing or not self.is_causal:
+      raise ValueError(
+          f"Attention: position_extension {extension.method!r} builds its own causal masks and "
+          f"cannot be combined with {clashing or ['is_causal=False']}.")
+    self.position_extension = extension
+    self._inference_mask = extension.inference_mask()
+
+  def _check_context_parallelism(self, plan: ContextParallelism | None) -> None:
+    """Raises a ValueError for options the context-parallel kernels cannot run.
+
+    They take causality, a sliding window, segments, GQA and a logit soft cap; masks tied to
+    absolute positions or to heads do not survive the split of the sequence.
+    """
+    if plan is None:
+      return
+    unsupported = dict(num_sink_tokens=self.num_sink_tokens, chunk_size=self.chunk_size,
+                       mask=self.mask, shifted_sparse_group_size=self.shifted_sparse_group_size,
+                       position_extension=self.position_extension)
+    given = sorted(name for name, value in unsupported.items() if value)
+    if plan.strategy == "ulysses" and (self.num_heads % plan.num_shards or
+                                       self.num_kv_heads % plan.num_shards):
+      raise ValueError(
+          f"Attention: context parallelism ({plan.describe()}) splits the heads over the "
+          f"{plan.num_shards} shards: num_heads ({self.num_heads}) and num_kv_heads "
+          f"({self.num_kv_heads}) must both be divisible by {plan.num_shards}. Use "
+          "context_parallelism.strategy = 'ring' or 'all_gather'.")
+    if given:
+      raise ValueError(
+          f"Attention: {given} cannot run with context parallelism ({plan.describe()}): the "
+          "context-parallel kernels support causality, a sliding window (local_window_size), "
+          "segments, GQA and logits_soft_cap only. Drop them (e.g. a 'local_attention' "
+          "without sinks, 'attention' without per_head_windows) or use make_mesh.context = 1.")
+
+  def _attend_context_parallel(self, plan: ContextParallelism, q, k, v, segment_ids):
+    """Exact attention with the sequence split over ``plan.axis_name`` (q/k/v [batch, seq,
+    heads, head_dim], global arrays; each device works on its shard of the sequence)."""
+    self._check_context_parallelism(plan)
+    seq_len = q.shape[1]
+
+    def kernel(q, k, v, segment_ids):
+      if q.shape[1] * plan.num_shards != seq_len:
+        raise ValueError(
+            f"Attention: context parallelism expects the {seq_len} tokens split over "
+            f"{plan.axis_name!r} ({plan.num_shards} shards), but a shard holds {q.shape[1]}: "
+            "the axis rules must map the logical axis 'length' to that axis, and it must "
+            "divide the sequence length.")
+      return context_parallel_shard(
+          q, k, v, axis_name=plan.axis_name, strategy=plan.strategy,
+          load_balance=plan.load_balance, token_order=plan.token_order,
+          is_causal=self.is_causal, segment_ids=segment_ids,
+          local_window_size=self.local_window_size, logits_soft_cap=self.logits_soft_cap,
+          implementation=self.implementation)
+
+    return shard_kernel(
+        kernel, (q, k, v, segment_ids),
+        in_axes=(_CONTEXT_PARALLEL_AXES,) * 3 + (
+            None if segment_ids is None else ("batch", "length"),),
+        out_axes=_CONTEXT_PARALLEL_AXES)
+
   def _kernel_mask(self) -> masks.Mask | None:
     """The ``mask`` argument of the kernel: the user's mask, & S²-Attn while training."""
     if self._s2_mask is None or self.deterministic:
@@ -250,9 +367,9 @@ class Attention(nnx.Module):
 
     Args:
       x: [batch, seq, features].
-      position_ids: integer [batch, seq] (or [1, seq]) RoPE positions; default 0 .. seq - 1
-        for every row. Packed sequences usually restart them at each segment. Unused
-        without RoPE.
+      position_ids: [batch, seq] (or [1, seq]) RoPE positions, integers (or floats for
+        fractional positions, E²-LLM); default 0 .. seq - 1 for every row. Packed sequences
+        usually restart them at each segment. Unused without RoPE.
       segment_ids: integer [batch, seq]; tokens attend only within their segment.
 
     Returns:
@@ -265,23 +382,35 @@ class Attention(nnx.Module):
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    if self.rope_theta is not None:
-      if position_ids is None:
-        position_ids = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
-      inv_freq = rope_frequencies(self.head_dim, self.rope_theta)
-      q = apply_rope(q, position_ids, inv_freq)
-      k = apply_rope(k, position_ids, inv_freq)
+    if self.rotary is not None and position_ids is None:
+      position_ids = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    q_far = k_far = pass_masks = None
+    if self.position_extension is not None:
+      passes = self._extension_passes(q, k, position_ids)
+      (q, k, _), pass_masks = passes[0], tuple(p[2] for p in passes)
+      if len(passes) == 2:
+        q_far, k_far = passes[1][:2]
+    elif self.rotary is not None:
+      q, k = self.rotary.rotate_qk(q, k, position_ids)
+    plan = context_parallelism()
+    if plan is not None:  # The sequence is split over devices: ring / all-gather / Ulysses.
+      return self.o_proj(self._attend_context_parallel(plan, q, k, v, segment_ids))
     mask = self._kernel_mask()
+    flash_options = dict(scale=None, logits_soft_cap=self.logits_soft_cap,
+                         implementation=self.implementation)
 
-    def kernel(q, k, v, segment_ids, mask):
+    def kernel(q, k, v, segment_ids, mask, q_far=None, k_far=None):
+      if pass_masks is not None:  # The extension's near (and far) passes.
+        qk = ((q, k),) if q_far is None else ((q, k), (q_far, k_far))
+        return attend_passes(v, tuple((a, b, m) for (a, b), m in zip(qk, pass_masks)),
+                             segment_ids=segment_ids, **flash_options)
       return flash_attention(
-          q, k, v, scale=None, is_causal=self.is_causal, segment_ids=segment_ids,
+          q, k, v, is_causal=self.is_causal, segment_ids=segment_ids,
           local_window_size=self.local_window_size, num_sink_tokens=self.num_sink_tokens,
-          chunk_size=self.chunk_size, mask=mask, logits_soft_cap=self.logits_soft_cap,
-          implementation=self.implementation)
+          chunk_size=self.chunk_size, mask=mask, **flash_options)
 
-    def attend(q, k, v, segment_ids, head_ids):
-      return self._attend_heads(kernel, mask, q, k, v, segment_ids, head_ids)
+    def attend(q, k, v, segment_ids, head_ids, q_far, k_far):
+      return self._attend_heads(kernel, mask, q, k, v, segment_ids, head_ids, q_far, k_far)
 
     # Per shard of batch and heads under a sharded jit (the kernel is one custom call). The
     # sequence stays whole: splitting it needs ring attention, not a plain shard_map.
@@ -289,18 +418,31 @@ class Attention(nnx.Module):
     # which heads, and hence which entries of a per-head mask, it holds.
     head_ids = jnp.arange(self.num_kv_heads, dtype=jnp.int32)
     out = shard_kernel(
-        attend, (q, k, v, segment_ids, head_ids),
+        attend, (q, k, v, segment_ids, head_ids, q_far, k_far),
         in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES,
-                 None if segment_ids is None else ("batch", None), _HEAD_IDS_AXES),
+                 None if segment_ids is None else ("batch", None), _HEAD_IDS_AXES,
+                 None if q_far is None else _QUERY_AXES, None if k_far is None else _KV_AXES),
         out_axes=_QUERY_AXES)
     return self.o_proj(out)
 
-  def _attend_heads(self, kernel, mask, q, k, v, segment_ids, head_ids):
+  def _extension_passes(self, q, k, position_ids):
+    """The (rotated q, rotated k, mask options) passes of the position extension (one or
+    two: LM-Infinite without sinks is its window alone)."""
+    if not jnp.issubdtype(position_ids.dtype, jnp.integer):
+      raise ValueError(f"Attention: position_extension {self.position_extension.method!r} "
+                       f"needs integer position_ids, got dtype {position_ids.dtype}.")
+    position_ids = jnp.broadcast_to(position_ids, q.shape[:2])
+    q_freq, k_freq = self.rotary.frequencies(self.rotary.seq_len_of(position_ids))
+    return self.position_extension.passes(q, k, position_ids=position_ids, freqs=q_freq,
+                                          key_freqs=k_freq, layout=self.rotary.layout)
+
+  def _attend_heads(self, kernel, mask, q, k, v, segment_ids, head_ids, q_far=None,
+                    k_far=None):
     """Runs ``kernel`` on the heads of one shard, with the entries of a per-head mask that
     belong to them (all heads, unsharded: the mask as it is)."""
     local_kv_heads, local_heads = k.shape[2], q.shape[2]
     if not isinstance(mask, masks.PerHeadMask) or local_kv_heads == self.num_kv_heads:
-      return kernel(q, k, v, segment_ids, mask)
+      return kernel(q, k, v, segment_ids, mask, q_far, k_far)
     # Heads split into contiguous blocks of local_heads query heads: one mask per block.
     blocks = [masks.PerHeadMask(mask.masks[start:start + local_heads])
               for start in range(0, self.num_heads, local_heads)]

@@ -23,12 +23,19 @@ Logical names used by the layers:
   heads      query heads                 kv_heads  key/value heads
   head_dim   features of one head        mlp       hidden features of the MLP
   conv_width taps of a short convolution
+  batch      rows of a batch (activations) length   tokens of a row (activations)
+
+Context parallelism: when the training code splits the sequence ("length") over a mesh
+axis, it installs a :class:`ContextParallelism` plan with :func:`use_context_parallelism`;
+attention layers read it with :func:`context_parallelism` and run their kernel on sequence
+shards (ring, all-gather or Ulysses attention) through :func:`shard_kernel`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Callable, Iterator
 
 import jax
@@ -108,3 +115,48 @@ def shard_kernel(fn: Callable[..., jax.Array], args: tuple, in_axes: tuple, out_
 def kernel_sharding(sharder: KernelSharder | None):
   """Installs ``sharder(fn, args, in_axes, out_axes) -> out`` for :func:`shard_kernel`."""
   return _installed(_KERNEL_SHARDER, sharder)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallelism:
+  """How the sequence of the attention kernels is split, as the training code planned it.
+
+  Inside :func:`shard_kernel`, an argument whose logical axes name "length" holds this
+  device's shard of the sequence.
+
+  Attributes:
+    axis_name: the mesh axis the logical "length" axis is split over.
+    num_shards: its size (> 1).
+    strategy: "ring", "all_gather" or "ulysses" (see
+      :func:`pallas_kernels.ring_attention.context_parallel_shard`).
+    load_balance: None, "zigzag" or "striped".
+    token_order: "natural" (rows in token order; the kernels move the shards to the
+      balanced layout and back) or "balanced" (the data pipeline emitted the rows already
+      permuted into the ``load_balance`` order, positions and segment ids alike).
+  """
+  axis_name: str
+  num_shards: int
+  strategy: str = "ring"
+  load_balance: str | None = None
+  token_order: str = "natural"
+
+  def describe(self) -> str:
+    """E.g. "ring attention, zigzag load balance, sequence over 'context' (4 shards)"."""
+    balance = "no" if self.load_balance is None else self.load_balance
+    order = ", rows pre-permuted" if self.token_order == "balanced" else ""
+    return (f"{self.strategy} attention, {balance} load balance, sequence over "
+            f"{self.axis_name!r} ({self.num_shards} shards){order}")
+
+
+_CONTEXT_PARALLELISM: contextvars.ContextVar[ContextParallelism | None] = (
+    contextvars.ContextVar("context_parallelism", default=None))
+
+
+def context_parallelism() -> ContextParallelism | None:
+  """The installed plan (see :class:`ContextParallelism`), or None: the sequence is whole."""
+  return _CONTEXT_PARALLELISM.get()
+
+
+def use_context_parallelism(plan: ContextParallelism | None):
+  """Installs ``plan`` for :func:`context_parallelism` (None: no context parallelism)."""
+  return _installed(_CONTEXT_PARALLELISM, plan)

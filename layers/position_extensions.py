@@ -32,12 +32,16 @@ a relative position per (query, key) pair, for tests.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from layers import rope as rope_lib
 from pallas_kernels import flash_attention, masks
+from pallas_kernels.flash_attention.reference import masked_softmax_attention
 
 
 # ----------------------------------------------------------------------------- merging
@@ -105,17 +109,25 @@ def _rope(x, pos, freqs, layout):
   return rope_lib.apply_rope(x, pos, freqs, layout=layout)
 
 
-def _two_passes(query, key, value, *, near, far, return_lse, **kwargs):
-  """Runs the near and far passes ((q, k, mask kwargs) each) and merges them."""
-  q1, k1, kw1 = near
-  out1, lse1 = flash_attention(q1, k1, value, return_lse=True, **kw1, **kwargs)
-  if far is None:
-    out, lse = out1, lse1
-  else:
-    q2, k2, kw2 = far
-    out2, lse2 = flash_attention(q2, k2, value, return_lse=True, **kw2, **kwargs)
-    out, lse = merge_attention(out1, lse1, out2, lse2)
-  out = out.astype(query.dtype)
+def attend_passes(value, passes, *, return_lse: bool = False, **flash_kwargs):
+  """Attention over the union of disjoint key sets, one flash pass each, merged by lse.
+
+  Args:
+    value: [batch, kv_len, num_kv_heads, head_dim].
+    passes: a sequence of ``(query, key, mask_kwargs)``: the rotated query and key of the
+      pass and the mask options of ``flash_attention`` that select its keys (the sets must be
+      disjoint, e.g. near and far keys).
+    flash_kwargs: the options every pass shares (scale, segment_ids, soft cap,
+      implementation, block sizes).
+
+  Returns:
+    [batch, q_len, num_heads, head_dim] in the first query's dtype (and the float32 lse).
+  """
+  out = lse = None
+  for query, key, mask_kwargs in passes:
+    o, l = flash_attention(query, key, value, return_lse=True, **mask_kwargs, **flash_kwargs)
+    out, lse = (o, l) if out is None else merge_attention(out, lse, o, l)
+  out = out.astype(passes[0][0].dtype)
   return (out, lse) if return_lse else out
 
 
@@ -128,10 +140,30 @@ def self_extend_positions(query_positions, key_positions, *, group_size, window)
   return query_positions // g + (w - w // g), key_positions // g  # Floor division (numpy/jax).
 
 
+def self_extend_passes(query, key, *, position_ids, freqs, group_size: int, window: int,
+                       key_position_ids=None, key_freqs=None, layout: str = "half"):
+  """Self-Extend's two passes for :func:`attend_passes`: near keys (distance < W) at real
+  positions, far keys at grouped positions. Arguments as :func:`self_extend_attention`;
+  ``key_freqs`` rotates the keys when they need other frequencies than the queries (per-head
+  bases with GQA; default ``freqs``)."""
+  fn = "self_extend_attention"
+  _check_positive_int(fn, "group_size", group_size)
+  _check_positive_int(fn, "window", window)
+  key_freqs = freqs if key_freqs is None else key_freqs
+  q_pos, k_pos = _positions(fn, query, key, position_ids, key_position_ids)
+  gq_pos, gk_pos = self_extend_positions(q_pos, k_pos, group_size=group_size, window=window)
+  near = (_rope(query, q_pos, freqs, layout), _rope(key, k_pos, key_freqs, layout),
+          dict(is_causal=True, local_window_size=(window - 1, 0)))
+  far = (_rope(query, gq_pos, freqs, layout), _rope(key, gk_pos, key_freqs, layout),
+         dict(mask=masks.CausalMask(window)))
+  return near, far
+
+
 def self_extend_attention(query, key, value, *, position_ids, freqs, group_size: int,
                           window: int, key_position_ids=None, segment_ids=None,
                           layout: str = "half", scale=None, logits_soft_cap=None,
-                          return_lse: bool = False, implementation=None, **blocks):
+                          return_lse: bool = False, implementation=None, key_freqs=None,
+                          **blocks):
   """Causal RoPE attention with Self-Extend's grouped positions for far keys.
 
   Args:
@@ -148,32 +180,52 @@ def self_extend_attention(query, key, value, *, position_ids, freqs, group_size:
     layout, scale, logits_soft_cap, implementation, block sizes: as in ``apply_rope`` and
       ``flash_attention``.
     return_lse: also return the float32 log-sum-exp [batch, q_len, num_heads].
+    key_freqs: frequencies of the keys when they differ from the queries' (per-head bases
+      with GQA); default ``freqs``.
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query's dtype (and the lse if asked).
   """
-  fn = "self_extend_attention"
-  _check_positive_int(fn, "group_size", group_size)
-  _check_positive_int(fn, "window", window)
-  q_pos, k_pos = _positions(fn, query, key, position_ids, key_position_ids)
-  gq_pos, gk_pos = self_extend_positions(q_pos, k_pos, group_size=group_size, window=window)
-  common = dict(scale=scale, segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
-                implementation=implementation, **blocks)
-  near = (_rope(query, q_pos, freqs, layout), _rope(key, k_pos, freqs, layout),
-          dict(is_causal=True, local_window_size=(window - 1, 0)))
-  far = (_rope(query, gq_pos, freqs, layout), _rope(key, gk_pos, freqs, layout),
-         dict(mask=masks.CausalMask(window)))
-  return _two_passes(query, key, value, near=near, far=far, return_lse=return_lse, **common)
+  passes = self_extend_passes(query, key, position_ids=position_ids, freqs=freqs,
+                              group_size=group_size, window=window,
+                              key_position_ids=key_position_ids, key_freqs=key_freqs,
+                              layout=layout)
+  return attend_passes(value, passes, return_lse=return_lse, scale=scale,
+                       segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
+                       implementation=implementation, **blocks)
 
 
 # ----------------------------------------------------------------------------- LM-Infinite
+
+
+def lm_infinite_passes(query, key, *, position_ids, freqs, num_global: int, local_window: int,
+                       max_distance: int, key_position_ids=None, key_freqs=None,
+                       layout: str = "half"):
+  """LM-Infinite's passes for :func:`attend_passes`: the local window at real positions and,
+  when ``num_global`` > 0, the far sinks at the clipped distance. Arguments as
+  :func:`lm_infinite_attention`."""
+  fn = "lm_infinite_attention"
+  _check_positive_int(fn, "local_window", local_window)
+  _check_positive_int(fn, "max_distance", max_distance)
+  if (not isinstance(num_global, (int, np.integer)) or isinstance(num_global, bool)
+      or num_global < 0):
+    raise ValueError(f"{fn}: num_global must be a non-negative int, got {num_global!r}.")
+  key_freqs = freqs if key_freqs is None else key_freqs
+  q_pos, k_pos = _positions(fn, query, key, position_ids, key_position_ids)
+  passes = [(_rope(query, q_pos, freqs, layout), _rope(key, k_pos, key_freqs, layout),
+             dict(is_causal=True, local_window_size=(local_window - 1, 0)))]
+  if num_global:
+    passes.append((_rope(query, jnp.minimum(q_pos, max_distance), freqs, layout),
+                   _rope(key, jnp.zeros_like(k_pos), key_freqs, layout),
+                   dict(mask=masks.SinkMask(int(num_global)) & masks.CausalMask(local_window))))
+  return tuple(passes)
 
 
 def lm_infinite_attention(query, key, value, *, position_ids, freqs, num_global: int,
                           local_window: int, max_distance: int, key_position_ids=None,
                           segment_ids=None, layout: str = "half", scale=None,
                           logits_soft_cap=None, return_lse: bool = False,
-                          implementation=None, **blocks):
+                          implementation=None, key_freqs=None, **blocks):
   """LM-Infinite: Lambda-shaped causal attention with a distance ceiling.
 
   A query sees the keys at distance < ``local_window`` with their real positions, and the
@@ -182,23 +234,77 @@ def lm_infinite_attention(query, key, value, *, position_ids, freqs, num_global:
   ``max_distance`` is the pre-training length. Arguments otherwise as
   :func:`self_extend_attention`; ``num_global`` may be 0 (a plain sliding window).
   """
-  fn = "lm_infinite_attention"
-  _check_positive_int(fn, "local_window", local_window)
-  _check_positive_int(fn, "max_distance", max_distance)
-  if (not isinstance(num_global, (int, np.integer)) or isinstance(num_global, bool)
-      or num_global < 0):
-    raise ValueError(f"{fn}: num_global must be a non-negative int, got {num_global!r}.")
-  q_pos, k_pos = _positions(fn, query, key, position_ids, key_position_ids)
-  common = dict(scale=scale, segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
-                implementation=implementation, **blocks)
-  near = (_rope(query, q_pos, freqs, layout), _rope(key, k_pos, freqs, layout),
-          dict(is_causal=True, local_window_size=(local_window - 1, 0)))
-  far = None
-  if num_global:
-    far = (_rope(query, jnp.minimum(q_pos, max_distance), freqs, layout),
-           _rope(key, jnp.zeros_like(k_pos), freqs, layout),
-           dict(mask=masks.SinkMask(int(num_global)) & masks.CausalMask(local_window)))
-  return _two_passes(query, key, value, near=near, far=far, return_lse=return_lse, **common)
+  passes = lm_infinite_passes(query, key, position_ids=position_ids, freqs=freqs,
+                              num_global=num_global, local_window=local_window,
+                              max_distance=max_distance, key_position_ids=key_position_ids,
+                              key_freqs=key_freqs, layout=layout)
+  return attend_passes(value, passes, return_lse=return_lse, scale=scale,
+                       segment_ids=segment_ids, logits_soft_cap=logits_soft_cap,
+                       implementation=implementation, **blocks)
+
+
+# ----------------------------------------------------------------------------- layer options
+
+
+EXTENSION_METHODS = ("self_extend", "lm_infinite")
+_EXTENSION_KEYS = {"self_extend": ("group_size", "window"),
+                   "lm_infinite": ("local_window", "max_distance", "num_global")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionExtension:
+  """A training-free extension as an attention layer's option (hashable static config).
+
+  Built by :meth:`create` from the gin/JSON dict ``{"method": "self_extend", "group_size":
+  G, "window": W}`` or ``{"method": "lm_infinite", "local_window": L, "max_distance": M,
+  "num_global": S}`` (num_global defaults to 0).
+  """
+  method: str
+  params: tuple[tuple[str, int], ...]
+
+  @classmethod
+  def create(cls, spec: Mapping[str, Any], *, owner: str = "Attention") -> "PositionExtension":
+    if not isinstance(spec, Mapping):
+      raise ValueError(f"{owner}: position_extension must be None or a dict with a 'method' "
+                       f"key ({', '.join(EXTENSION_METHODS)}), got {spec!r}.")
+    params = dict(spec)
+    method = params.pop("method", None)
+    if method not in EXTENSION_METHODS:
+      raise ValueError(f"{owner}: position_extension['method'] must be one of "
+                       f"{EXTENSION_METHODS}, got {method!r}.")
+    allowed = _EXTENSION_KEYS[method]
+    unknown = sorted(set(params) - set(allowed))
+    missing = sorted(set(allowed) - set(params) - {"num_global"})
+    if unknown or missing:
+      raise ValueError(f"{owner}: position_extension for {method!r} takes the keys "
+                       f"{list(allowed)} (num_global optional); unknown {unknown}, missing "
+                       f"{missing}.")
+    if method == "lm_infinite":
+      params.setdefault("num_global", 0)
+    for name, value in params.items():
+      low = 0 if name == "num_global" else 1
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{owner}: position_extension[{name!r}] must be an int >= {low}, got "
+                         f"{value!r}.")
+    return cls(method, tuple(sorted((k, int(v)) for k, v in params.items())))
+
+  @property
+  def options(self) -> dict[str, int]:
+    return dict(self.params)
+
+  def inference_mask(self) -> masks.Mask:
+    """The union of the keys the passes show (for KV-cache accounting)."""
+    o = self.options
+    if self.method == "self_extend":
+      return masks.make_mask(is_causal=True)
+    return masks.make_mask(is_causal=True, local_window_size=(o["local_window"] - 1, 0),
+                           num_sink_tokens=o["num_global"])
+
+  def passes(self, query, key, *, position_ids, freqs, key_freqs, layout):
+    """The (rotated query, rotated key, mask options) passes of the method."""
+    make = self_extend_passes if self.method == "self_extend" else lm_infinite_passes
+    return make(query, key, position_ids=position_ids, freqs=freqs, key_freqs=key_freqs,
+                layout=layout, **self.options)
 
 
 # ----------------------------------------------------------------------------- references
@@ -231,18 +337,8 @@ def relative_position_attention_reference(query, key, value, *, relative_positio
   logits = logits * (d ** -0.5 if scale is None else scale)
   if logits_soft_cap is not None:
     logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  vis = visible[:, None, None]
-  logits = jnp.where(vis, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(vis, jnp.exp(logits - m), 0.0)
-  denom = p.sum(-1)
-  seen = denom > 0
-  lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
-  p = p / jnp.where(seen, denom, 1.0)[..., None]
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, value.astype(jnp.float32)).reshape(b, tq, h, d)
-  lse = lse.reshape(b, h, tq).transpose(0, 2, 1)
-  out = out.astype(query.dtype)
+  out, lse = masked_softmax_attention(logits, visible[:, None, None],
+                                     value.astype(jnp.float32), query.dtype)
   return (out, lse) if return_lse else out
 
 

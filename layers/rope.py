@@ -396,10 +396,12 @@ def apply_rope(x: jax.Array, position_ids: jax.Array, inv_freq: jax.Array | Rope
 
   Args:
     x: [batch, seq, heads, head_dim], any float dtype.
-    position_ids: integer [batch, seq] (or broadcastable to it); any integers, e.g.
-      offsets in a cache or positions restarting at each packed segment.
-    inv_freq: [rotary_dim // 2] inverse frequencies (rotary_dim <= head_dim; the first
-      rotary_dim coordinates are rotated, the rest pass through), or the
+    position_ids: [batch, seq] (or broadcastable to it) positions: integers (any, e.g.
+      offsets in a cache or positions restarting at each packed segment), or floats for
+      fractional positions (E²-LLM's interpolated ``i / g + delta``).
+    inv_freq: [rotary_dim // 2] inverse frequencies shared by all heads, or
+      [heads, rotary_dim // 2] one row per head (per-head bases, HARPE); rotary_dim <=
+      head_dim: the first rotary_dim coordinates are rotated, the rest pass through. Or the
       :class:`RopeFrequencies` pair from :func:`rope_frequencies`, whose attention scaling is
       then applied.
     layout: "half" or "interleaved" (see the module docstring), within the rotated part.
@@ -418,11 +420,12 @@ def apply_rope(x: jax.Array, position_ids: jax.Array, inv_freq: jax.Array | Rope
     inv_freq, attention_scaling = inv_freq
   if attention_scaling is None:
     attention_scaling = 1.0
+  inv_freq = jnp.asarray(inv_freq)
   _check_inputs(x, position_ids, inv_freq, layout, attention_scaling)
-  rotary_dim = 2 * inv_freq.shape[0]
-  angles = position_ids.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
-  cos = jnp.cos(angles)[:, :, None, :]  # [batch, seq, 1, rotary_dim // 2]
-  sin = jnp.sin(angles)[:, :, None, :]
+  rotary_dim = 2 * inv_freq.shape[-1]
+  positions = position_ids.astype(jnp.float32)[..., None, None]  # [batch, seq, 1, 1]
+  angles = positions * inv_freq.astype(jnp.float32)  # [batch, seq, 1 or heads, pairs]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
   if not (_is_real(attention_scaling) and attention_scaling == 1):
     scale = jnp.asarray(attention_scaling, jnp.float32)
     cos, sin = cos * scale, sin * scale
@@ -446,19 +449,22 @@ def _check_inputs(x, position_ids, inv_freq, layout, attention_scaling):
     raise ValueError(
         f"apply_rope: x must be [batch, seq, heads, head_dim], got shape {x.shape}."
     )
-  head_dim = x.shape[-1]
-  if inv_freq.ndim != 1 or not 1 <= inv_freq.shape[0] <= head_dim // 2:
+  heads, head_dim = x.shape[2], x.shape[3]
+  if (inv_freq.ndim not in (1, 2) or not 1 <= inv_freq.shape[-1] <= head_dim // 2
+      or (inv_freq.ndim == 2 and inv_freq.shape[0] != heads)):
     raise ValueError(
-        f"apply_rope: inv_freq must have shape (rotary_dim // 2,) with 2 <= rotary_dim <= "
-        f"head_dim = {head_dim}, i.e. 1 to {head_dim // 2} entries, got shape "
-        f"{inv_freq.shape}."
+        f"apply_rope: inv_freq must have shape (rotary_dim // 2,), or (heads, rotary_dim // 2) "
+        f"= ({heads}, ...) for per-head frequencies, with 2 <= rotary_dim <= head_dim = "
+        f"{head_dim}, i.e. 1 to {head_dim // 2} pairs; got shape {inv_freq.shape}."
     )
   if _is_real(attention_scaling) and not attention_scaling > 0:
     raise ValueError(
         f"apply_rope: attention_scaling must be positive, got {attention_scaling!r}.")
-  if not jnp.issubdtype(position_ids.dtype, jnp.integer):
+  if not (jnp.issubdtype(position_ids.dtype, jnp.integer)
+          or jnp.issubdtype(position_ids.dtype, jnp.floating)):
     raise ValueError(
-        f"apply_rope: position_ids must be integers, got dtype {position_ids.dtype}."
+        f"apply_rope: position_ids must be integers (or floats for fractional positions), got "
+        f"dtype {position_ids.dtype}."
     )
   try:
     ok = position_ids.ndim == 2 and (

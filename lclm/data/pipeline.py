@@ -18,6 +18,12 @@ epoch) -> repeat -> cut examples longer than ``seq_len`` -> first-fit pack (Grai
 ``get_state()`` / ``set_state()`` resume it exactly; save it with Orbax through
 ``grain.checkpoint.CheckpointHandler`` (args ``grain.checkpoint.CheckpointSave(iterator)`` and
 ``grain.checkpoint.CheckpointRestore(iterator)``).
+
+Context parallelism: ``balanced_order=(load_balance, num_shards)`` emits every row already
+permuted into the load-balanced order of ``lclm.sharding.context_parallelism`` (zigzag or
+striped over ``num_shards`` sequence shards), with all five arrays permuted alike, so that
+attention needs no reshuffle in the step (``context_parallelism.token_order =
+"balanced"``). Only for order-free models (attention without the short convolution).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import grain
 import numpy as np
 
 from lclm.data import position_augmentation
+from pallas_kernels.ring_attention.layouts import load_balance_permutation
 
 FEATURES = ("inputs", "targets", "loss_mask")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "position_ids")
@@ -116,6 +123,48 @@ def _rows(ds: grain.IterDataset, *, seq_len: int, pack: bool, num_packing_bins: 
   return ds.map(_finalize_packed)
 
 
+def to_balanced_order(batch: dict[str, Any], *, load_balance: str, num_shards: int
+                      ) -> dict[str, np.ndarray]:
+  """Every [batch, seq_len] array of ``batch`` with its columns in the ``load_balance`` order.
+
+  Column ``j`` of the result is token ``perm[j]`` of the row, with ``perm`` from
+  :func:`pallas_kernels.ring_attention.load_balance_permutation`: split into ``num_shards``
+  contiguous pieces, piece ``p`` holds what device ``p`` of the context axis works on
+  (zigzag: chunks p and 2P-1-p; striped: tokens p, p+P, ...). Positions and segment ids
+  travel with their tokens, so causality and RoPE see the true order.
+  """
+  perm = None
+  out = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim != 2:
+      raise ValueError(f"to_balanced_order: {name} must be [batch, seq_len], got shape "
+                       f"{value.shape}.")
+    if perm is None:
+      try:
+        perm = load_balance_permutation(value.shape[1], num_shards, load_balance)
+      except ValueError as error:
+        raise ValueError(f"to_balanced_order: {error}") from None
+    out[name] = value[:, perm]
+  return out
+
+
+def _balanced(balanced_order):
+  """The batch map of a ``balanced_order=(load_balance, num_shards)`` option, or None."""
+  if balanced_order is None:
+    return None
+  if not isinstance(balanced_order, (tuple, list)) or len(balanced_order) != 2:
+    raise ValueError("balanced_order must be a pair (load_balance, num_shards), e.g. "
+                     f"('zigzag', 4), got {balanced_order!r}.")
+  load_balance, num_shards = balanced_order
+  if load_balance not in ("zigzag", "striped") or not isinstance(num_shards, int) or (
+      num_shards < 1):
+    raise ValueError("balanced_order: load_balance must be 'zigzag' or 'striped' and "
+                     f"num_shards a positive int, got {balanced_order!r}.")
+  return lambda batch: to_balanced_order(batch, load_balance=load_balance,
+                                         num_shards=num_shards)
+
+
 def _check_sizes(batch_size: int, seq_len: int) -> None:
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
@@ -130,6 +179,7 @@ def make_train_dataset(
     num_packing_bins: int | None = None, long_examples: str = "split",
     drop_remainder: bool = True, num_threads: int = 0, prefetch_batches: int = 0,
     position_transform: position_augmentation.PositionTransform | None = None,
+    balanced_order: tuple[str, int] | None = None,
 ) -> grain.IterDataset:
   """The training pipeline as a Grain ``IterDataset`` of batches (see the module docstring).
 
@@ -153,8 +203,12 @@ def make_train_dataset(
       (PoSE, random position offsets: :mod:`lclm.data.position_augmentation`), with Grain's
       ``random_map`` (deterministic from ``seed`` and the transform's own ``seed``; resumes
       with the iterator state). None (default): batches as they are.
+    balanced_order: ``(load_balance, num_shards)`` to emit rows in the load-balanced order
+      of context parallelism (:func:`to_balanced_order`, after ``position_transform``);
+      None (default): natural order.
   """
   _check_sizes(batch_size, seq_len)
+  balance = _balanced(balanced_order)
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
   ds = _shard(grain.MapDataset.source(source), shard_options)
@@ -172,6 +226,8 @@ def make_train_dataset(
   if position_transform is not None:
     ds = ds.random_map(position_transform,
                        seed=position_augmentation.transform_seed(position_transform, seed))
+  if balance is not None:
+    ds = ds.map(balance)
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
   return ds
@@ -206,20 +262,24 @@ def make_batch_iterator(batch_source: Any, *,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         prefetch_batches: int = 0,
                         position_transform: position_augmentation.PositionTransform | None
-                        = None) -> grain.DatasetIterator:
+                        = None, balanced_order: tuple[str, int] | None = None
+                        ) -> grain.DatasetIterator:
   """A checkpointable iterator over a source of whole batches (``SyntheticBatchSource``).
 
   Process ``p`` of ``n`` reads records ``p, p + n, p + 2n, ...``; every row is one full-length
   example (segment id 1, positions ``0..T-1``). Same batch format and state API as
   ``make_train_iterator``; ``position_transform`` as in ``make_train_dataset`` (seeded by the
-  transform's own ``seed``).
+  transform's own ``seed``); ``balanced_order`` as there too.
   """
+  balance = _balanced(balanced_order)
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
   ds = _shard(grain.MapDataset.source(batch_source), shard_options).map(_full_rows)
   if position_transform is not None:
     ds = ds.random_map(position_transform,
                        seed=position_augmentation.transform_seed(position_transform))
+  if balance is not None:
+    ds = ds.map(balance)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if prefetch_batches:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)

@@ -23,12 +23,15 @@ resumes exactly with the iterator's state. The transforms are gin-configurable, 
   ``u_i ~ U{u_{i-1}, ..., target_length - n}``, so positions stay increasing and the last
   one is < ``target_length``. The chunks' content is the row's own contiguous text (the
   paper's content offsets ``v_i`` would need a longer document than the row).
-* :class:`RandomPositionOffset` (E²-LLM, Liu et al. 2024, augmentation part): every segment's
-  positions ``s * i + delta`` with a random offset ``delta`` and, optionally, an integer
-  stretch ``s`` drawn from ``stretch_factors``, keeping the last position <
-  ``target_length``. E²-LLM's own scale factor *divides* positions (interpolation, fractional
-  positions); integer ``position_ids`` cannot carry that, so it is not offered here (it
-  would need float position ids in the model; an integer stretch is the opposite direction).
+* :class:`RandomPositionOffset` (E²-LLM, Liu et al. 2024, "E²-LLM: Efficient and Extreme
+  Length Extension of Large Language Models", augmentation part): every segment's positions
+  ``s * i / g + delta`` with a random offset ``delta``, an optional RoPE scale factor ``g``
+  drawn from ``scale_factors`` (E²-LLM's interpolation: fractional positions, so the model
+  learns every Position-Interpolation factor it may be evaluated with; set
+  ``configs/positions/pi.gin`` with the factor of the target length at evaluation) and an
+  optional integer stretch ``s`` from ``stretch_factors``, keeping the last position <
+  ``target_length``. With ``scale_factors`` the position ids are float32 (the attention
+  layers rotate by fractional positions); otherwise int32.
 """
 
 from __future__ import annotations
@@ -66,16 +69,16 @@ def _check_batch(batch, name):
                      f"{pos.shape} and {np.asarray(batch['segment_ids']).shape}.")
 
 
-def _apply_per_segment(batch, rng, name, segment_positions):
+def _apply_per_segment(batch, rng, name, segment_positions, dtype=np.int32):
   _check_batch(batch, name)
   seg = np.asarray(batch["segment_ids"])
   old = np.asarray(batch["position_ids"])
-  new = old.astype(np.int64, copy=True)
+  new = old.astype(np.float64 if np.dtype(dtype).kind == "f" else np.int64, copy=True)
   for row in range(old.shape[0]):
     for start, n in _segments(seg[row], old[row]):
       new[row, start:start + n] = segment_positions(n, rng)
   out = dict(batch)
-  out["position_ids"] = new.astype(np.int32)
+  out["position_ids"] = new.astype(dtype)
   return out
 
 
@@ -128,18 +131,22 @@ class PoSE:
 
 @gin.configurable
 class RandomPositionOffset:
-  """E²-LLM-style augmentation: a random offset (and integer stretch) per segment.
+  """E²-LLM-style augmentation: a random offset (and scale or stretch) per segment.
 
   Args:
     target_length: every position stays < target_length.
     stretch_factors: integer factors ``s`` to draw from uniformly (positions ``s * i +
       delta``); factors for which the segment does not fit in ``target_length`` are
-      skipped. Default (1,): offsets only.
+      skipped. Default (1,): no stretch.
+    scale_factors: None, or RoPE scale factors ``g >= 1`` to draw from uniformly: positions
+      ``s * i / g + delta``, fractional (float32 position ids). E²-LLM trains with several
+      ``g`` so that Position Interpolation by any of them works at evaluation.
     seed: seed of the augmentation (combined with the pipeline's seed).
   """
 
   def __init__(self, target_length: int = gin.REQUIRED,
-               stretch_factors: Sequence[int] = (1,), seed: int = 0):
+               stretch_factors: Sequence[int] = (1,),
+               scale_factors: Sequence[float] | None = None, seed: int = 0):
     _check_int("RandomPositionOffset", "target_length", target_length, 1)
     _check_int("RandomPositionOffset", "seed", seed, 0)
     factors = tuple(stretch_factors)
@@ -147,24 +154,42 @@ class RandomPositionOffset:
       raise ValueError("RandomPositionOffset: stretch_factors must not be empty.")
     for s in factors:
       _check_int("RandomPositionOffset", "each of stretch_factors", s, 1)
+    if scale_factors is not None:
+      scales = tuple(scale_factors)
+      if not scales or any(isinstance(g, bool) or not isinstance(g, (int, float, np.integer,
+                                                                      np.floating))
+                           or not np.isfinite(g) or g < 1 for g in scales):
+        raise ValueError("RandomPositionOffset: scale_factors must be None or a non-empty list "
+                         f"of numbers >= 1 (E²-LLM's RoPE scale factors), got {scale_factors!r}.")
+      scale_factors = tuple(float(g) for g in scales)
     self.target_length = int(target_length)
     self.stretch_factors = tuple(int(s) for s in factors)
+    self.scale_factors = scale_factors
     self.seed = int(seed)
 
   def segment_positions(self, n: int, rng: np.random.Generator) -> np.ndarray:
-    fitting = [s for s in self.stretch_factors if s * (n - 1) < self.target_length]
-    if not fitting:  # Not even s = 1 fits: leave the segment as it is.
+    scales = self.scale_factors or (1.0,)
+    pairs = [(s, g) for s in self.stretch_factors for g in scales
+             if s * (n - 1) / g < self.target_length]
+    if not pairs:  # Not even the smallest span fits: leave the segment as it is.
       return np.arange(n, dtype=np.int64)
-    s = fitting[int(rng.integers(len(fitting)))]
-    delta = int(rng.integers(0, self.target_length - s * (n - 1) - 1, endpoint=True))
-    return s * np.arange(n, dtype=np.int64) + delta
+    s, g = pairs[int(rng.integers(len(pairs)))]
+    span = s * (n - 1) / g
+    # The largest integer offset that keeps the last position below target_length.
+    max_delta = int(np.ceil(self.target_length - span)) - 1
+    delta = int(rng.integers(0, max(max_delta, 0), endpoint=True))
+    if self.scale_factors is None:
+      return s * np.arange(n, dtype=np.int64) + delta
+    return s * np.arange(n, dtype=np.float64) / g + delta
 
   def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    return _apply_per_segment(batch, rng, "RandomPositionOffset", self.segment_positions)
+    dtype = np.int32 if self.scale_factors is None else np.float32
+    return _apply_per_segment(batch, rng, "RandomPositionOffset", self.segment_positions, dtype)
 
   def __repr__(self):
     return (f"RandomPositionOffset(target_length={self.target_length}, "
-            f"stretch_factors={self.stretch_factors}, seed={self.seed})")
+            f"stretch_factors={self.stretch_factors}, scale_factors={self.scale_factors}, "
+            f"seed={self.seed})")
 
 
 def transform_seed(transform: Any, pipeline_seed: int = 0) -> int:

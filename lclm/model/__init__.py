@@ -3,9 +3,11 @@
 from lclm.model import mixers  # registers the built-in mixers
 from lclm.model.decoder import DecoderBlock, DecoderLM
 from lclm.model.kv_cache import KVCacheSize, LayerKVCache, kv_cache_size, kv_cache_size_for
-from lclm.model.registry import get_mixer, register_mixer, registered_mixers, unregister_mixer
+from lclm.model.registry import (POSITION_OPTIONS, get_mixer, register_mixer, registered_mixers,
+                                 unregister_mixer)
 
 __all__ = [
-    "DecoderBlock", "DecoderLM", "KVCacheSize", "LayerKVCache", "get_mixer", "kv_cache_size",
-    "kv_cache_size_for", "mixers", "register_mixer", "registered_mixers", "unregister_mixer",
+    "POSITION_OPTIONS", "DecoderBlock", "DecoderLM", "KVCacheSize", "LayerKVCache", "get_mixer",
+    "kv_cache_size", "kv_cache_size_for", "mixers", "register_mixer", "registered_mixers",
+    "unregister_mixer",
 ]

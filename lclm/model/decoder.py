@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import GatedMLP, RMSNorm, ShortConv, constrain_activation, with_logical_axes
-from lclm.model.registry import get_mixer
+from lclm.model.registry import POSITION_OPTIONS, get_mixer
 
 
 # The residual stream is split over the batch only; features stay whole on each device.
@@ -105,6 +105,25 @@ def _layer_indices(layer_options, num_layers: int) -> dict[int, tuple[int, dict[
   return indexed
 
 
+def _check_position_options(position_options, shared_mixer_options) -> dict[str, Any]:
+  """``position_options`` as a dict, after checking its names (typos fail here)."""
+  if position_options is None:
+    return {}
+  if not isinstance(position_options, Mapping):
+    raise ValueError("DecoderLM: position_options must be a dict of position options, e.g. "
+                     f"{{'rope_theta': 10000.0}}, got {position_options!r}.")
+  unknown = sorted(set(position_options) - set(POSITION_OPTIONS))
+  if unknown:
+    raise ValueError(f"DecoderLM: position_options sets {unknown}, which are not position "
+                     f"options; those are {list(POSITION_OPTIONS)} (other options belong in "
+                     "shared_mixer_options or mixer_options).")
+  twice = sorted(set(position_options) & set(shared_mixer_options))
+  if twice:
+    raise ValueError(f"DecoderLM: {twice} set both in position_options and in "
+                     "shared_mixer_options; set them in one place (the positions file).")
+  return dict(position_options)
+
+
 def _with_bindings(error: ValueError, sources: Mapping[str, str]) -> str:
   """The error's message plus the gin bindings that set the options it names."""
   message = str(error)
@@ -132,6 +151,14 @@ class DecoderLM(nnx.Module):
     layer_options: layer index -> options for that layer alone, over the mixer's options,
       e.g. {0: {"window": 8}, 3: {"window": 32}} for different sliding windows per layer
       (negative indices count from the end).
+    position_options: the position encoding of every layer that takes position options
+      (``POSITION_OPTIONS``: rope_theta, rope_scaling, partial_rotary_factor, rope_layout,
+      max_position_embeddings, position_extension), e.g. {"rope_theta": 10000.0,
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0, ...}}: what the files of
+      ``configs/positions/`` bind. Mixers without positions (recurrences) ignore them; a
+      layer that ends up NoPE (rope_theta None) ignores all but rope_theta. Any of the
+      other option sets override them per mixer or per layer (Gemma 3's local and global
+      bases); setting one option both here and in shared_mixer_options is an error.
     mlp_hidden_features: hidden size of each gated MLP; default 4 * features.
     mlp_activation: "silu" (SwiGLU) or "gelu" (GeGLU).
     short_conv_size: taps of the short causal depthwise convolution in front of each
@@ -148,6 +175,7 @@ class DecoderLM(nnx.Module):
                mixer_options: Mapping[str, Mapping[str, Any]] | None = None,
                shared_mixer_options: Mapping[str, Any] | None = None,
                layer_options: Mapping[int, Mapping[str, Any]] | None = None,
+               position_options: Mapping[str, Any] | None = None,
                mlp_hidden_features: int | None = None, mlp_activation: str = "silu",
                short_conv_size: int = 0, tie_embeddings: bool = True, norm_eps: float = 1e-6,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -182,6 +210,7 @@ class DecoderLM(nnx.Module):
     if clashing:
       raise ValueError(f"DecoderLM: shared_mixer_options sets {clashing}, which the model "
                        "passes itself.")
+    position_options = _check_position_options(position_options, shared_mixer_options)
     accepted = {name: _accepted_options(factory) for name, factory in factories.items()}
     unused = sorted(option for option in shared_mixer_options
                     if not any(a is None or option in a for a in accepted.values()))
@@ -193,6 +222,10 @@ class DecoderLM(nnx.Module):
     def layer_config(position: int, name: str) -> tuple[dict[str, Any], dict[str, str]]:
       """The options of one layer and the gin binding each comes from."""
       options, sources = {}, {}
+      for option, value in position_options.items():
+        if accepted[name] is None or option in accepted[name]:
+          options[option] = value
+          sources[option] = f"DecoderLM.position_options[{option!r}]"
       for option, value in shared_mixer_options.items():
         if accepted[name] is None or option in accepted[name]:
           options[option] = value
@@ -205,6 +238,11 @@ class DecoderLM(nnx.Module):
         for option, value in overrides.items():
           options[option] = value
           sources[option] = f"DecoderLM.layer_options[{key!r}][{option!r}]"
+      if "rope_theta" in options and options["rope_theta"] is None:  # NoPE layer.
+        for option in position_options:
+          if option != "rope_theta" and sources.get(option, "").startswith(
+              "DecoderLM.position_options"):
+            del options[option], sources[option]
       return options, sources
 
     mlp_hidden_features = 4 * features if mlp_hidden_features is None else mlp_hidden_features

@@ -16,17 +16,20 @@ a decoder caches at most ``window`` (+ sinks) tokens for the layer. (The layer's
 
 All three accept the common options num_heads (required), num_kv_heads, head_dim,
 use_qk_norm, rope_theta, logits_soft_cap, implementation: set them once for every layer
-with ``DecoderLM.shared_mixer_options``.
+with ``DecoderLM.shared_mixer_options``; and the position options (``POSITION_OPTIONS``:
+rope_theta, rope_scaling, partial_rotary_factor, rope_layout, max_position_embeddings,
+position_extension; see :class:`layers.Attention`), which ``DecoderLM.position_options``
+(the files of ``configs/positions/``) sets for every layer that takes them.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from flax import nnx
 
 from layers import Attention
-from lclm.model.registry import register_mixer
+from lclm.model.registry import POSITION_OPTIONS, register_mixer
 from pallas_kernels import masks
 
 
@@ -81,19 +84,29 @@ def _per_head_mask(mixer: str, per_head_windows: Sequence, num_heads: int,
       num_sink_tokens=num_sink_tokens)
 
 
+def _position_options(factory_locals) -> dict:
+  """The position options among a factory's arguments (its ``locals()``)."""
+  return {name: factory_locals[name] for name in POSITION_OPTIONS}
+
+
 def _layer(features, *, rngs, dtype, param_dtype, num_heads, num_kv_heads, head_dim,
-           use_qk_norm, rope_theta, logits_soft_cap, implementation, **mask_options):
+           use_qk_norm, logits_soft_cap, implementation, positions, **mask_options):
   return Attention(features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   use_qk_norm=use_qk_norm, rope_theta=rope_theta, is_causal=True,
-                   logits_soft_cap=logits_soft_cap, implementation=implementation,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs, **mask_options)
+                   use_qk_norm=use_qk_norm, is_causal=True, logits_soft_cap=logits_soft_cap,
+                   implementation=implementation, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs, **positions, **mask_options)
 
 
 @register_mixer("attention")
 def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
               num_heads: int | None = None, num_kv_heads: int | None = None,
               head_dim: int | None = None, use_qk_norm: bool = False,
-              rope_theta: float | None = 10000.0, logits_soft_cap: float | None = None,
+              rope_theta: float | Sequence[float] | None = 10000.0,
+              rope_scaling: Mapping[str, Any] | None = None,
+              partial_rotary_factor: float = 1.0, rope_layout: str = "half",
+              max_position_embeddings: int | None = None,
+              position_extension: Mapping[str, Any] | None = None,
+              logits_soft_cap: float | None = None,
               implementation: str | None = None, per_head_windows: Sequence | None = None,
               num_sink_tokens: int = 0,
               shifted_sparse_group_size: int | None = None) -> Attention:
@@ -119,8 +132,9 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
         "(sinks widen a window); for a sliding window in every head use 'local_attention'.")
   return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
-                logits_soft_cap=logits_soft_cap, implementation=implementation, mask=mask,
+                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
+                implementation=implementation,
+                positions=_position_options(locals()), mask=mask,
                 shifted_sparse_group_size=shifted_sparse_group_size)
 
 
@@ -129,7 +143,12 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                     window: int | None = None, num_sink_tokens: int = 0,
                     num_heads: int | None = None, num_kv_heads: int | None = None,
                     head_dim: int | None = None, use_qk_norm: bool = False,
-                    rope_theta: float | None = 10000.0, logits_soft_cap: float | None = None,
+                    rope_theta: float | Sequence[float] | None = 10000.0,
+                    rope_scaling: Mapping[str, Any] | None = None,
+                    partial_rotary_factor: float = 1.0, rope_layout: str = "half",
+                    max_position_embeddings: int | None = None,
+                    position_extension: Mapping[str, Any] | None = None,
+                    logits_soft_cap: float | None = None,
                     implementation: str | None = None) -> Attention:
   """Sliding-window causal attention: each query sees its ``window`` most recent tokens
   (itself included) and the first ``num_sink_tokens`` tokens of the row (StreamingLLM).
@@ -145,8 +164,9 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   _check_sinks("local_attention", num_sink_tokens)
   return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
-                logits_soft_cap=logits_soft_cap, implementation=implementation,
+                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
+                implementation=implementation,
+                positions=_position_options(locals()),
                 local_window_size=causal_window(window), num_sink_tokens=num_sink_tokens)
 
 
@@ -154,7 +174,11 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
 def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                      num_heads: int | None = None, num_kv_heads: int | None = None,
                      head_dim: int | None = None, use_qk_norm: bool = False,
-                     rope_theta: float | None = 1_000_000.0,
+                     rope_theta: float | Sequence[float] | None = 1_000_000.0,
+                     rope_scaling: Mapping[str, Any] | None = None,
+                     partial_rotary_factor: float = 1.0, rope_layout: str = "half",
+                     max_position_embeddings: int | None = None,
+                     position_extension: Mapping[str, Any] | None = None,
                      logits_soft_cap: float | None = None, implementation: str | None = None,
                      shifted_sparse_group_size: int | None = None) -> Attention:
   """Full causal attention with its own RoPE base: 1 000 000 by default (Gemma 3's global
@@ -165,6 +189,7 @@ def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   _require_num_heads("global_attention", num_heads)
   return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, rope_theta=rope_theta,
-                logits_soft_cap=logits_soft_cap, implementation=implementation,
+                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
+                implementation=implementation,
+                positions=_position_options(locals()),
                 shifted_sparse_group_size=shifted_sparse_group_size)

@@ -21,6 +21,11 @@ from flax import nnx
 
 MixerFactory = Callable[..., nnx.Module]
 
+# The mixer options that describe positions: ``DecoderLM.position_options`` (the files of
+# configs/positions/) may set exactly these, for every mixer that accepts them.
+POSITION_OPTIONS = ("rope_theta", "rope_scaling", "partial_rotary_factor", "rope_layout",
+                    "max_position_embeddings", "position_extension")
+
 _MIXERS: dict[str, MixerFactory] = {}
 
 

@@ -9,6 +9,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layers import activation_constraints, kernel_sharding
+from layers.partitioning import ContextParallelism, use_context_parallelism
+from lclm.sharding.context import with_context_rules
 from lclm.sharding.rules import axis_rules, logical_to_mesh_spec, normalize_rules
 
 
@@ -38,15 +40,19 @@ def kernel_specs(args, in_axes, out_axes, mesh: Mesh, rules) -> tuple[list, Part
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Sequence | None = None) -> Iterator[None]:
+def activation_sharding(mesh: Mesh, rules: Sequence | None = None,
+                        context_parallel: ContextParallelism | None = None) -> Iterator[None]:
   """While active (around the code a ``jax.jit`` traces):
 
   * ``layers.constrain_activation`` pins activations to the mesh axes the rules give their
-    logical axes (a dimension the rule's mesh axes do not divide stays replicated);
+    logical axes (a dimension the rule's mesh axes do not divide stays replicated); with a
+    context axis larger than 1, "length" maps to it (``with_context_rules``);
   * ``layers.shard_kernel`` runs kernels (Pallas custom calls, which XLA cannot partition)
-    under ``shard_map`` on the shards the rules give their operands.
+    under ``shard_map`` on the shards the rules give their operands;
+  * ``layers.partitioning.context_parallelism()`` returns ``context_parallel`` (the plan of
+    :func:`lclm.sharding.context.context_parallel_plan`), which attention layers follow.
   """
-  rules = axis_rules() if rules is None else normalize_rules(rules)
+  rules = with_context_rules(axis_rules() if rules is None else normalize_rules(rules), mesh)
 
   def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     spec = logical_to_mesh_spec(axes, rules, mesh=mesh, shape=x.shape)
@@ -57,5 +63,6 @@ def activation_sharding(mesh: Mesh, rules: Sequence | None = None) -> Iterator[N
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec,
                          check_vma=False)(*args)
 
-  with activation_constraints(constrain), kernel_sharding(shard):
+  with activation_constraints(constrain), kernel_sharding(shard), use_context_parallelism(
+      context_parallel):
     yield

@@ -9,12 +9,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lclm.sharding.rules import logical_to_mesh_spec
+from lclm.sharding.context import with_context_rules
+from lclm.sharding.rules import axis_rules, logical_to_mesh_spec, normalize_rules
 
 
 def batch_spec(mesh: Mesh, rules: Sequence | None = None) -> PartitionSpec:
-  """PartitionSpec of a [batch, length] array: logical axes ("batch", "length")."""
-  return logical_to_mesh_spec(("batch", "length"), rules, mesh=mesh)
+  """PartitionSpec of a [batch, length] array: logical axes ("batch", "length").
+
+  With a context axis larger than 1 the rows are split along the sequence too
+  (:func:`lclm.sharding.context.with_context_rules`).
+  """
+  rules = axis_rules() if rules is None else normalize_rules(rules)
+  return logical_to_mesh_spec(("batch", "length"), with_context_rules(rules, mesh), mesh=mesh)
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence | None = None) -> NamedSharding:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 
 
@@ -16,6 +18,15 @@ def masked_accuracy_counts(logits, targets, loss_mask):
   """
   hits = (logits.argmax(-1) == targets) & (loss_mask > 0)
   return hits.sum(dtype=np.float32), (loss_mask > 0).sum(dtype=np.float32)
+
+
+def masked_loss_sums(logits, targets, loss_mask):
+  """(cross-entropy sum, correct, counted) over positions where ``loss_mask`` is set, float32;
+  logits [B, T, V] (jax arrays, e.g. inside ``jit``)."""
+  mask = (loss_mask > 0).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  hits = (logits.argmax(-1) == targets).astype(jnp.float32)
+  return jnp.sum(ce * mask), jnp.sum(hits * mask), jnp.sum(mask)
 
 
 def evaluate_lengths(count: Callable, batches_by_length: Mapping[int, Iterable[dict]]) -> dict:

@@ -16,13 +16,13 @@ import time
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from lclm import sharding
+from lclm.sharding import context
 from lclm.model import DecoderLM
 from lclm.training import checkpointing, evaluation, metrics as metrics_lib, optimizer, step
 from lclm.training.preemption import PreemptionGuard
@@ -142,6 +142,8 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     _validate(batch_size=batch_size, grad_accum_steps=grad_accum_steps,
               total_steps=total_steps, mesh=mesh, task=task,
               eval_multipliers=eval_length_multipliers, intervals=intervals)
+    # Sequence split over the mesh's context axis: the rows must divide into its shards.
+    context.check_sequence_length(context.context_parallel_plan(mesh), task.seq_len)
     tx = optimizer.make_optimizer(total_steps)
 
     def model_factory():

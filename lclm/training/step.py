@@ -23,7 +23,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from layers.partitioning import use_context_parallelism
 from lclm.sharding.activations import activation_sharding
+from lclm.sharding.context import check_model, check_sequence_length, context_parallel_plan
 from lclm.sharding.partition import named_shardings
 
 Batch = dict[str, jax.Array]
@@ -71,20 +73,28 @@ def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.A
 
 
 def init_train_state(model_factory: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                     mesh: Mesh, rules: Sequence | None = None) -> tuple[TrainState, TrainState]:
+                     mesh: Mesh, rules: Sequence | None = None,
+                     context_parallel: dict | None = None) -> tuple[TrainState, TrainState]:
   """Creates the train state in its shardings: each device initialises only its shards.
 
   ``model_factory()`` builds the model (with its own ``nnx.Rngs``); it is traced twice,
   once abstractly for the shapes and logical axes, once under ``jax.jit`` with
-  ``out_shardings`` from the rules (default ``axis_rules()``).
+  ``out_shardings`` from the rules (default ``axis_rules()``). With a context axis larger
+  than 1 it runs under the context-parallel plan (settings ``context_parallel``, default the
+  gin-configured ``lclm.sharding.context_parallelism``), so that layers the plan cannot
+  run fail here, before anything compiles.
 
   Returns:
     (state, shardings): ``shardings`` is a TrainState of NamedShardings, the
     ``state_shardings`` of :func:`make_train_step` (and the restore target's shardings).
   """
 
+  plan = context_parallel_plan(mesh, context_parallel)
+
   def init() -> TrainState:
-    model = model_factory()
+    with use_context_parallelism(plan):
+      model = model_factory()
+    check_model(plan, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
       kinds = sorted({type(variable).__name__ for _, variable in nnx.to_flat_state(rest)})
@@ -120,7 +130,8 @@ def _split_micro_batches(batch: Batch, steps: int) -> Batch:
 
 def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: TrainState, batch_sharding: NamedSharding,
-                    grad_accum_steps: int = 1, rules: Sequence | None = None
+                    grad_accum_steps: int = 1, rules: Sequence | None = None,
+                    context_parallel: dict | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated.
 
@@ -138,6 +149,10 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
     grad_accum_steps: number of micro-batches per step; must divide the batch size.
     rules: axis rules for the activations the model pins (``activation_sharding``);
       default ``axis_rules()``. Use the rules the state shardings came from.
+    context_parallel: context-parallel settings (strategy, load_balance, token_order) used
+      when the mesh's context axis is > 1; default the gin-configured
+      ``lclm.sharding.context_parallelism``. The sequence length of the batch is checked
+      against them when the step is traced (before it compiles).
 
   Returns:
     The step; metrics are float32 scalars "loss", "accuracy", "num_tokens", "grad_norm".
@@ -145,6 +160,7 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
   param_shardings = state_shardings.params
+  plan = context_parallel_plan(mesh, context_parallel)
 
   def grads_and_sums(graphdef, params, batch):
     def objective(p):
@@ -155,7 +171,8 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
     return jax.lax.with_sharding_constraint(grads, param_shardings), sums
 
   def step(state: TrainState, batch: Batch):
-    with activation_sharding(mesh, rules):
+    check_sequence_length(plan, batch["inputs"].shape[1])
+    with activation_sharding(mesh, rules, context_parallel=plan):
       return update(state, batch)
 
   def update(state: TrainState, batch: Batch):

@@ -277,48 +277,25 @@ class GlobalTokensMask(Mask):
     return self._views(k_lo, k_hi)
 
 
-@dataclasses.dataclass(frozen=True)
-class UnionMask(Mask):
-  """Visible where any of the masks is."""
+class _CombinedMask(Mask):
+  """Masks combined entry-wise by ``_predicate``; the interval views by ``_merge_views``."""
   masks: tuple[Mask, ...]
+  _predicate = None
 
   def visible(self, q_pos, k_pos):
     out = self.masks[0].visible(q_pos, k_pos)
     for m in self.masks[1:]:
-      out = jnp.logical_or(out, m.visible(q_pos, k_pos))
+      out = type(self)._predicate(out, m.visible(q_pos, k_pos))
     return out
 
-  def _views(self, method, lo, hi):
-    visit, full = [], []
-    for m in self.masks:
-      v, f = getattr(m, method)(lo, hi)
-      visit += v
-      full += f
-    return visit, full
-
-  def key_intervals(self, q_lo, q_hi):
-    return self._views("key_intervals", q_lo, q_hi)
-
-  def query_intervals(self, k_lo, k_hi):
-    return self._views("query_intervals", k_lo, k_hi)
-
-
-@dataclasses.dataclass(frozen=True)
-class IntersectionMask(Mask):
-  """Visible where all of the masks are."""
-  masks: tuple[Mask, ...]
-
-  def visible(self, q_pos, k_pos):
-    out = self.masks[0].visible(q_pos, k_pos)
-    for m in self.masks[1:]:
-      out = jnp.logical_and(out, m.visible(q_pos, k_pos))
-    return out
+  @staticmethod
+  def _merge_views(a, b):
+    raise NotImplementedError
 
   def _views(self, method, lo, hi):
     visit, full = getattr(self.masks[0], method)(lo, hi)
     for m in self.masks[1:]:
-      v, f = getattr(m, method)(lo, hi)
-      visit, full = _intersect(visit, v), _intersect(full, f)
+      visit, full = self._merge_views((visit, full), getattr(m, method)(lo, hi))
     return visit, full
 
   def key_intervals(self, q_lo, q_hi):
@@ -326,6 +303,28 @@ class IntersectionMask(Mask):
 
   def query_intervals(self, k_lo, k_hi):
     return self._views("query_intervals", k_lo, k_hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnionMask(_CombinedMask):
+  """Visible where any of the masks is: the interval lists concatenate."""
+  masks: tuple[Mask, ...]
+  _predicate = jnp.logical_or
+
+  @staticmethod
+  def _merge_views(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntersectionMask(_CombinedMask):
+  """Visible where all of the masks are: the interval lists intersect pairwise."""
+  masks: tuple[Mask, ...]
+  _predicate = jnp.logical_and
+
+  @staticmethod
+  def _merge_views(a, b):
+    return _intersect(a[0], b[0]), _intersect(a[1], b[1])
 
 
 @dataclasses.dataclass(frozen=True)

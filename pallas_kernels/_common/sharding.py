@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from jax import lax
+
+from pallas_kernels._common import dispatch
 
 
 def varying_axes(x) -> frozenset:
@@ -29,3 +33,54 @@ def match_varying(x, *like, axes=()):
     want |= varying_axes(y)
   missing = tuple(sorted(want - varying_axes(x), key=str))
   return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def varying_shape(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+  """The ``out_shape`` of a ``pallas_call`` whose output varies like its inputs ``like``.
+
+  Inside ``shard_map(..., check_vma=True)`` jax (0.10) refuses a ``pallas_call`` whose
+  ``out_shape`` does not say over which manual axes the output varies (its
+  ``manual_axis_type``); a kernel's output varies over every axis one of its inputs varies
+  over. Outside shard_map, or with the check off (inputs then carry no varying axes), this
+  is a plain ``ShapeDtypeStruct``.
+  """
+  axes = frozenset().union(*(varying_axes(x) for x in like))
+  if not axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+
+
+@contextlib.contextmanager
+def lowering_mesh(platform: str, axis_sizes, axis_names, *, device_kind: str | None = None):
+  """Trace for ``platform`` code that runs ``shard_map`` over a mesh this host does not have.
+
+  ``dispatch.target_platform`` alone installs a one-device abstract mesh (for the GPU
+  lowering's abstract device), which a ``shard_map`` over other axes rejects ("the context
+  mesh should match the mesh passed to shard_map"). Here the abstract mesh installed is the
+  one the code shards over, with the abstract device of ``platform`` (for "gpu", default
+  ``device_kind`` "NVIDIA H100"), and ops pick the kernels of ``platform``::
+
+    with lowering_mesh("gpu", (4,), ("context",)) as mesh:
+      jax.export.export(jax.jit(lambda q, k, v: context_parallel_attention(
+          q, k, v, mesh=mesh, ...)), platforms=["cuda"], ...)
+
+  Yields the ``jax.sharding.AbstractMesh`` to pass to ``shard_map`` (or to
+  ``context_parallel_attention``).
+  """
+  platform = dispatch._normalise(platform)
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"lowering_mesh: platform must be 'tpu' or 'gpu', got {platform!r}.")
+  device = None
+  if platform == "gpu":
+    device = jax.sharding.AbstractDevice(device_kind=device_kind or "NVIDIA H100",
+                                         num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names),
+                                   abstract_device=device)
+  # The platform switch of dispatch.target_platform, without its one-device mesh.
+  token = dispatch._TARGET_PLATFORM.set(platform)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh):
+      yield mesh
+  finally:
+    dispatch._TARGET_PLATFORM.reset(token)

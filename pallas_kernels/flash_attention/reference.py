@@ -53,17 +53,33 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
   mask = masking.visible(
       jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], mask=mask,
       q_offset=masking.causal_offset(tq, tk), q_segment=q_seg, kv_segment=kv_seg, kind=kind)
-  mask = jnp.broadcast_to(mask, logits.shape)
+  out, lse = masked_softmax_attention(logits, mask, v, query.dtype)
+  return (out, lse) if return_lse else out
 
-  logits = jnp.where(mask, logits, -jnp.inf)
+
+def masked_softmax_attention(logits, visible, value, out_dtype):
+  """Softmax over visible keys, then the weighted values: the core every naive attention
+  reference shares.
+
+  Args:
+    logits: [batch, kv_heads, group, q_len, kv_len] scaled (and capped) logits.
+    visible: bool, broadcastable to ``logits``.
+    value: [batch, kv_len, kv_heads, head_dim] in the compute dtype.
+    out_dtype: dtype of the returned output.
+
+  Returns:
+    out [batch, q_len, kv_heads * group, head_dim] and lse [batch, q_len, heads] (-inf for a
+    query that sees no key, whose output is 0).
+  """
+  b, hk, g, tq, _ = logits.shape
+  visible = jnp.broadcast_to(visible, logits.shape)
+  logits = jnp.where(visible, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, tq, h, d).astype(query.dtype)
-  if not return_lse:
-    return out
-  lse = (row_max + jnp.log(denom))[..., 0]  # [b, hk, g, q]; log(0) = -inf for empty rows.
-  lse = jnp.transpose(lse.reshape(b, h, tq), (0, 2, 1))
-  return out, lse
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, value)
+  out = out.reshape(b, tq, hk * g, value.shape[-1]).astype(out_dtype)
+  lse = (row_max + jnp.log(denom))[..., 0]  # log(0) = -inf for empty rows.
+  return out, jnp.transpose(lse.reshape(b, hk * g, tq), (0, 2, 1))

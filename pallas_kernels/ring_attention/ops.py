@@ -65,13 +65,22 @@ def axis_size(op: str, axis_name) -> int:
   return size
 
 
-def sees_anything(mask: masks_lib.Mask, q_offset: int, length: int) -> bool:
-  """Whether queries at positions q_offset + [0, length) see any key in [0, length)."""
+def _visibility(mask: masks_lib.Mask, q_offset: int, length: int):
+  """(any, all): whether queries at positions q_offset + [0, length) see any key of
+  [0, length), and whether they see every one of them."""
   sparsity = block_sparsity.block_sparsity(
       mask, q_len=length - q_offset, kv_len=length, block_q=length, block_k=length,
       num_q_blocks=1, num_kv_blocks=1)
   iv = sparsity.intervals
-  return bool((iv[..., 1] > iv[..., 0]).any())
+  return bool((iv[..., 1] > iv[..., 0]).any()), bool((iv[..., 3] > iv[..., 2]).all())
+
+
+def sees_anything(mask: masks_lib.Mask, q_offset: int, length: int) -> bool:
+  """Whether queries at positions q_offset + [0, length) see any key in [0, length)."""
+  return _visibility(mask, q_offset, length)[0]
+
+
+_FULL_PAIR = (masks_lib.FullMask(), 0)
 
 
 def _band_mask(lo, hi):
@@ -105,7 +114,9 @@ def chunk_geometry(layout: str, num_devices: int, local_len: int, mask, is_causa
 
   ``pairs`` lists the distinct visible (mask, q_offset) of a (query chunk, key chunk) pair;
   ``table[((p * P + s) * n + i) * n + j]`` is 0 when chunk i of device p sees nothing of
-  chunk j of device s, else 1 + the index of its pair.
+  chunk j of device s, else 1 + the index of its pair. Pairs whose queries see every key
+  share one unmasked branch, whatever their offset: with causality, all the pairs below the
+  diagonal are one kernel, so the number of branches (and compile time) stays small.
   """
   P = num_devices
   if layout == "contiguous":
@@ -127,8 +138,12 @@ def chunk_geometry(layout: str, num_devices: int, local_len: int, mask, is_causa
             pair = _striped_pair(is_causal, window, p - s, P)
           else:
             pair = (mask, (chunk_pos(p, i) - chunk_pos(s, j)) * c)
-          if pair is None or not sees_anything(pair[0], pair[1], c):
+          if pair is None:
             continue
+          visible, full = _visibility(pair[0], pair[1], c)
+          if not visible:
+            continue
+          pair = _FULL_PAIR if full else pair
           if pair not in index:
             index[pair] = len(pairs)
             pairs.append(pair)
@@ -150,6 +165,7 @@ class _RingConfig:
   table: tuple
   backend: str
   scale: float
+  logits_soft_cap: float | None
   block_q: int
   block_k: int
   block_q_bwd: int
@@ -158,8 +174,8 @@ class _RingConfig:
 
   def kernel_kwargs(self, pair, backward):
     mask, q_offset = pair
-    return dict(scale=self.scale, mask=mask, logits_soft_cap=None, q_offset=q_offset,
-                kv_len=self.chunk_len, interpret=self.interpret,
+    return dict(scale=self.scale, mask=mask, logits_soft_cap=self.logits_soft_cap,
+                q_offset=q_offset, kv_len=self.chunk_len, interpret=self.interpret,
                 block_q=self.block_q_bwd if backward else self.block_q,
                 block_k=self.block_k_bwd if backward else self.block_k)
 
@@ -331,8 +347,9 @@ def _check_window(op, local_window_size):
 
 
 def ring_attention(query, key, value, *, axis_name, is_causal=False, segment_ids=None,
-                   local_window_size=None, scale=None, implementation=None, return_lse=False,
-                   block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None):
+                   local_window_size=None, scale=None, logits_soft_cap=None,
+                   implementation=None, return_lse=False, block_q=None, block_k=None,
+                   block_q_bwd=None, block_k_bwd=None):
   """Exact attention over a sequence split across ``axis_name``; call inside ``shard_map``.
 
   Args:
@@ -348,8 +365,10 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False, segment_ids
     local_window_size: sliding window over global positions, int w or (left, right), as in
       :func:`pallas_kernels.flash_attention`.
     scale: logit scale, default head_dim ** -0.5.
+    logits_soft_cap: if set, logits -> cap * tanh(logits / cap) (Gemma 2), as in
+      :func:`pallas_kernels.flash_attention`.
     implementation: None, "pallas", "interpret", "xla" (the per-block kernels) or
-      "reference" (all-gather K/V and the naive math).
+      "reference" (all-gather K/V and the naive math; no soft cap).
     return_lse: also return the global log-sum-exp [batch, local_len, num_heads] (float32).
     block_q, block_k, block_q_bwd, block_k_bwd: block sizes of the per-pair flash kernels.
 
@@ -359,14 +378,15 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False, segment_ids
   return _ring_attention(
       query, key, value, axis_name=axis_name, layout="contiguous", is_causal=is_causal,
       segment_ids=segment_ids, local_window_size=local_window_size, scale=scale,
-      implementation=implementation, return_lse=return_lse,
+      logits_soft_cap=logits_soft_cap, implementation=implementation, return_lse=return_lse,
       blocks=dict(block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
                   block_k_bwd=block_k_bwd), op=OP)
 
 
 def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_ids,
-                    local_window_size, scale, implementation, return_lse, blocks, op):
-  flash_ops._validate(query, key, value, scale, None, op=op)
+                    local_window_size, scale, implementation, return_lse, blocks, op,
+                    logits_soft_cap=None):
+  flash_ops._validate(query, key, value, scale, logits_soft_cap, op=op)
   b, tl, h, d = query.shape
   hk = key.shape[2]
   if key.shape[1] != tl:
@@ -385,9 +405,10 @@ def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_
                      f"chunks per device), got local_len={tl}.")
 
   if impl == "reference":
-    if layout != "contiguous":
+    if layout != "contiguous" or logits_soft_cap is not None:
       raise ValueError(f"{op}: implementation='reference' supports the contiguous layout "
-                       f"only, got {layout!r}.")
+                       f"without logits_soft_cap only, got layout {layout!r} and "
+                       f"logits_soft_cap={logits_soft_cap!r}.")
     from pallas_kernels.ring_attention.reference import ring_attention_reference
     return ring_attention_reference(
         query, key, value, axis_name=axis_name, is_causal=is_causal,
@@ -419,7 +440,9 @@ def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_
 
   config = _RingConfig(
       axis_name=axis_name, num_devices=num_devices, num_chunks=n, chunk_len=c, pairs=pairs,
-      table=table, backend=backend, scale=scale, interpret=(impl == "interpret"), **sizes)
+      table=table, backend=backend, scale=scale,
+      logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+      interpret=(impl == "interpret"), **sizes)
   out, lse = _ring(to_kernel_layout(query), to_kernel_layout(key), to_kernel_layout(value),
                    seg_layout(q_seg), seg_layout(kv_seg), config)
   out = out[..., :c, :d].transpose(1, 0, 3, 2, 4).reshape(b, tl, h, d)

@@ -7,6 +7,7 @@ from jax import lax
 
 from pallas_kernels._common import masks as masks_lib
 from pallas_kernels.flash_attention import masking
+from pallas_kernels.flash_attention.reference import masked_softmax_attention
 
 
 def ring_attention_reference(query, key, value, *, axis_name, is_causal=False,
@@ -40,15 +41,5 @@ def ring_attention_reference(query, key, value, *, axis_name, is_causal=False,
   offset = lax.axis_index(axis_name) * tl
   visible = masking.visible(jnp.arange(tl)[:, None], jnp.arange(t)[None, :], mask=mask,
                             q_offset=offset, q_segment=qs, kv_segment=ks)
-  visible = jnp.broadcast_to(visible, logits.shape)
-  logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, tl, h, d).astype(query.dtype)
-  if not return_lse:
-    return out
-  lse = (row_max + jnp.log(denom))[..., 0]
-  return out, jnp.transpose(lse.reshape(b, h, tl), (0, 2, 1))
+  out, lse = masked_softmax_attention(logits, visible, v, query.dtype)
+  return (out, lse) if return_lse else out

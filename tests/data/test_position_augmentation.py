@@ -191,3 +191,42 @@ def test_tasks_take_the_transform_from_gin():
     np.testing.assert_array_equal(plain["position_ids"][0], np.arange(64))
   finally:
     gin.clear_config()
+
+
+def test_e2llm_scale_factors_give_fractional_positions():
+  t = pa.RandomPositionOffset(target_length=40, scale_factors=(1, 2.5, 4))
+  rng = np.random.default_rng(0)
+  steps, offsets = set(), []
+  for _ in range(300):
+    pos = t.segment_positions(30, rng)
+    assert pos.dtype == np.float64 and pos.shape == (30,)
+    step = np.diff(pos)
+    np.testing.assert_allclose(step, step[0])  # One scale per segment: positions i / g + delta.
+    steps.add(round(float(step[0]), 6))
+    assert pos[0] >= 0 and pos[-1] < 40 and float(pos[0]).is_integer()
+    offsets.append(pos[0])
+  assert steps == {1.0, 0.4, 0.25}
+  # g = 1: 29 + delta < 40, so delta <= 10; g = 4: 7.25 + delta < 40, so delta <= 32.
+  assert min(offsets) == 0 and max(offsets) == 32
+
+
+def test_e2llm_batches_are_float32_and_segment_wise():
+  t = pa.RandomPositionOffset(target_length=64, scale_factors=(2.0,))
+  batch = _batch([[1, 1, 1, 1, 2, 2, 2, 0]])
+  out = t(batch, np.random.default_rng(1))
+  pos = out["position_ids"]
+  assert pos.dtype == np.float32
+  np.testing.assert_allclose(np.diff(pos[0, :4]), 0.5)
+  np.testing.assert_allclose(np.diff(pos[0, 4:7]), 0.5)
+  assert pos[0, 7] == 0  # Padding keeps position 0.
+  for key in ("inputs", "targets", "loss_mask", "segment_ids"):
+    np.testing.assert_array_equal(out[key], batch[key])
+  # Without scale factors the ids stay integers.
+  assert pa.RandomPositionOffset(target_length=64)(batch, np.random.default_rng(1))[
+      "position_ids"].dtype == np.int32
+
+
+@pytest.mark.parametrize("scale_factors", [(), (0.5,), (1.0, float("nan")), (True,), ("2",)])
+def test_e2llm_bad_scale_factors(scale_factors):
+  with pytest.raises(ValueError, match="scale_factors"):
+    pa.RandomPositionOffset(target_length=10, scale_factors=scale_factors)

@@ -160,7 +160,7 @@ def test_position_ids_broadcast_over_batch():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(layout="neox"), "layout"),
-    (dict(position_ids=jnp.zeros((2, 5), jnp.float32)), "integers"),
+    (dict(position_ids=jnp.zeros((2, 5), jnp.bool_)), "integers"),
     (dict(position_ids=jnp.zeros((2, 4), jnp.int32)), "position_ids"),
     (dict(inv_freq=jnp.ones((5,))), "inv_freq"),  # More pairs than head_dim 8 has.
     (dict(inv_freq=jnp.ones((0,))), "inv_freq"),

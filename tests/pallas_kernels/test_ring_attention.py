@@ -19,6 +19,8 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels import (context_parallel_attention, flash_attention_reference,
                             ring_attention, ring_attention_reference)
+from pallas_kernels.ring_attention import (context_parallel_shard, from_layout,
+                                           load_balance_permutation, to_layout)
 assert jax.device_count() == 8
 
 def inputs(seed, b, t, h, hk, d, segments):
@@ -75,7 +77,8 @@ _RING_CASES = {  # (name, devices, (b, t, h, hk, d), segments, kwargs)
 @pytest.mark.parametrize("cases", ["default", pytest.param("slow", marks=pytest.mark.slow)])
 def test_ring_attention_in_own_shard_map(fake_devices, cases):
   """ring_attention inside the user's shard_map: causal, non-causal, causal window,
-  segments, GQA, on 4 and 8 devices, and a mesh with a second (data) axis."""
+  segments, GQA, on 4 and 8 devices, and a mesh with a second (data) axis; the in-shard
+  layout moves; context_parallel_shard on rows already in the zigzag order (slow)."""
   out = fake_devices(_PRELUDE + f"SLOW = {cases == 'slow'}\nCASES = " + _RING_CASES[cases] + """
 for i, (name, p, shape, segments, kw) in enumerate(CASES):
   q, k, v, do, dl, seg = inputs(i, *shape, segments)
@@ -91,7 +94,23 @@ for i, (name, p, shape, segments, kw) in enumerate(CASES):
   check(name, attend, q, k, v, do, dl, seg, **kw)
 
 if SLOW:
-  print("ok 2d_mesh", "ok reference")  # Run by the default twin only.
+  # context_parallel_shard in the user's shard_map on rows already in the zigzag order (what
+  # the data pipeline's balanced_order emits): output and gradients in that order too.
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+  q, k, v, do, dl, seg = inputs(11, 2, 64, 4, 2, 8, True)
+  perm = load_balance_permutation(64, 4, "zigzag")
+  inv = np.argsort(perm)
+  spec = P("data", "sp")
+  shard = jax.shard_map(
+      lambda q, k, v, s: context_parallel_shard(
+          q, k, v, axis_name="sp", strategy="ring", load_balance="zigzag",
+          token_order="balanced", is_causal=True, segment_ids=s, return_lse=True),
+      mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec))
+  def attend(q, k, v):
+    out, lse = shard(q[:, perm], k[:, perm], v[:, perm], seg[:, perm])
+    return out[:, inv], lse[:, inv]
+  check("pre-permuted", attend, q, k, v, do, dl, seg, is_causal=True)
+  print("ok 2d_mesh", "ok reference", "ok layouts")  # Run by the default twin.
   raise SystemExit(0)
 
 # A 2-D mesh: batch over "data", sequence over "sp"; the ring only spans "sp".
@@ -115,41 +134,86 @@ attend = jax.shard_map(
     mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec))
 check("reference", lambda q, k, v: attend(q, k, v, seg), q, k, v, do, dl, seg,
       is_causal=True, local_window_size=6)
+
+# The in-shard moves between the natural layout and the balanced ones are the permutation.
+for p in (2, 4, 8):
+  mesh = Mesh(np.array(jax.devices()[:p]), ("sp",))
+  for lb in ("zigzag", "striped"):
+    x = jax.random.normal(jax.random.PRNGKey(p), (2, 2 * p * p, 3))
+    move = lambda f, lb=lb, p=p, mesh=mesh: jax.shard_map(
+        lambda x: f(x, axis_name="sp", num_devices=p, load_balance=lb), mesh=mesh,
+        in_specs=P(None, "sp"), out_specs=P(None, "sp"))
+    y = move(to_layout)(x)
+    np.testing.assert_array_equal(y, x[:, load_balance_permutation(x.shape[1], p, lb)])
+    np.testing.assert_array_equal(move(from_layout)(y), x)
+print("ok layouts")
+
 """)
-  assert out.count("ok ") == len(eval(_RING_CASES[cases])) + 2
+  # Default: the cases, the 2-D mesh, the reference, the layouts; slow: pre-permuted too.
+  assert out.count("ok ") == len(eval(_RING_CASES[cases])) + (4 if cases == "slow" else 3)
 
 
+# Every (strategy, load balance) runs in the default suite, with the features spread over
+# them; the slow twins run the full product strategy x load balance x feature.
 _CP_CASES = {  # (strategy, load_balance, (b, t, h, hk, d), segments, kwargs)
-    "default": """[
-    ("ring", "zigzag", (2, 64, 4, 2, 16), True, dict(is_causal=True)),
-    ("ring", "striped", (2, 64, 4, 1, 16), False,
-     dict(is_causal=True, local_window_size=(13, 0))),
-    ("all_gather", None, (2, 64, 4, 2, 16), True, dict(is_causal=True)),
-    ("ulysses", "zigzag", (2, 64, 8, 4, 8), True, dict(is_causal=True)),
+    "default_ring": """[
+    ("ring", None, (2, 64, 4, 2, 8), True, dict(is_causal=True)),
+    ("ring", "zigzag", (2, 64, 4, 2, 16), True, dict(is_causal=True, local_window_size=(13, 0))),
+    ("ring", "striped", (2, 64, 4, 1, 16), False, dict(is_causal=True, logits_soft_cap=5.0)),
+    ("all_gather", None, (2, 64, 4, 2, 8), False, dict(local_window_size=(7, 3))),
 ]""",
-    "slow": """[
-    ("ring", None, (2, 64, 4, 2, 8), True, dict(local_window_size=(11, 2))),
-    ("ring", "striped", (2, 32, 2, 2, 8), True, dict(local_window_size=(5, 6))),
-    ("all_gather", "zigzag", (2, 64, 4, 2, 8), False, dict(local_window_size=(7, 3))),
-    ("ulysses", None, (2, 32, 4, 4, 8), False, dict()),
-    ("ulysses", "striped", (2, 32, 4, 4, 8), True, dict(is_causal=True)),
+    "default_others": """[
+    ("all_gather", "zigzag", (2, 64, 4, 2, 8), True, dict(is_causal=True)),
+    ("ulysses", None, (2, 64, 8, 4, 8), False, dict(is_causal=True, logits_soft_cap=5.0)),
+    ("ulysses", "zigzag", (2, 64, 8, 4, 8), True, dict(is_causal=True)),
+    ("ulysses", "striped", (2, 32, 4, 4, 8), True, dict()),
+    # The Pallas (TPU) kernels in the interpreter, chunks padded to their 128-row blocks.
+    ("ring", "zigzag", (1, 32, 2, 1, 8), True, dict(is_causal=True, implementation="interpret")),
 ]""",
 }
+# name: (segments, kwargs); every ring / all_gather case has GQA (4 heads, 2 kv heads).
+_FEATURES = """{
+    "causal": (False, dict(is_causal=True)),
+    "non_causal": (False, dict()),
+    "causal_window": (False, dict(is_causal=True, local_window_size=(13, 0))),
+    "window": (False, dict(local_window_size=(7, 3))),
+    "causal_segments": (True, dict(is_causal=True)),
+    "soft_cap": (True, dict(is_causal=True, logits_soft_cap=5.0)),
+}"""
+_CP_CASES["slow_interpret"] = """[
+    (s, lb, (1, 32, 4, 4, 8), True, dict(is_causal=True, implementation="interpret"))
+    for s, lb in [("ring", None), ("ring", "striped"), ("all_gather", "zigzag"),
+                  ("ulysses", None)]]"""
+for _strategy, _balances in (("ring", (None, "zigzag", "striped")),
+                             ("all_gather", (None, "zigzag")),
+                             ("ulysses", (None, "zigzag", "striped"))):
+  _shape = (2, 64, 8, 4, 8) if _strategy == "ulysses" else (1, 64, 4, 2, 8)
+  _CP_CASES["slow_" + _strategy] = (
+      "[(s, lb, %r, seg, kw) for s in [%r] for lb in %r for seg, kw in %s.values()]"
+      % (_shape, _strategy, _balances, _FEATURES))
 
 
-@pytest.mark.parametrize("cases", ["default", pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cases", ["default_ring", "default_others"] + [
+    pytest.param(c, marks=pytest.mark.slow) for c in _CP_CASES if c.startswith("slow")])
 def test_context_parallel_strategies(fake_devices, cases):
   """context_parallel_attention on global arrays: each strategy and load balance (with
-  causal / window / segments / GQA spread over the cases), on a (data=2, context=4) mesh;
-  bad configurations raise clear ValueErrors."""
-  out = fake_devices(_PRELUDE + "CASES = " + _CP_CASES[cases] + """
+  causal / non-causal / windows / segments / GQA / soft cap spread over the default cases,
+  all combinations in the slow ones), on a (data=2, context=4) mesh; bad configurations
+  raise clear ValueErrors."""
+  out = fake_devices(_PRELUDE + f"ERRORS = {cases == 'default_ring'}\nCASES = " +
+                     _CP_CASES[cases] + """
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "context"))
 for i, (strategy, lb, shape, segments, kw) in enumerate(CASES):
   q, k, v, do, dl, seg = inputs(20 + i, *shape, segments)
   attend = lambda q, k, v, seg=seg, strategy=strategy, lb=lb, kw=kw: (
       context_parallel_attention(q, k, v, mesh=mesh, strategy=strategy, load_balance=lb,
                                  segment_ids=seg, return_lse=True, **kw))
-  check(f"{strategy}_{lb}", attend, q, k, v, do, dl, seg, **kw)
+  kw = {name: value for name, value in kw.items() if name != "implementation"}
+  check(f"{strategy}_{lb}_{sorted(kw)}", attend, q, k, v, do, dl, seg, **kw)
+
+if not ERRORS:
+  print("ok errors")  # Checked by the default_ring twin.
+  raise SystemExit(0)
 
 # Bad configurations fail before any compile, with a message that says what to change.
 def raises(match, fn):
@@ -167,6 +231,17 @@ raises("num_kv_heads (2) must both be divisible", lambda: cp(strategy="ulysses")
 raises("strategy must be one of", lambda: cp(strategy="tree"))
 raises("load_balance must be one of", lambda: cp(load_balance="random"))
 raises("not an axis of the mesh", lambda: cp(axis_name="sp"))
+raises("supports load_balance None or 'zigzag'",
+       lambda: cp(strategy="all_gather", load_balance="striped"))
+raises("divisible by the square of the size of axis 'context' (4^2 = 16)",
+       lambda: jax.shard_map(lambda q, k, v: context_parallel_shard(
+           q, k, v, axis_name="context", load_balance="striped"), mesh=mesh,
+           in_specs=(P(None, "context"),) * 3, out_specs=P(None, "context"))(
+               *inputs(0, 1, 24, 2, 2, 8, False)[:3]))
+raises("token_order='balanced' needs a load_balance",
+       lambda: jax.shard_map(lambda q, k, v: context_parallel_shard(
+           q, k, v, axis_name="context", token_order="balanced"), mesh=mesh,
+           in_specs=(P(None, "context"),) * 3, out_specs=P(None, "context"))(q, q, q))
 q30 = jnp.zeros((1, 30, 4, 8))
 raises("sequence length 30 must be divisible by the size of axis 'context' (4)",
        lambda: context_parallel_attention(q30, q30, q30, mesh=mesh))
@@ -189,38 +264,3 @@ def test_outside_shard_map_is_a_clear_error():
     ring_attention(q, q, q, axis_name="context")
   with pytest.raises(ValueError, match="num_kv_heads"):
     ring_attention(q, jnp.zeros((1, 16, 3, 8)), jnp.zeros((1, 16, 3, 8)), axis_name="context")
-
-
-def test_per_device_ring_lowers_for_tpu():
-  """The per-device ring (forward and backward) lowers to Mosaic with jax.export: one kernel
-  call per visible relative offset, and K/V moving by collective permutes. (Pallas kernels
-  inside a shard_map with check_vma=True, and the CUDA lowering, are not covered yet.)"""
-  import jax
-  from jax.sharding import AbstractMesh, PartitionSpec
-
-  from pallas_kernels._common import dispatch
-
-  mesh, spec = AbstractMesh((4,), ("sp",)), PartitionSpec(None, "sp")
-
-  def attend(q, k, v):
-    return jax.shard_map(
-        lambda q, k, v: ring_attention(q, k, v, axis_name="sp", is_causal=True,
-                                       implementation="pallas"),
-        mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
-
-  def loss(q, k, v):
-    return jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)
-
-  args = [jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16),
-          jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16),
-          jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)]
-  with dispatch.target_platform("tpu"):
-    forward = jax.export.export(jax.jit(attend), platforms=["tpu"])(*args).mlir_module()
-    backward = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-                                 platforms=["tpu"])(*args).mlir_module()
-  # Causal, 4 devices: offsets 0..3 are visible (4 forward kernels, counted once per call
-  # site: the ring loop and its last step), the negative ones are skipped.
-  assert forward.count("tpu_custom_call") == 8
-  assert forward.count("collective_permute") >= 1
-  assert backward.count("tpu_custom_call") >= 16
-  assert backward.count("collective_permute") >= 3
