@@ -315,8 +315,20 @@ def format_window_check(check: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The registry and the driver.
 
+def _lazy(module: str, function: str) -> Callable[[Settings], list[Row]]:
+  """A benchmark defined in ``experiments.<module>`` (which imports this module's Row)."""
+  def bench(settings: Settings) -> list[Row]:
+    import importlib
+    return getattr(importlib.import_module(f"experiments.{module}"), function)(settings)
+  bench.__name__ = function
+  return bench
+
+
 KERNEL_BENCHMARKS: dict[str, Callable[[Settings], list[Row]]] = {
     "flash_attention": bench_flash_attention,
+    "selective_scan": _lazy("bench_selective_scan", "bench_selective_scan"),
+    "ssd": _lazy("bench_ssd", "bench_ssd"),
+    "lightning_attention": _lazy("bench_lightning_attention", "bench_lightning_attention"),
 }
 
 

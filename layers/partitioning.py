@@ -24,6 +24,9 @@ Logical names used by the layers:
   head_dim   features of one head        mlp       hidden features of the MLP
   conv_width taps of a short convolution
   batch      rows of a batch (activations) length   tokens of a row (activations)
+  ssm_inner  inner channels of an SSM    ssm_state state size of an SSM channel / head
+  ssm_heads  Mamba-2 heads               ssm_in_proj Mamba-2's fused in-projection outputs
+  ssm_conv_channels channels of an SSM block's causal convolution
 
 Context parallelism: when the training code splits the sequence ("length") over a mesh
 axis, it installs a :class:`ContextParallelism` plan with :func:`use_context_parallelism`;

@@ -1,6 +1,7 @@
 """Models: a decoder LM from a per-layer pattern of registered sequence mixers."""
 
-from lclm.model import mixers  # registers the built-in mixers
+# Importing these registers the built-in mixers.
+from lclm.model import mixers, mixers_lightning, mixers_mamba, mixers_mamba2, mixers_s4d
 from lclm.model.decoder import DecoderBlock, DecoderLM
 from lclm.model.kv_cache import KVCacheSize, LayerKVCache, kv_cache_size, kv_cache_size_for
 from lclm.model.registry import (POSITION_OPTIONS, get_mixer, register_mixer, registered_mixers,
@@ -8,6 +9,7 @@ from lclm.model.registry import (POSITION_OPTIONS, get_mixer, register_mixer, re
 
 __all__ = [
     "POSITION_OPTIONS", "DecoderBlock", "DecoderLM", "KVCacheSize", "LayerKVCache", "get_mixer",
-    "kv_cache_size", "kv_cache_size_for", "mixers", "register_mixer", "registered_mixers",
+    "kv_cache_size", "kv_cache_size_for", "mixers", "mixers_lightning", "mixers_mamba",
+    "mixers_mamba2", "mixers_s4d", "register_mixer", "registered_mixers",
     "unregister_mixer",
 ]

@@ -97,18 +97,21 @@ def check_sequence_length(plan: ContextParallelism | None, seq_len: int) -> None
 
 
 def check_model(plan: ContextParallelism | None, model: nnx.Module) -> None:
-  """With pre-permuted rows (``token_order="balanced"``), only order-free layers may see them.
+  """Raises a ValueError for layers that cannot run on a sequence split over ``context``.
 
-  A short convolution or a recurrent mixer reads each token's neighbours in the row, which
-  are not its neighbours in the sequence once the row is permuted.
+  * Sequence mixers other than attention (recurrences: Mamba, SSD, lightning attention,
+    S4D, ...) have no context-parallel form yet: their kernels would gather the whole
+    sequence on every device, silently defeating the split.
+  * With pre-permuted rows (``token_order="balanced"``) the short convolution reads each
+    token's neighbours in the row, which are not its neighbours in the sequence.
   """
-  if plan is None or plan.token_order != "balanced":
+  if plan is None:
     return
   from layers import Attention, ShortConv
 
   for path, module in nnx.iter_modules(model):
     name = "/".join(map(str, path)) or type(module).__name__
-    if isinstance(module, ShortConv):
+    if plan.token_order == "balanced" and isinstance(module, ShortConv):
       raise ValueError(
           f"context_parallelism.token_order='balanced': the model's short convolution "
           f"({name}) reads neighbouring tokens, which the permuted rows do not keep together. "
@@ -116,9 +119,10 @@ def check_model(plan: ContextParallelism | None, model: nnx.Module) -> None:
     mixer = getattr(module, "mixer", None)
     if isinstance(mixer, nnx.Module) and not isinstance(mixer, Attention):
       raise ValueError(
-          f"context_parallelism.token_order='balanced': the mixer {type(mixer).__name__} at "
-          f"{name} depends on the token order; only attention mixers take pre-permuted rows. "
-          "Use token_order = 'natural'.")
+          f"context parallelism (make_mesh.context = {plan.num_shards}): the mixer "
+          f"{type(mixer).__name__} at {name} has no context-parallel form (its scan would "
+          "gather the whole sequence on every device); only attention mixers split the "
+          "sequence. Use make_mesh.context = 1 for this model.")
 
 
 def with_context_rules(rules: Sequence, mesh: Mesh) -> tuple:

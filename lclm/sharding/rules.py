@@ -30,6 +30,14 @@ DEFAULT_AXIS_RULES: AxisRules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("conv_width", None),
+    # State-space and linear-recurrent mixers. Mamba's inner channels are independent, so
+    # they split like MLP features; Mamba-2 runs its SSD kernel per batch shard and keeps
+    # heads, state and its fused in-projection whole.
+    ("ssm_inner", "tensor"),
+    ("ssm_state", None),
+    ("ssm_heads", None),
+    ("ssm_in_proj", None),
+    ("ssm_conv_channels", None),
 )
 
 

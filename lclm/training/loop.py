@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lclm import sharding
+from lclm.data import pipeline
 from lclm.sharding import context
 from lclm.model import DecoderLM
 from lclm.training import checkpointing, evaluation, metrics as metrics_lib, optimizer, step
@@ -143,7 +144,8 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
               total_steps=total_steps, mesh=mesh, task=task,
               eval_multipliers=eval_length_multipliers, intervals=intervals)
     # Sequence split over the mesh's context axis: the rows must divide into its shards.
-    context.check_sequence_length(context.context_parallel_plan(mesh), task.seq_len)
+    context_plan = context.context_parallel_plan(mesh)
+    context.check_sequence_length(context_plan, task.seq_len)
     tx = optimizer.make_optimizer(total_steps)
 
     def model_factory():
@@ -221,7 +223,13 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     # jax.distributed.initialize) and a sync point, so that all hosts stop at one step.
     with PreemptionGuard(enabled=not multihost) as guard:
       for current in range(start, last):
-        batch = _device_batch(next(data), batch_sharding)
+        batch = next(data)
+        if context_plan is not None and context_plan.token_order == "balanced":
+          # Rows in the devices' load-balanced order, permuted on the host: the layers read
+          # them as such (context_parallelism.token_order = "balanced").
+          batch = pipeline.to_balanced_order(batch, load_balance=context_plan.load_balance,
+                                             num_shards=context_plan.num_shards)
+        batch = _device_batch(batch, batch_sharding)
         state, step_metrics = train_step(state, batch)
         done = current + 1
         pending.append((done, step_metrics))

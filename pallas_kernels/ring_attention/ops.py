@@ -75,11 +75,6 @@ def _visibility(mask: masks_lib.Mask, q_offset: int, length: int):
   return bool((iv[..., 1] > iv[..., 0]).any()), bool((iv[..., 3] > iv[..., 2]).all())
 
 
-def sees_anything(mask: masks_lib.Mask, q_offset: int, length: int) -> bool:
-  """Whether queries at positions q_offset + [0, length) see any key in [0, length)."""
-  return _visibility(mask, q_offset, length)[0]
-
-
 _FULL_PAIR = (masks_lib.FullMask(), 0)
 
 

@@ -15,44 +15,52 @@ from experiments import length_extrapolation as le
 TINY = [
     "train.total_steps = 2", "train.batch_size = 8", "train.log_every = 1",
     "train.checkpoint_every = 2", "train.async_checkpoints = False", "train.eval_examples = 8",
-    "LengthExtrapolation.runs = {'rope': ['as_trained', 'yarn', 'self_extend'], "
-    "'e2llm': ['pi']}",
     "LengthExtrapolation.multipliers = (1, 2)", "LengthExtrapolation.eval_examples = 8",
     "LengthExtrapolation.eval_batch_size = 8",
 ]
 CONFIG = "configs/experiments/length_extrapolation.gin"
 
 
+def _run(workdir, runs, *extra):
+  params = [*TINY, f"LengthExtrapolation.runs = {runs!r}", *extra]
+  return le.main(["--gin_file", CONFIG, "--workdir", str(workdir),
+                  *[f"--gin_param={p}" for p in params]])
+
+
 def test_tiny_run_writes_results_and_reuses_training(tmp_path, capsys):
-  assert le.main(["--gin_file", CONFIG, "--workdir", str(tmp_path),
-                  *[f"--gin_param={p}" for p in TINY]]) == 0
-  first = capsys.readouterr().out
-  assert first.count("== training") == 2
+  assert _run(tmp_path, {"rope": ["as_trained", "yarn", "self_extend"]}) == 0
+  assert capsys.readouterr().out.count("== training") == 1
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["train_length"] == 64 and results["multipliers"] == [1, 2]
-  assert set(results["results"]) == {"rope", "e2llm"}
-  assert set(results["results"]["rope"]) == {"as_trained", "yarn", "self_extend"}
-  for evals in results["results"].values():
-    for curve in evals.values():
-      assert set(curve) == {"64", "128"}
-      for point in curve.values():
-        assert 0.0 <= point["accuracy"] <= 1.0 and math.isfinite(point["loss"])
-  # At the training length YaRN (factor 1) and Self-Extend (G = 1) are plain RoPE.
   rope = results["results"]["rope"]
+  assert set(results["results"]) == {"rope"} and set(rope) == {"as_trained", "yarn",
+                                                                "self_extend"}
+  for curve in rope.values():
+    assert set(curve) == {"64", "128"}
+    for point in curve.values():
+      assert 0.0 <= point["accuracy"] <= 1.0 and math.isfinite(point["loss"])
+  # At the training length YaRN (factor 1) and Self-Extend (G = 1) are plain RoPE.
   for method in ("yarn", "self_extend"):
     assert rope[method]["64"]["loss"] == pytest.approx(rope["as_trained"]["64"]["loss"],
                                                        rel=1e-5)
   assert rope["yarn"]["128"]["loss"] != pytest.approx(rope["as_trained"]["128"]["loss"],
                                                       rel=1e-6)
   table = (tmp_path / "table.md").read_text()
-  assert table.count("\n") == 2 + 4 and "| rope | self_extend |" in table
+  assert table.count("\n") == 2 + 3 and "| rope | self_extend |" in table
   png = (tmp_path / "length_extrapolation.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-  # A second run finds both training runs completed and only evaluates.
-  assert le.main(["--gin_file", CONFIG, "--workdir", str(tmp_path),
-                  *[f"--gin_param={p}" for p in TINY]]) == 0
+  # A second run finds the training run completed and only evaluates.
+  assert _run(tmp_path, {"rope": ["as_trained"]}, "LengthExtrapolation.multipliers = (1,)") == 0
   assert "== training" not in capsys.readouterr().out
-  assert json.loads((tmp_path / "results.json").read_text())["results"] == results["results"]
+  again = json.loads((tmp_path / "results.json").read_text())["results"]["rope"]
+  assert again["as_trained"]["64"] == rope["as_trained"]["64"]
+
+
+def test_e2llm_trains_on_fractional_positions(tmp_path, capsys):
+  """Float32 position ids through the data pipeline, the train step and PI at evaluation."""
+  assert _run(tmp_path, {"e2llm": ["as_trained", "pi"]}) == 0
+  e2llm = json.loads((tmp_path / "results.json").read_text())["results"]["e2llm"]
+  assert e2llm["pi"]["64"] == e2llm["as_trained"]["64"]  # Factor 1 at the training length.
 
 
 @pytest.mark.parametrize("binding, message", [

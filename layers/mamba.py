@@ -1,0 +1,258 @@
+"""The Mamba (Mamba-1) block: gated selective state-space mixer with a short causal conv.
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (2023), and
+the reference implementation ``mamba_ssm.modules.mamba_simple.Mamba`` (state-spaces/mamba),
+whose initialisation this layer follows (read for reference, not copied).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.partitioning import shard_kernel, with_logical_axes
+from pallas_kernels._common import dispatch
+from pallas_kernels.selective_scan import selective_scan
+
+# Logical axes of the scan's operands (channels are independent: split them like the weights).
+_TOKENS_AXES = ("batch", None, "ssm_inner")
+_BC_AXES = ("batch", None, None)
+_CHANNEL_AXES = ("ssm_inner",)
+_A_AXES = ("ssm_inner", None)
+_STATE_AXES = ("batch", "ssm_inner", None)
+
+
+class MambaState(NamedTuple):
+  """What a Mamba layer carries from one piece of a sequence to the next.
+
+  conv: [batch, d_conv - 1, d_inner], the last d_conv - 1 inputs of the convolution (oldest
+    first; zeros before the start of the sequence).
+  ssm: [batch, d_inner, d_state], the selective-scan state.
+  Both float32 (float64 when the layer computes in float64).
+  """
+  conv: jax.Array
+  ssm: jax.Array
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_positive_int(name, value):
+  if not _is_int(value) or value < 1:
+    raise ValueError(f"Mamba: option {name} must be a positive int, got {value!r}.")
+
+
+def inverse_softplus(x):
+  """The y with softplus(y) = x (x > 0): x + log(-expm1(-x))."""
+  return x + jnp.log(-jnp.expm1(-x))
+
+
+def _symmetric_uniform(bound):
+  """Initializer: uniform in [-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
+def _segment_runs(segment_ids, batch, seq):
+  """int32 [batch, seq]: how many segment starts precede each token (0 in the first
+  segment, which continues the carried state)."""
+  if segment_ids is None:
+    return jnp.zeros((batch, seq), jnp.int32)
+  changed = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(changed, axis=1)],
+                         axis=1)
+
+
+class Mamba(nnx.Module):
+  """Mamba-1 mixer: ``out_proj(S6(silu(conv(x_in))) * silu(z))`` with [x_in, z] = in_proj(x).
+
+  Per token (features -> features):
+
+    x_in, z = in_proj(x)                       2 x d_inner, no bias
+    x_c = silu(causal depthwise conv1d(x_in))  d_conv taps per channel, with bias
+    dt_low, B, C = x_proj(x_c)                 dt_rank, d_state, d_state (no bias)
+    delta = dt_proj(dt_low)                    d_inner; its bias is the scan's delta_bias
+    y = selective_scan(x_c, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+    out = out_proj(y)                          d_inner -> features, no bias
+
+  with A = -exp(A_log) [d_inner, d_state]. Initialisation as Mamba's reference code:
+  A_log = log(1 ... d_state) in every channel (S4D-real, A = -(1 ... d_state)); D = 1;
+  dt_proj's bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (floored at
+  ``dt_init_floor``) and its kernel uniform in +-dt_rank^-0.5 * dt_scale ("random" dt init);
+  the conv kernel and bias uniform in +-d_conv^-0.5 (PyTorch's Conv1d default); the
+  projections LeCun normal.
+
+  Segments: at a token whose segment id differs from the previous token's, the conv sees no
+  earlier token and the scan restarts from zero, so packed rows equal separate runs. A
+  carried ``state`` continues the first segment of the piece only.
+
+  Logical axes: in_proj ("embed", None, "ssm_inner") (x and z halves), conv kernel
+  ("conv_width", "ssm_inner"), conv bias, dt bias and D ("ssm_inner",), x_proj
+  ("ssm_inner", None), dt_proj (None, "ssm_inner"), A_log ("ssm_inner", "ssm_state"),
+  out_proj ("ssm_inner", "embed").
+
+  Args:
+    features: model dimension.
+    expand: d_inner = expand * features.
+    d_state: state size N per channel.
+    d_conv: taps of the causal conv (tap k weighs the token k steps back).
+    dt_rank: rank of the dt projection; "auto" is ceil(features / 16).
+    dt_min, dt_max: range of the initial dt; dt_init_floor: its floor; dt_scale: scale of
+      dt_proj's kernel initialisation.
+    implementation, chunk_size: passed to :func:`pallas_kernels.selective_scan`.
+    dtype: computation dtype (None: the input's); the scan's state stays float32.
+    param_dtype: parameter dtype.
+    rngs: randomness for the initialisers.
+  """
+
+  def __init__(self, features: int, *, expand: int = 2, d_state: int = 16, d_conv: int = 4,
+               dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+               dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+               implementation: str | None = None, chunk_size: int | None = None,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _check_positive_int("features", features)
+    _check_positive_int("expand", expand)
+    _check_positive_int("d_state", d_state)
+    _check_positive_int("d_conv", d_conv)
+    if dt_rank == "auto":
+      dt_rank = math.ceil(features / 16)
+    elif not _is_int(dt_rank) or dt_rank < 1:
+      raise ValueError(f"Mamba: option dt_rank must be 'auto' or a positive int, got "
+                       f"{dt_rank!r}.")
+    for name, value in (("dt_min", dt_min), ("dt_max", dt_max),
+                        ("dt_init_floor", dt_init_floor), ("dt_scale", dt_scale)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          0 < value < math.inf):
+        raise ValueError(f"Mamba: option {name} must be a positive number, got {value!r}.")
+    if dt_min > dt_max:
+      raise ValueError(f"Mamba: option dt_min ({dt_min}) must not exceed dt_max ({dt_max}).")
+    if implementation not in dispatch.IMPLEMENTATIONS:
+      raise ValueError(f"Mamba: option implementation must be one of "
+                       f"{dispatch.IMPLEMENTATIONS}, got {implementation!r}.")
+    if chunk_size is not None:
+      _check_positive_int("chunk_size", chunk_size)
+
+    self.features, self.expand, self.d_state, self.d_conv = features, expand, d_state, d_conv
+    self.d_inner = d_inner = expand * features
+    self.dt_rank = dt_rank
+    self.implementation, self.chunk_size = implementation, chunk_size
+    self.dtype = dtype
+
+    def param(init, shape, axes):
+      return nnx.Param(with_logical_axes(init, axes)(rngs.params(), shape, param_dtype))
+
+    lecun = nnx.initializers.lecun_normal
+    self.in_proj = param(lecun(in_axis=0, out_axis=(1, 2)), (features, 2, d_inner),
+                         ("embed", None, "ssm_inner"))
+    conv_bound = d_conv ** -0.5
+    self.conv_kernel = param(_symmetric_uniform(conv_bound), (d_conv, d_inner),
+                             ("conv_width", "ssm_inner"))
+    self.conv_bias = param(_symmetric_uniform(conv_bound), (d_inner,), ("ssm_inner",))
+    self.x_proj = param(lecun(), (d_inner, dt_rank + 2 * d_state), ("ssm_inner", None))
+    self.dt_proj = param(_symmetric_uniform(dt_rank ** -0.5 * dt_scale), (dt_rank, d_inner),
+                         (None, "ssm_inner"))
+
+    def dt_bias_init(key, shape, dtype):
+      log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+      dt = jnp.maximum(jnp.exp(log_dt), dt_init_floor)
+      return inverse_softplus(dt).astype(dtype)
+
+    self.dt_bias = param(dt_bias_init, (d_inner,), ("ssm_inner",))
+
+    def a_log_init(key, shape, dtype):
+      del key
+      return jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1, dtype=jnp.float32),
+                                      shape)).astype(dtype)
+
+    self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"))
+    self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",))
+    self.out_proj = param(lecun(), (d_inner, features), ("ssm_inner", "embed"))
+
+  def init_state(self, batch_size: int) -> MambaState:
+    """The zero state for ``batch_size`` rows (float32)."""
+    return MambaState(conv=jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), jnp.float32),
+                      ssm=jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32))
+
+  def _conv(self, x, conv_state, runs, dtype):
+    """Causal depthwise conv over [carried inputs; x]; returns (out, new conv state)."""
+    b, seq, _ = x.shape
+    k = self.d_conv
+    ext = jnp.concatenate([conv_state.astype(dtype), x], axis=1)  # [b, k - 1 + seq, d]
+    ext_runs = jnp.concatenate([jnp.zeros((b, k - 1), jnp.int32), runs], axis=1)
+    kernel = self.conv_kernel[...].astype(dtype)
+    out = x * kernel[0] + self.conv_bias[...].astype(dtype)
+    for lag in range(1, k):
+      past = jax.lax.slice_in_dim(ext, k - 1 - lag, k - 1 - lag + seq, axis=1)
+      past_runs = jax.lax.slice_in_dim(ext_runs, k - 1 - lag, k - 1 - lag + seq, axis=1)
+      out = out + jnp.where((past_runs == runs)[..., None], past, 0) * kernel[lag]
+    # The next piece continues the last segment: drop carried inputs of earlier segments.
+    tail, tail_runs = ext[:, ext.shape[1] - (k - 1):], ext_runs[:, ext.shape[1] - (k - 1):]
+    last_run = ext_runs[:, -1:]
+    new_state = jnp.where((tail_runs == last_run)[..., None], tail, 0)
+    return out, new_state.astype(jnp.promote_types(dtype, jnp.float32))
+
+  def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, state: MambaState | None = None,
+               return_state: bool = False):
+    """x [batch, seq, features] -> [batch, seq, features] (and the new state if asked).
+
+    ``position_ids`` are ignored (a recurrence needs none). ``state`` None is the zero state.
+    """
+    del position_ids
+    if x.ndim != 3 or x.shape[-1] != self.features:
+      raise ValueError(f"Mamba: x must be [batch, seq, {self.features}], got shape {x.shape}.")
+    b, seq, _ = x.shape
+    if segment_ids is not None and segment_ids.shape != (b, seq):
+      raise ValueError(f"Mamba: segment_ids must be [batch, seq] = {(b, seq)}, got shape "
+                       f"{segment_ids.shape}.")
+    if state is None:
+      state = self.init_state(b)
+    else:
+      state = MambaState(*state)
+      expected = self.init_state(b)
+      for name, got, want in (("conv", state.conv, expected.conv),
+                              ("ssm", state.ssm, expected.ssm)):
+        if got.shape != want.shape:
+          raise ValueError(f"Mamba: state.{name} must have shape {want.shape}, got "
+                           f"{got.shape}.")
+    dtype = x.dtype if self.dtype is None else self.dtype
+    x = x.astype(dtype)
+    xz = jnp.einsum("btf,fkd->btkd", x, self.in_proj[...].astype(dtype))
+    x_in, z = xz[:, :, 0], xz[:, :, 1]
+    runs = _segment_runs(segment_ids, b, seq)
+    x_conv, conv_state = self._conv(x_in, state.conv, runs, dtype)
+    x_conv = jax.nn.silu(x_conv)
+    x_dbl = x_conv @ self.x_proj[...].astype(dtype)
+    r, n = self.dt_rank, self.d_state
+    dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
+    delta = dt_low @ self.dt_proj[...].astype(dtype)
+    # Parameters and the state enter the scan in float32 at least (float64 stays float64).
+    f32 = lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32))
+    A = -jnp.exp(f32(self.A_log[...]))
+
+    def scan(u, delta, A, B, C, D, z, dt_bias, ssm_state, segment_ids):
+      y, final = selective_scan(
+          u, delta, A, B, C, D, z, dt_bias, delta_softplus=True, initial_state=ssm_state,
+          return_final_state=True, implementation=self.implementation,
+          segment_ids=segment_ids, chunk_size=self.chunk_size)
+      # [b, n, d] so that one output spec, (batch, None, ssm_inner), fits both outputs.
+      return y, jnp.swapaxes(final, 1, 2)
+
+    y, ssm_state = shard_kernel(
+        scan, (x_conv, delta, A, B, C, f32(self.D[...]), z, f32(self.dt_bias[...]),
+               f32(state.ssm), segment_ids),
+        in_axes=(_TOKENS_AXES, _TOKENS_AXES, _A_AXES, _BC_AXES, _BC_AXES, _CHANNEL_AXES,
+                 _TOKENS_AXES, _CHANNEL_AXES, _STATE_AXES,
+                 None if segment_ids is None else ("batch", None)),
+        out_axes=_TOKENS_AXES)
+    out = y @ self.out_proj[...].astype(dtype)
+    if not return_state:
+      return out
+    return out, MambaState(conv=conv_state, ssm=jnp.swapaxes(ssm_state, 1, 2))

@@ -1,0 +1,160 @@
+"""Chunked SSD in pure JAX: the CPU default, and the algorithm every backend follows.
+
+Per chunk of ``L`` tokens (Mamba-2, "state-space duality"), with a_t = dt'_t * A and the
+chunk-local cumulative log decay acum_i = a_0 + ... + a_i:
+
+  intra-chunk  y_i += sum_{j <= i} (C_i . B_j) exp(acum_i - acum_j) dt_j x_j
+               (C B^T ⊙ L) (dt x) as matrix products; L is masked to exp(-inf) = 0 above the
+               diagonal and across segments, so exp never sees a positive exponent there;
+  inter-chunk  y_i += exp(acum_i) C_i . H_prev                (the state entering the chunk)
+  chunk state  H = exp(acum_last) H_prev + sum_j exp(acum_last - acum_j) dt_j x_j ⊗ B_j
+
+carried in float32 (float64 for float64 inputs) by a ``lax.scan`` over the chunks. Decays
+stay in log space: every exponent is a sum of a_t over a stretch of tokens, never the
+difference of a large and a small cumulative decay across chunks.
+
+Segments: ``run_ids`` numbers the runs of equal segment ids counted from the start of each
+chunk (0: the run that continues the previous chunk). Intra-chunk terms need equal runs; the
+carried state reaches only run 0 and survives a chunk only when the chunk has one run; the
+chunk state collects only the chunk's last run.
+
+Backward: plain autodiff of the scan whose body is ``jax.checkpoint``-ed, so the backward
+keeps one state per chunk and recomputes the chunk's [L, L] matrices: memory
+O(seq * heads * (head_dim + d_state) + seq / L * heads * head_dim * d_state + L^2 * heads).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_CHUNK_SIZE = 64
+# Per-token log decays below this are raised to it. exp(-1000) is 0 in float32 and float64
+# (as is the exponential of any stretch containing such a token), so values and gradients
+# are unchanged; it keeps the chunk cumulative sums finite and small (less cancellation).
+LOG_DECAY_FLOOR = -1000.0
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _two_sum_scan(a, axis):
+  """Inclusive cumulative sum with error compensation: (s, e), s + e = exact sum to ~eps^2."""
+
+  def combine(left, right):
+    s1, e1 = left
+    s2, e2 = right
+    s = s1 + s2
+    v = s - s1
+    err = (s1 - (s - v)) + (s2 - v)  # Knuth's two-sum: s1 + s2 = s + err exactly
+    return s, e1 + e2 + err
+
+  return lax.associative_scan(combine, (a, jnp.zeros_like(a)), axis=axis)
+
+
+def chunk_log_decays(dt, A, chunk_size: int):
+  """(acum, acum_lo) [b, t, h]: cumulative sums of a = max(dt * A, floor) per chunk.
+
+  dt: [b, t, h] (t a multiple of chunk_size), A: [h]; both in the compute dtype. ``acum``
+  is the plain (differentiable) cumulative sum; ``acum_lo`` a correction without gradient,
+  so that acum + acum_lo is the exact sum to about eps^2 |acum|. The backends form every
+  exponent as (acum_i - acum_j) + (acum_lo_i - acum_lo_j): in float32 a plain difference of
+  cumulative sums would lose eps |acum_i|, which grows with the chunk and with |dt A|; this
+  way the error stays about eps times the exponent itself.
+  """
+  b, t, h = dt.shape
+  a = jnp.maximum(dt * A.astype(dt.dtype), LOG_DECAY_FLOOR)
+  a = a.reshape(b, t // chunk_size, chunk_size, h)
+  acum = jnp.cumsum(a, axis=2)
+  s, e = _two_sum_scan(lax.stop_gradient(a), axis=2)
+  lo = lax.stop_gradient(e + (s - acum))
+  return acum.reshape(b, t, h), lo.reshape(b, t, h)
+
+
+def relative_run_ids(segment_ids, chunk_size: int):
+  """int32 [b, t]: index of the run of equal segment ids, counted from each chunk's start.
+
+  segment_ids: int [b, t] with t a multiple of chunk_size (the padding repeats the last id).
+  A run begins at every token whose id differs from the previous token's. 0 marks the run
+  that continues from the previous chunk (or the row's first run in the first chunk).
+  """
+  b, t = segment_ids.shape
+  change = jnp.concatenate(
+      [jnp.zeros((b, 1), jnp.int32),
+       (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], axis=1)
+  run = jnp.cumsum(change, axis=1).reshape(b, t // chunk_size, chunk_size)
+  before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), run[:, :-1, -1]], axis=1)
+  return (run - before[..., None]).reshape(b, t)
+
+
+def _chunks(a, chunk_size):
+  """[b, t, ...] -> [t / L, b, L, ...] (chunk-major for the scan)."""
+  b, t = a.shape[:2]
+  return jnp.moveaxis(a.reshape(b, t // chunk_size, chunk_size, *a.shape[2:]), 1, 0)
+
+
+def _unchunk(a):
+  nc, b, l = a.shape[:3]
+  return jnp.moveaxis(a, 0, 1).reshape(b, nc * l, *a.shape[3:])
+
+
+def ssd_chunked(x, dt, acum, acum_lo, B, C, initial_states, run_ids, *, chunk_size: int):
+  """The chunked SSD core.
+
+  Args:
+    x: [b, t, h, p]; B, C: [b, t, g, n] (any float dtype; upcast per chunk).
+    dt: [b, t, h] effective step sizes, 0 on padding; acum, acum_lo:
+      ``chunk_log_decays(dt, A)``; all in the compute dtype (float32, or float64).
+    initial_states: [b, h, p, n] in the compute dtype.
+    run_ids: ``relative_run_ids`` int32 [b, t], or None (one segment).
+    chunk_size: L; t must be a multiple of it.
+
+  Returns:
+    y [b, t, h, p] and the final state [b, h, p, n], both in the compute dtype.
+  """
+  cdt = initial_states.dtype
+  b, _, h, p = x.shape
+  g, n = B.shape[2:]
+  r = h // g
+  L = chunk_size
+  causal = jnp.tril(jnp.ones((L, L), bool))
+
+  @jax.checkpoint
+  def body(state, inputs):
+    xc, dtc, ac, lc, bc, cc, rc = inputs  # [b,L,h,p], [b,L,h] x3, [b,L,g,n] x2, [b,L]|None
+    xc = xc.astype(cdt).reshape(b, L, g, r, p)
+    bc, cc = bc.astype(cdt), cc.astype(cdt)
+    mask = causal[None, :, :, None]
+    if rc is not None:
+      mask = mask & (rc[:, :, None] == rc[:, None, :])[..., None]
+    # [b, i, j, h]: acum_i - acum_j, compensated.
+    seg = (ac[:, :, None, :] - ac[:, None, :, :]) + (lc[:, :, None, :] - lc[:, None, :, :])
+    decay = jnp.exp(jnp.where(mask, seg, -jnp.inf)).reshape(b, L, L, g, r)
+    cb = jnp.einsum("bign,bjgn->bijg", cc, bc, precision=_HIGHEST)
+    weights = cb[..., None] * decay * dtc.reshape(b, 1, L, g, r)
+    y = jnp.einsum("bijgr,bjgrp->bigrp", weights, xc, precision=_HIGHEST)
+
+    hs = state.reshape(b, g, r, p, n)
+    into = jnp.exp(ac + lc)  # decay from the chunk start to token i
+    if rc is not None:
+      into = jnp.where(rc[..., None] == 0, into, 0.0)
+    y = y + jnp.einsum("bign,bgrpn->bigrp", cc, hs, precision=_HIGHEST) * into.reshape(
+        b, L, g, r)[..., None]
+
+    last, last_lo = ac[:, -1], lc[:, -1]  # [b, h]
+    # Decay from token j to the chunk end, and through the whole chunk.
+    out_of = jnp.exp((last[:, None, :] - ac) + (last_lo[:, None, :] - lc)) * dtc
+    through = jnp.exp(last + last_lo)
+    if rc is not None:
+      out_of = jnp.where((rc == rc[:, -1:])[..., None], out_of, 0.0)
+      through = jnp.where((rc[:, -1] == 0)[:, None], through, 0.0)
+    new = jnp.einsum("bjgrp,bjgn,bjgr->bgrpn", xc, bc, out_of.reshape(b, L, g, r),
+                     precision=_HIGHEST).reshape(b, h, p, n)
+    state = through[..., None, None] * state + new
+    return state, y.reshape(b, L, h, p)
+
+  xs = (_chunks(x, L), _chunks(dt, L), _chunks(acum, L), _chunks(acum_lo, L), _chunks(B, L),
+        _chunks(C, L),
+        None if run_ids is None else _chunks(run_ids, L))
+  final, y = lax.scan(body, initial_states, xs)
+  return _unchunk(y), final

@@ -1,0 +1,77 @@
+"""ssd lowers for TPU (Mosaic) and GPU (Triton) from this CPU-only machine.
+
+``jax.export`` runs the Pallas -> Mosaic / Triton lowering, which interpret mode never does;
+a primitive or layout the lowering rejects fails here. (The final device compilation —
+Mosaic's layout passes, Triton -> PTX — still needs the hardware.) Each case lowers the
+forward and the backward (all gradients) of the public op at realistic sizes, traced for
+the target platform.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels._common import dispatch
+from pallas_kernels.ssd import ssd
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
+
+# (batch, seq, heads, head_dim, n_groups, d_state) and options.
+CASES = {
+    # Mamba-2 (2.7B-like head geometry): head_dim 64, d_state 128, one group; the GPU
+    # kernels with whole head_dim tiles (the default splits head_dim for small batch*heads).
+    "mamba2_4k": dict(shape=(1, 4096, 8, 64, 1, 128), block_head_dim=64),
+    # Packed rows, grouped B/C, d_state 64, initial state and gate.
+    "segments_groups_2k": dict(shape=(2, 2048, 8, 64, 2, 64), segments=True, extras=True),
+    # Awkward sizes: padded length, head_dim and d_state; larger chunks.
+    "odd_sizes_long_chunks": dict(shape=(1, 1000, 3, 40, 1, 12), extras=True,
+                                  chunk={"tpu": 256, "cuda": 128}),
+    # head_dim 128 (the GPU default: eight tiles of 16).
+    "head_dim_128": dict(shape=(1, 2048, 4, 128, 1, 128), segments=True),
+}
+
+
+def _export(platform, case, dtype, with_backward):
+  b, t, h, p, g, n = case["shape"]
+  f32 = jnp.float32
+  specs = dict(x=jax.ShapeDtypeStruct((b, t, h, p), dtype),
+               dt=jax.ShapeDtypeStruct((b, t, h), f32), A=jax.ShapeDtypeStruct((h,), f32),
+               B=jax.ShapeDtypeStruct((b, t, g, n), dtype),
+               C=jax.ShapeDtypeStruct((b, t, g, n), dtype))
+  if case.get("extras"):
+    specs.update(D=jax.ShapeDtypeStruct((h,), f32), dt_bias=jax.ShapeDtypeStruct((h,), f32),
+                 z=jax.ShapeDtypeStruct((b, t, h, p), dtype),
+                 initial_states=jax.ShapeDtypeStruct((b, h, p, n), f32))
+  segments = jax.ShapeDtypeStruct((b, t), jnp.int32) if case.get("segments") else None
+  chunk = case.get("chunk", {}).get(platform)
+
+  def forward(arrays, segment_ids):
+    return ssd(**arrays, dt_softplus=True, segment_ids=segment_ids, chunk_size=chunk,
+               block_head_dim=case.get("block_head_dim"), return_final_states=True,
+               implementation="pallas")
+
+  def loss(arrays, segment_ids):
+    y, final = forward(arrays, segment_ids)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(final ** 2)
+
+  fn = jax.grad(loss) if with_backward else forward
+  disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+              if platform == "cuda" else [])
+  with dispatch.target_platform("gpu" if platform == "cuda" else platform):
+    exported = jax.export.export(jax.jit(fn), platforms=[platform],
+                                 disabled_checks=disabled)(specs, segments)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_and_backward_lower(platform, case, dtype):
+  forward = _export(platform, CASES[case], dtype, with_backward=False)
+  assert forward.count(CUSTOM_CALL[platform]) == 1
+  backward = _export(platform, CASES[case], dtype, with_backward=True)
+  # The forward (with the per-chunk states for the residuals) and the backward kernel.
+  assert backward.count(CUSTOM_CALL[platform]) == 2
