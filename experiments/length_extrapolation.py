@@ -24,7 +24,6 @@ when the command is repeated with the same ``--workdir``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ import gin
 import jax
 from flax import nnx
 
-from experiments import train as train_main
+from experiments import sweeps, train as train_main
 from lclm import sharding
 from lclm.model import DecoderLM
 from lclm.training import evaluation, loop, restore
@@ -187,10 +186,7 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     files, bindings = _train_config(train_name, train_length, max_multiple, task_name)
     run_dir = os.path.join(workdir, f"train-{train_name}")
     train_main.parse_gin([*gin_files, *files], [*gin_params, *bindings])
-    summary_path = os.path.join(run_dir, "summary.json")
-    done = os.path.exists(summary_path) and json.load(open(summary_path)).get(
-        "status") == "completed"
-    if not done:
+    if not sweeps.completed(run_dir):
       print(f"== training {train_name} at length {train_length}", flush=True)
       summary = loop.train(workdir=run_dir)
       if summary["status"] != "completed":
@@ -268,25 +264,13 @@ def plot(results: dict, path: str) -> None:
 
 
 def write_outputs(workdir: str, results: dict) -> None:
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  table = format_table(results)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(table + "\n")
-  plot(results, os.path.join(workdir, "length_extrapolation.png"))
-  print(table, flush=True)
+  sweeps.write_outputs(workdir, results, table=format_table(results), plot=plot,
+                       png_name="length_extrapolation.png")
 
 
 def main(argv=None) -> int:
-  parser = train_main.gin_argument_parser("python -m experiments.length_extrapolation",
-                                          __doc__.split("\n")[0])
-  args = parser.parse_args(argv)
-  try:
-    run(args.workdir, args.gin_file, args.gin_param)
-  except (train_main.ConfigError, loop.ConfigurationError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  return 0
+  return sweeps.main("python -m experiments.length_extrapolation", __doc__.split("\n")[0], run,
+                     argv)
 
 
 if __name__ == "__main__":

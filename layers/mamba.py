@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.initializers import torch_linear_init
 from layers.partitioning import shard_kernel, with_logical_axes
 from pallas_kernels._common import dispatch
 from pallas_kernels.selective_scan import selective_scan
@@ -86,8 +87,12 @@ class Mamba(nnx.Module):
   A_log = log(1 ... d_state) in every channel (S4D-real, A = -(1 ... d_state)); D = 1;
   dt_proj's bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] (floored at
   ``dt_init_floor``) and its kernel uniform in +-dt_rank^-0.5 * dt_scale ("random" dt init);
-  the conv kernel and bias uniform in +-d_conv^-0.5 (PyTorch's Conv1d default); the
-  projections LeCun normal.
+  the conv kernel and bias uniform in +-d_conv^-0.5 (PyTorch's Conv1d default); in_proj,
+  x_proj and out_proj U(+-1/sqrt(fan_in)) (PyTorch's nn.Linear default, which the reference
+  keeps for them; ``layers.initializers.torch_linear_init``, as Mamba2's). (The reference
+  model's optional rescaling of out_proj by 1 / sqrt(n_layer) is left to the model.) A_log,
+  D and dt_bias are kept in float32 whatever ``param_dtype``, as the reference keeps them
+  (and Mamba2 does).
 
   Segments: at a token whose segment id differs from the previous token's, the conv sees no
   earlier token and the scan restarts from zero, so packed rows equal separate runs. A
@@ -108,7 +113,8 @@ class Mamba(nnx.Module):
       dt_proj's kernel initialisation.
     implementation, chunk_size: passed to :func:`pallas_kernels.selective_scan`.
     dtype: computation dtype (None: the input's); the scan's state stays float32.
-    param_dtype: parameter dtype.
+    param_dtype: dtype of the projection and convolution parameters (A_log, D and dt_bias
+      stay float32).
     rngs: randomness for the initialisers.
   """
 
@@ -145,17 +151,18 @@ class Mamba(nnx.Module):
     self.implementation, self.chunk_size = implementation, chunk_size
     self.dtype = dtype
 
-    def param(init, shape, axes):
-      return nnx.Param(with_logical_axes(init, axes)(rngs.params(), shape, param_dtype))
+    def param(init, shape, axes, dtype=param_dtype):
+      return nnx.Param(with_logical_axes(init, axes)(rngs.params(), shape, dtype))
 
-    lecun = nnx.initializers.lecun_normal
-    self.in_proj = param(lecun(in_axis=0, out_axis=(1, 2)), (features, 2, d_inner),
+    # [features, 2, d_inner]: fan_in = features, as the reference's Linear(features, 2 d_inner).
+    self.in_proj = param(torch_linear_init(in_axis=0, out_axis=(1, 2)), (features, 2, d_inner),
                          ("embed", None, "ssm_inner"))
     conv_bound = d_conv ** -0.5
     self.conv_kernel = param(_symmetric_uniform(conv_bound), (d_conv, d_inner),
                              ("conv_width", "ssm_inner"))
     self.conv_bias = param(_symmetric_uniform(conv_bound), (d_inner,), ("ssm_inner",))
-    self.x_proj = param(lecun(), (d_inner, dt_rank + 2 * d_state), ("ssm_inner", None))
+    self.x_proj = param(torch_linear_init(), (d_inner, dt_rank + 2 * d_state),
+                        ("ssm_inner", None))
     self.dt_proj = param(_symmetric_uniform(dt_rank ** -0.5 * dt_scale), (dt_rank, d_inner),
                          (None, "ssm_inner"))
 
@@ -164,16 +171,17 @@ class Mamba(nnx.Module):
       dt = jnp.maximum(jnp.exp(log_dt), dt_init_floor)
       return inverse_softplus(dt).astype(dtype)
 
-    self.dt_bias = param(dt_bias_init, (d_inner,), ("ssm_inner",))
+    f32 = jnp.float32  # A_log, D and dt_bias: float32 whatever param_dtype (see above).
+    self.dt_bias = param(dt_bias_init, (d_inner,), ("ssm_inner",), f32)
 
     def a_log_init(key, shape, dtype):
       del key
       return jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1, dtype=jnp.float32),
                                       shape)).astype(dtype)
 
-    self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"))
-    self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",))
-    self.out_proj = param(lecun(), (d_inner, features), ("ssm_inner", "embed"))
+    self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"), f32)
+    self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",), f32)
+    self.out_proj = param(torch_linear_init(), (d_inner, features), ("ssm_inner", "embed"))
 
   def init_state(self, batch_size: int) -> MambaState:
     """The zero state for ``batch_size`` rows (float32)."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.initializers import torch_linear_init
 from layers.partitioning import logical_axes_metadata, shard_kernel, with_logical_axes
 from pallas_kernels._common import dispatch
 from pallas_kernels.ssd import ssd
@@ -32,10 +33,9 @@ def _is_number(value) -> bool:
 
 
 def _torch_linear_init(axes):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's nn.Linear / nn.Conv1d default, which
-  the reference keeps for these weights."""
-  return with_logical_axes(nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                           axes)
+  """PyTorch's nn.Linear default (``layers.initializers.torch_linear_init``), which the
+  reference keeps for these weights, with logical axes."""
+  return with_logical_axes(torch_linear_init(), axes)
 
 
 class Mamba2(nnx.Module):

@@ -16,7 +16,10 @@ the chunks of the sequence with the state tile in registers (float32):
            afterwards in float32.
 
 Matmuls take the input dtype (float32 at IEEE precision, not TF32) and accumulate in
-float32. Decay factors are exp(n log λ) with n >= 0; log λ comes in as one value per head.
+float32, except that the products reading the float32 state or its gradient (Q S, dO S^T,
+K dS, V dS^T) take it in float32 (IEEE), so the state is never rounded to the input dtype
+(as in ssd). Decay factors are exp(n log λ) with n >= 0; log λ comes in as one value per
+head; the row factors Λq, Λk scale the float32 results of those products.
 Segments ride as relative run ids [B, T] (see ``xla.py``).
 """
 
@@ -55,6 +58,10 @@ def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
 def _scaled(x, factor):
   """x * factor[:, None] in float32, back in x's dtype (a matmul operand)."""
   return (x.astype(jnp.float32) * factor[:, None]).astype(x.dtype)
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
 
 
 def _power(steps, log_decay):
@@ -96,7 +103,7 @@ def _forward_kernel(log_decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, chunk, se
     mask, q_decay, k_decay, gamma = _decays(
         log_decay, c, runs_ref[rows] if has_segments else None, chunk=chunk, seq_len=seq_len)
     scores = _dot(q, k, 1, 1) * mask
-    out = _dot(scores.astype(v.dtype), v) + _dot(_scaled(q, q_decay), state.astype(q.dtype))
+    out = _dot(scores.astype(v.dtype), v) + q_decay[:, None] * _dot(_f32(q), state)
     o_ref[rows, :] = out.astype(o_ref.dtype)
     return gamma * state + _dot(_scaled(k, k_decay), v, 0, 0)
 
@@ -115,7 +122,7 @@ def _dq_kernel(log_decay_ref, k_ref, v_ref, do_ref, s0_ref, *refs, chunk, seq_le
         log_decay, c, runs_ref[rows] if has_segments else None, chunk=chunk, seq_len=seq_len)
     d_scores = _dot(do, v, 1, 1) * mask
     dq = _dot(d_scores.astype(k.dtype), k)
-    dq = dq + q_decay[:, None] * _dot(do, state.astype(do.dtype), 1, 1)
+    dq = dq + q_decay[:, None] * _dot(_f32(do), state, 1, 1)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     return gamma * state + _dot(_scaled(k, k_decay), v, 0, 0)
 
@@ -133,11 +140,11 @@ def _dkv_kernel(log_decay_ref, q_ref, k_ref, v_ref, do_ref, ds_final_ref, *refs,
     q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     mask, q_decay, k_decay, gamma = _decays(
         log_decay, c, runs_ref[rows] if has_segments else None, chunk=chunk, seq_len=seq_len)
-    d_state_in = d_state.astype(q.dtype)
     scores = _dot(q, k, 1, 1) * mask
     d_scores = _dot(do, v, 1, 1) * mask
-    dv = _dot(scores.astype(do.dtype), do, 0, 0) + _dot(_scaled(k, k_decay), d_state_in)
-    dk = _dot(d_scores.astype(q.dtype), q, 0, 0) + k_decay[:, None] * _dot(v, d_state_in, 1, 1)
+    dv = (_dot(scores.astype(do.dtype), do, 0, 0)
+          + k_decay[:, None] * _dot(_f32(k), d_state))  # dS in float32
+    dk = _dot(d_scores.astype(q.dtype), q, 0, 0) + k_decay[:, None] * _dot(_f32(v), d_state, 1, 1)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     dk_ref[rows, :] = dk
     return gamma * d_state + _dot(_scaled(q, q_decay), do, 0, 0)

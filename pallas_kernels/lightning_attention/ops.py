@@ -233,10 +233,11 @@ def lightning_attention(q, k, v, *, decay, chunk_size=None, initial_state=None,
 
   the recurrence of TransNormerLLM's and MiniMax-01's lightning attention (no softmax, no
   scaling of q: the layer normalises the output). Computed block-wise (lightning
-  attention-2): inside a chunk as masked matrix products, across chunks through the
-  [d_k, d_v] state, in float32 whatever the input dtype. The result does not depend on
-  ``chunk_size`` (lengths are padded internally; padded tokens neither decay nor feed the
-  state).
+  attention-2): inside a chunk as masked matrix products (in the input dtype, accumulated
+  in float32), across chunks through the [d_k, d_v] state, which is kept and read in float32
+  whatever the input dtype (the products with the state or its gradient take it in float32
+  at full precision). The result does not depend on ``chunk_size`` (lengths are padded
+  internally; padded tokens neither decay nor feed the state).
 
   Args:
     q, k: [batch, seq, heads, d_k].
@@ -252,8 +253,9 @@ def lightning_attention(q, k, v, *, decay, chunk_size=None, initial_state=None,
     initial_state: [batch, heads, d_k, d_v] state before the first token (None: zeros);
       with ``segment_ids`` it reaches the row's first segment only. Differentiable.
     return_final_state: also return the state after the row's last token.
-    implementation: None (compiled Pallas on TPU/GPU, "xla" elsewhere), "pallas",
-      "interpret", "xla" or "reference".
+    implementation: None (compiled Pallas on TPU/GPU, "xla" elsewhere and for float64),
+      "pallas", "interpret", "xla" or "reference". The Pallas kernels compute in float32:
+      float64 inputs take "xla" or "reference" (a ValueError says so).
     segment_ids: int [batch, seq] or None. The state restarts from zero at every token
       whose segment id differs from the previous token's (packed sequences).
     chunk_size_bwd: chunk of the backward kernels (None: the forward's default).
@@ -270,6 +272,12 @@ def lightning_attention(q, k, v, *, decay, chunk_size=None, initial_state=None,
   accum = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
   platform = dispatch.platform_of(q, k, v)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
+  if accum == jnp.float64:  # The Pallas kernels compute in float32 (as ssd, selective_scan).
+    if implementation is None:
+      impl = "xla"
+    elif impl in ("pallas", "interpret"):
+      raise ValueError(f"{OP}: float64 inputs run with implementation='xla' or 'reference' "
+                       f"(or None, which picks 'xla' for them), got implementation={impl!r}.")
   for name, value in (("chunk_size", chunk_size), ("chunk_size_bwd", chunk_size_bwd)):
     validation.check_positive_int(OP, name, value, allow_none=True)
 

@@ -3,7 +3,9 @@
     S_t = lambda * S_{t-1} + k_t^T v_t        (S: [d_k, d_v] per batch row and head)
     o_t = q_t S_t
 
-computed with a ``lax.scan`` over tokens in float32 (float64 when the inputs are float64).
+computed with a ``lax.scan`` over tokens in float32 (float64 when the inputs are float64),
+the products at full precision (``Precision.HIGHEST``: no bfloat16 passes on TPU, no TF32 on
+GPU), so compiled backends are compared with float32 arithmetic.
 With ``segment_ids`` the state restarts from zero at every token whose segment id differs
 from the previous token's; ``initial_state`` is the state before the row's first token (so
 it reaches the first segment only).
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+
+_HIGHEST = lax.Precision.HIGHEST
 
 
 def lightning_attention_reference(q, k, v, *, decay, initial_state=None,
@@ -49,7 +53,7 @@ def lightning_attention_reference(q, k, v, *, decay, initial_state=None,
   def step(state, inputs):
     q_t, k_t, v_t, keep_t = inputs
     state = keep_t[:, None, None, None] * lam * state + k_t[..., :, None] * v_t[..., None, :]
-    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state, precision=_HIGHEST)
 
   state, out = lax.scan(step, state, (qc, kc, vc, keep))
   out = jnp.moveaxis(out, 0, 1).astype(q.dtype)

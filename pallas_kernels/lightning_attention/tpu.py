@@ -9,9 +9,12 @@ sequential sweep with the running [d_k, d_v] float32 state (or its gradient) in 
 scratch. The forward and the dQ kernel sweep forwards (dQ recomputes the states instead of
 storing one per chunk); the dK/dV kernel sweeps backwards (its index maps read chunk
 n - 1 - c) carrying dS, which it starts from the final-state cotangent and hands out as the
-initial-state gradient. Per chunk: the [C, C] intra-chunk products and the state products
-run on the MXU in the input dtype with float32 accumulation (``preferred_element_type``);
-decay factors are exp(n log λ) with n >= 0, log λ read from SMEM.
+initial-state gradient. Per chunk: the [C, C] intra-chunk products and the state updates
+(K^T V, Q^T dO) run on the MXU in the input dtype with float32 accumulation
+(``preferred_element_type``); the products that read the float32 state or its gradient
+(Q S, dO S^T, K dS, V dS^T) take it in float32 at full precision, so the state is never
+rounded to the input dtype (as in ssd). Decay factors are exp(n log λ) with n >= 0, log λ
+read from SMEM; the row factors of those products (Λq, Λk) scale their float32 results.
 
 Segments ride as relative run ids (see ``xla.py``) in the two layouts Mosaic tiles
 natively: lane-replicated [seq, 128] for the query rows, sublane-replicated [8, seq] for
@@ -93,6 +96,10 @@ def _scaled(x, factor):
   return (x.astype(jnp.float32) * factor).astype(x.dtype)
 
 
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
 def _split(refs, num_inputs, has_segments):
   inputs, rest = refs[:num_inputs], refs[num_inputs:]
   if has_segments:
@@ -115,7 +122,7 @@ def _forward_kernel(log_decay_ref, *refs, chunk, seq_len, has_segments):
   state = state_scr[...]
   scores = _dot(q, k, _NT) * mask
   out = _dot(scores.astype(v.dtype), v)
-  out = out + _dot(_scaled(q, q_decay), state.astype(q.dtype))
+  out = out + q_decay * _dot(_f32(q), state)  # the state in float32
   o_ref[...] = out.astype(o_ref.dtype)
   state_scr[...] = gamma * state + _dot(_scaled(k, k_decay), v, _TN)
 
@@ -139,7 +146,7 @@ def _dq_kernel(log_decay_ref, *refs, chunk, seq_len, has_segments):
   state = state_scr[...]
   d_scores = _dot(do, v, _NT) * mask
   dq = _dot(d_scores.astype(k.dtype), k)
-  dq = dq + q_decay * _dot(do, state.astype(do.dtype), _NT)
+  dq = dq + q_decay * _dot(_f32(do), state, _NT)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   state_scr[...] = gamma * state + _dot(_scaled(k, k_decay), v, _TN)
 
@@ -157,13 +164,11 @@ def _dkv_kernel(log_decay_ref, *refs, chunk, seq_len, has_segments):
   mask, q_decay, k_decay, gamma = _decays(log_decay_ref[h], c, seg_refs, chunk=chunk,
                                           seq_len=seq_len)
   q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-  dstate = dstate_scr[...]
-  dstate_in = dstate.astype(q.dtype)
-  k_scaled = _scaled(k, k_decay)
+  dstate = dstate_scr[...]  # float32, read at full precision below
   scores = _dot(q, k, _NT) * mask
   d_scores = _dot(do, v, _NT) * mask
-  dv = _dot(scores.astype(do.dtype), do, _TN) + _dot(k_scaled, dstate_in)
-  dk = _dot(d_scores.astype(q.dtype), q, _TN) + k_decay * _dot(v, dstate_in, _NT)
+  dv = _dot(scores.astype(do.dtype), do, _TN) + k_decay * _dot(_f32(k), dstate)
+  dk = _dot(d_scores.astype(q.dtype), q, _TN) + k_decay * _dot(_f32(v), dstate, _NT)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dstate_scr[...] = gamma * dstate + _dot(_scaled(q, q_decay), do, _TN)

@@ -22,7 +22,8 @@ barriers are needed), then runs the reverse recurrence with the state cotangent 
 
 dB and dC come out per channel block ([batch, channel blocks, seq_pad, n_pad], summed
 outside), dA, dD and d(bias) per batch row (summed outside), d(initial state) = the final s.
-Keep ``chunk`` small (16 by default): the backward holds ``chunk`` states per program.
+Keep ``chunk`` small: the backward holds ``chunk`` + 1 states per program in registers
+(:func:`default_chunk` sizes it to the register file: 16 up to d_state 64, 8 at 128).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pallas_kernels._common import padding
 CHANNEL_MULTIPLE = 16
 CHUNK_MULTIPLE = 1
 MAX_CHUNK = 64
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 16  # at most; smaller for a large d_state (default_chunk)
 # 16 channels per program: 128 programs per batch row at d_inner 2048 (an H100 has 132 SMs).
 DEFAULT_BLOCK_D = 16
 DEFAULT_BLOCK_D_BWD = 16
@@ -50,6 +51,46 @@ MIN_STATE = 16
 
 def padded_state(n: int) -> int:
   return max(MIN_STATE, padding.next_power_of_2(n))
+
+
+# Registers. Triton gives a thread at most 255 32-bit registers, and a float32 tile
+# [block_d, n_pad] spread over the program's num_warps * 32 threads costs
+# block_d * n_pad / (32 * num_warps) of them per thread. The backward keeps chunk + 1 such
+# state tiles live (the recomputed states of the chunk and the one entering it) and about
+# OTHER_TILES more (the state cotangent s, dA, the token's decay, g = s * decay * h and a
+# product), so it needs (chunk + 1 + OTHER_TILES) * tile registers; REGISTER_BUDGET leaves the
+# rest of the 255 for the per-token rows, scalars and addresses. At d_state 128, block 16 and
+# 4 warps a tile costs 16 registers: chunk 16 would need 17 * 16 = 272 for the states alone
+# (spilling to local memory), chunk 8 needs (9 + 5) * 16 = 224. Tiles of 4096 floats and
+# more get 8 warps (256 threads * 255 registers is the whole 64K register file of an SM).
+MAX_REGISTERS = 255
+REGISTER_BUDGET = 232
+OTHER_TILES = 5
+
+
+def num_warps(block_d: int, n_pad: int) -> int:
+  size = block_d * n_pad
+  return 2 if size < 512 else 4 if size < 4096 else 8
+
+
+def tile_registers(block_d: int, n_pad: int) -> int:
+  """Registers per thread of one float32 [block_d, n_pad] tile."""
+  return -(-block_d * n_pad // (32 * num_warps(block_d, n_pad)))
+
+
+def backward_registers(chunk: int, block_d: int, n_pad: int) -> int:
+  """Estimated registers per thread of the backward kernel's tiles (see above)."""
+  return (chunk + 1 + OTHER_TILES) * tile_registers(block_d, n_pad)
+
+
+def default_chunk(block_d_bwd: int, n: int) -> int:
+  """DEFAULT_CHUNK, halved while the backward's tiles would exceed REGISTER_BUDGET (>= 1):
+  16 up to d_state 64, 8 at d_state 128 or 256 with block_d_bwd 16."""
+  n_pad = padded_state(n)
+  chunk = DEFAULT_CHUNK
+  while chunk > 1 and backward_registers(chunk, block_d_bwd, n_pad) > REGISTER_BUDGET:
+    chunk //= 2
+  return chunk
 
 
 def _softplus(x):
@@ -235,7 +276,7 @@ def _specs(st, block_d, n_p, seq_pad, bpg):
 
 
 def _compiler_params(block_d, n_p):
-  return plgpu.CompilerParams(num_warps=4 if block_d * n_p >= 512 else 2, num_stages=1)
+  return plgpu.CompilerParams(num_warps=num_warps(block_d, n_p), num_stages=1)
 
 
 def forward(u, delta, A, B, C, D, z, bias, h0, resets, *, seq_len, delta_softplus, chunk,

@@ -160,7 +160,14 @@ def _tpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
     if size % module.CHANNEL_MULTIPLE:
       raise ValueError(f"{op}: {name} must be a multiple of {module.CHANNEL_MULTIPLE} for the "
                        f"TPU kernels (channels are on lanes), got {size}.")
-    size = min(size, cpg_pad)
+    size = min(size, cpg_pad)  # A block wider than the (padded) channels takes them all.
+    if requested is not None and cpg_pad % size:
+      fits = [s for s in range(module.CHANNEL_MULTIPLE, cpg_pad + 1, module.CHANNEL_MULTIPLE)
+              if cpg_pad % s == 0]
+      raise ValueError(
+          f"{op}: {name}={requested} does not divide the {cpg_pad} channels per group the TPU "
+          f"kernels run ({cpg} padded to a multiple of {module.CHANNEL_MULTIPLE}); use one of "
+          f"{fits} (or None for the default).")
     while cpg_pad % size or (
         name == "block_d_bwd" and requested is None and size > module.CHANNEL_MULTIPLE
         and chunk * n_pad * size * 4 > budget):
@@ -178,13 +185,16 @@ def _tpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
 
 
 def _gpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
-  """(chunk, block_d, block_d_bwd, padded channels per group) for the GPU kernels."""
-  chunk = module.DEFAULT_CHUNK if chunk_size is None else chunk_size
-  validation.check_positive_int(op, "chunk_size", chunk)
-  if chunk > module.MAX_CHUNK:
+  """(chunk, block_d, block_d_bwd, padded channels per group) for the GPU kernels.
+
+  The default chunk fits the backward's chunk + 1 states of [block_d_bwd, d_state] float32
+  in registers (``module.default_chunk``: 16 up to d_state 64, 8 at 128).
+  """
+  validation.check_positive_int(op, "chunk_size", chunk_size, allow_none=True)
+  if chunk_size is not None and chunk_size > module.MAX_CHUNK:
     raise ValueError(f"{op}: chunk_size must be at most {module.MAX_CHUNK} for the GPU "
-                     f"kernels (the backward keeps a chunk's states in registers), got {chunk}.")
-  chunk = min(chunk, max(seq, 1))
+                     f"kernels (the backward keeps a chunk's states in registers), got "
+                     f"{chunk_size}.")
   blocks = []
   for name, requested, default in (("block_d", block_d, module.DEFAULT_BLOCK_D),
                                    ("block_d_bwd", block_d_bwd, module.DEFAULT_BLOCK_D_BWD)):
@@ -195,6 +205,8 @@ def _gpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
                        f"the GPU kernels (Triton tiles), got {size}.")
     blocks.append(min(size, max(module.CHANNEL_MULTIPLE, padding.next_power_of_2(cpg))))
   cpg_pad = padding.round_up(cpg, max(blocks))
+  chunk = module.default_chunk(blocks[1], n) if chunk_size is None else chunk_size
+  chunk = min(chunk, max(seq, 1))
   return chunk, blocks[0], blocks[1], cpg_pad
 
 
@@ -245,18 +257,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     initial_state: [batch, d_inner, d_state] state before the first token (None: zeros);
       with ``segment_ids`` it applies to the first segment of each row only.
     return_final_state: also return the state after the last token of each row.
-    implementation: None (compiled Pallas on TPU/GPU, "xla" elsewhere), "pallas",
-      "interpret", "xla" or "reference". float64 inputs: "xla" and "reference" only.
+    implementation: None (compiled Pallas on TPU/GPU, "xla" elsewhere and for float64),
+      "pallas", "interpret", "xla" or "reference". float64 inputs: "xla" and "reference"
+      only (a ValueError says so).
     segment_ids: int [batch, seq] packed rows: the state restarts from zero at every token
       whose id differs from the previous token's.
     chunk_size: tokens per chunk: the associative-scan chunk of the XLA path (default 64),
       the time tile of the TPU kernels (a multiple of 16, default 128, less for
-      d_state > 64) or the state-saving
-      interval of the GPU kernels (at most 64, default 16). Shorter sequences shrink it;
-      lengths need not be multiples (padded tokens neither decay nor feed the state). The
-      result does not depend on it.
+      d_state > 64) or the state-saving interval of the GPU kernels (at most 64, default
+      16, less for d_state > 64 so the backward's states fit in registers: 8 at d_state
+      128). Shorter sequences shrink it; lengths need not be multiples (padded tokens
+      neither decay nor feed the state). The result does not depend on it.
     block_d, block_d_bwd: channels per program of the Pallas forward / backward kernels
-      (TPU: multiples of 128, default 512 / 256; GPU: powers of two >= 16, default 16).
+      (TPU: multiples of 128 that divide the channels per group padded to a multiple of
+      128, default 512 / 256, a ValueError lists the sizes that do; GPU: powers of two
+      >= 16, default 16). A block wider than the channels takes them all.
 
   Returns:
     y [batch, seq, d_inner] in u's dtype, and with ``return_final_state`` the final state
@@ -267,6 +282,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   _check_bool("return_final_state", return_final_state)
   platform = dispatch.platform_of(u, delta, A, B, C)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
+  arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+  if any(x is not None and x.dtype == jnp.float64 for x in arrays):
+    # The Pallas kernels compute in float32 (as ssd's and lightning_attention's).
+    if implementation is None:
+      impl = "xla"
+    elif impl in ("pallas", "interpret"):
+      raise ValueError(f"{OP}: float64 inputs run with implementation='xla' or 'reference' "
+                       f"(or None, which picks 'xla' for them), got implementation={impl!r}.")
   if impl == "reference":
     return selective_scan_reference(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
@@ -288,10 +311,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         method="sequential" if platform == "cpu" else "associative")
     return (y, final) if return_final_state else y
 
-  arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-  if any(x is not None and x.dtype == jnp.float64 for x in arrays):
-    raise ValueError(f"{OP}: implementation={impl!r} runs float32 kernels; float64 inputs "
-                     "need implementation='xla' or 'reference'.")
   y, final = run_pallas(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state, resets,
                         backend=dispatch.pallas_backend(platform),
                         interpret=(impl == "interpret"), delta_softplus=delta_softplus,
@@ -311,12 +330,14 @@ def run_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, resets, *, ba
   module = _backend_module(backend)
   cpg = d // g
   sizes = _tpu_sizes if backend == "tpu" else _gpu_sizes
-  chunk, bd, bd_bwd, cpg_pad = sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd)
-
   h0_f32 = None if initial_state is None else initial_state.astype(jnp.float32)
   if seq == 0 or b == 0 or d == 0:
+    # Nothing to tile (no channels would make the block sizes 0): the explicit sizes are
+    # still checked, as for one token of one channel.
+    sizes(module, max(seq, 1), max(cpg, 1), n, chunk_size, block_d, block_d_bwd)
     final = jnp.zeros((b, d, n), jnp.float32) if h0_f32 is None else h0_f32
     return jnp.zeros(u.shape, u.dtype), final
+  chunk, bd, bd_bwd, cpg_pad = sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd)
 
   seq_pad = padding.round_up(seq, chunk)
   regroup = functools.partial(_regroup, g=g, cpg=cpg, cpg_pad=cpg_pad)

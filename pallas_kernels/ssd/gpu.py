@@ -14,9 +14,9 @@ one head_dim tile of one (batch, head) and walks all its chunks in a loop, the s
             y (float32), the final state and, for the backward, the state entering each
             chunk [B, H, T / L, P, N].
   backward  the same grid, the chunks in reverse, the state cotangent dH [bp, N] carried;
-            dx and d initial state come out whole; dB, dC, d dt and d acum are sums over
-            head_dim, so each tile writes its partial sums and XLA adds the tiles and the
-            heads of each group.
+            dx and d initial state come out whole; dB, dC, d dt and d a (the gradient of
+            the per-token log decays, see tpu.py) are sums over head_dim, so each tile
+            writes its partial sums and XLA adds the tiles and the heads of each group.
 
 Matmuls take the input dtype for the intra-chunk products and float32 (IEEE, not TF32) for
 the state products, accumulating in float32.
@@ -181,8 +181,12 @@ def ssd_forward(x, dt, acum, acum_lo, B, C, initial_states, run_ids, *, chunk_si
 def _backward_kernel(x_ref, b_ref, c_ref, acum_ref, lo_ref, dt_ref, *refs, L, nc, has_run):
   if has_run:
     run_ref, *refs = refs
-  (states_ref, dy_ref, dfinal_ref, dx_ref, db_ref, dc_ref, ddt_ref, dacum_ref,
+  (states_ref, dy_ref, dfinal_ref, dx_ref, db_ref, dc_ref, ddt_ref, da_ref,
    dinit_ref) = refs
+  idx = jnp.arange(L)
+  causal = idx[:, None] >= idx[None, :]
+  before = (idx[:, None] < idx[None, :]).astype(jnp.float32)  # [j, m]: 1 where j < m
+  last_row = idx[:, None] == L - 1
 
   def body(i, dh):
     c = nc - 1 - i
@@ -209,13 +213,15 @@ def _backward_kernel(x_ref, b_ref, c_ref, acum_ref, lo_ref, dt_ref, *refs, L, nc
     db_ref[rows, :] = _dot(d_cb.astype(cm.dtype), cm, 0, 0) + w[:, None] * _dot(x32, dh)
     dw = jnp.sum(x32 * b_dh, axis=1)
     ddt_ref[rows] = jnp.sum(q, axis=0) + dw * out_of
+    # d a_m (a = dt A per token) without cancellation: see tpu._backward_kernel.
     dseg = q * dt[None, :]
     y_inter = into[:, None] * _dot(c32, h, 1, 1)
+    d_into = jnp.sum(dy32 * y_inter, axis=1)
     dw_w = dw * w
-    d_last = jnp.sum(dw_w) + through * jnp.sum(dh * h)
-    dacum_ref[rows] = (jnp.sum(dseg, axis=1) - jnp.sum(dseg, axis=0)
-                       + jnp.sum(dy32 * y_inter, axis=1) - dw_w
-                       + jnp.where(is_last, d_last, 0.0))
+    d_through = through * jnp.sum(dh * h)
+    m = dseg + jnp.where(last_row, dw_w[None, :], 0.0)
+    r = _dot(m, before) + (d_into + jnp.where(is_last, d_through, 0.0))[:, None]
+    da_ref[rows] = jnp.sum(jnp.where(causal, r, 0.0), axis=0)
     return through * dh + _dot(dy32 * into[:, None], c32, 0, 0)
 
   dinit_ref[...] = lax.fori_loop(0, nc, body, dfinal_ref[...])
@@ -223,7 +229,7 @@ def _backward_kernel(x_ref, b_ref, c_ref, acum_ref, lo_ref, dt_ref, *refs, L, nc
 
 def ssd_backward(x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, *, chunk_size,
                  block_head_dim, interpret=False):
-  """Cotangents (dx, ddt, dacum, dB, dC, d_initial_states); see ``tpu.ssd_backward``."""
+  """Cotangents (dx, ddt, da, dB, dC, d_initial_states); see ``tpu.ssd_backward``."""
   b, h, t, P = x.shape
   g, N = B.shape[1], B.shape[3]
   rep = h // g
@@ -245,10 +251,10 @@ def ssd_backward(x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, *, c
                jax.ShapeDtypeStruct((b, h, num_tiles, t), jnp.float32),
                jax.ShapeDtypeStruct((b, h, num_tiles, t), jnp.float32),
                jax.ShapeDtypeStruct((b, h, P, N), jnp.float32)]
-  dx, db, dc, ddt, dacum, dinit = pl.pallas_call(
+  dx, db, dc, ddt, da, dinit = pl.pallas_call(
       functools.partial(_backward_kernel, L=L, nc=nc, has_run=has_run),
       grid=(num_tiles, b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(L, bp, N), interpret=interpret, name="lclm_ssd_bwd",
   )(*args)
   group_sum = lambda a: a.sum(axis=2).reshape(b, g, rep, t, N).sum(axis=2).astype(B.dtype)
-  return (dx, ddt.sum(axis=2), dacum.sum(axis=2), group_sum(db), group_sum(dc), dinit)
+  return (dx, ddt.sum(axis=2), da.sum(axis=2), group_sum(db), group_sum(dc), dinit)

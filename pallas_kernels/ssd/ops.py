@@ -2,11 +2,14 @@
 
 The Pallas backends (``tpu.py``, ``gpu.py``) share one module interface and work on
 [batch, heads, seq, head_dim] arrays padded to whole chunks and to the head / state widths
-their tiles need; this module computes the effective step sizes and the chunk-local
-cumulative log decays, pads, transposes, calls them under a ``jax.custom_vjp`` and slices the
+their tiles need; this module computes the effective step sizes and the per-token log decays
+a = dt' A, pads, transposes, calls them under a ``jax.custom_vjp`` (which forms the
+chunk-local cumulative log decays and takes the kernels' gradient of ``a``) and slices the
 padding off again. The skip term D x and the gate silu(z) are elementwise and left to XLA
-(and its autodiff), outside the kernels. The XLA path (``xla.py``) is differentiated by plain
-autodiff of a checkpointed scan over chunks.
+(and its autodiff), outside the kernels. The XLA path (``xla.py``) is differentiated by
+autodiff of a checkpointed scan over chunks whose exponents carry their own derivative
+(``xla.chunk_exponents``). Both take the gradient of the per-token log decays ``a`` directly,
+never as a reverse cumulative sum of d(cumulative decay), which cancels in float32.
 """
 
 from __future__ import annotations
@@ -52,15 +55,18 @@ class _Config:
                 interpret=self.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _ssd_core(x, dt, acum, acum_lo, B, C, initial_states, run_ids, config: _Config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd_core(x, dt, a, B, C, initial_states, run_ids, config: _Config):
+  """The kernels on [b, h, t, .] arrays; ``a`` [b, h, t] the per-token log decays."""
+  acum, acum_lo = xla.chunk_cumsums(a, config.chunk_size, axis=2)
   y, final, _ = _backend_module(config.backend).ssd_forward(
       x, dt, acum, acum_lo, B, C, initial_states, run_ids, return_states=False,
       **config.kernel_kwargs())
   return y, final
 
 
-def _ssd_core_fwd(x, dt, acum, acum_lo, B, C, initial_states, run_ids, config):
+def _ssd_core_fwd(x, dt, a, B, C, initial_states, run_ids, config):
+  acum, acum_lo = xla.chunk_cumsums(a, config.chunk_size, axis=2)
   y, final, states = _backend_module(config.backend).ssd_forward(
       x, dt, acum, acum_lo, B, C, initial_states, run_ids, return_states=True,
       **config.kernel_kwargs())
@@ -70,10 +76,11 @@ def _ssd_core_fwd(x, dt, acum, acum_lo, B, C, initial_states, run_ids, config):
 def _ssd_core_bwd(config, residuals, cotangents):
   x, dt, acum, acum_lo, B, C, run_ids, states = residuals
   d_y, d_final = cotangents
-  dx, ddt, dacum, dB, dC, d_initial = _backend_module(config.backend).ssd_backward(
+  # The kernels return d a directly (each exponent's cotangent summed over the tokens it
+  # spans), not d acum: a reverse cumulative sum of d acum would cancel (see tpu.py).
+  dx, ddt, da, dB, dC, d_initial = _backend_module(config.backend).ssd_backward(
       x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, **config.kernel_kwargs())
-  # acum_lo is a rounding correction without gradient (see xla.chunk_log_decays).
-  return dx, ddt, dacum, None, dB, dC, d_initial, None
+  return dx, ddt, da, dB, dC, d_initial, None
 
 
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
@@ -214,7 +221,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
   else:
     t_pad = padding.round_up(t, chunk)
     dt_eff = padding.pad_axis(effective_dt(dt, dt_bias, dt_softplus, cdt), 1, t_pad)
-    acum, acum_lo = xla.chunk_log_decays(dt_eff, A.astype(cdt), chunk)
+    a = xla.log_decays(dt_eff, A.astype(cdt))
     xp = padding.pad_axis(x, 1, t_pad)
     Bp = padding.pad_axis(B, 1, t_pad)
     Cp = padding.pad_axis(C, 1, t_pad)
@@ -223,8 +230,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
       seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)), mode="edge")
       run_ids = xla.relative_run_ids(seg, chunk)
     if backend == "xla":
-      y, final = xla.ssd_chunked(xp, dt_eff, acum, acum_lo, Bp, Cp, init, run_ids,
-                                 chunk_size=chunk)
+      y, final = xla.ssd_chunked(xp, dt_eff, a, Bp, Cp, init, run_ids, chunk_size=chunk)
     else:
       hp, ns = module.padded_head_dim(p, block_p), module.padded_state_dim(n)
       xk = padding.pad_axis(jnp.transpose(xp, (0, 2, 1, 3)), 3, hp)
@@ -234,8 +240,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
       config = _Config(backend=backend, chunk_size=chunk, block_head_dim=block_p,
                        interpret=(impl == "interpret"))
       heads_major = lambda a: jnp.transpose(a, (0, 2, 1)).astype(jnp.float32)
-      y, final = _ssd_core(xk, heads_major(dt_eff), heads_major(acum), heads_major(acum_lo),
-                           Bk, Ck, initk, run_ids, config)
+      y, final = _ssd_core(xk, heads_major(dt_eff), heads_major(a), Bk, Ck, initk, run_ids,
+                           config)
       y = jnp.transpose(y[..., :p], (0, 2, 1, 3))
       final = final[:, :, :p, :n]
     y = y[:, :t].astype(cdt)

@@ -15,8 +15,10 @@ entering every chunk ([batch, heads, chunks, P, N] float32).
 
 Backward: the same grid walking the chunks in reverse, the state cotangent dH [P, N] in VMEM
 scratch; per chunk it emits dx, per-head dB and dC (summed over each group's heads by XLA),
-and per-token d dt and d acum rows; the cotangent of the initial state comes out of the
-last step. XLA then turns d acum into d dt and dA (a reverse cumulative sum per chunk).
+and per-token d dt (dt as a multiplier) and d a rows (a = dt A, the per-token log decay,
+each exponent's cotangent summed over the tokens it spans: no cancellation); the cotangent
+of the initial state comes out of the last step. XLA's autodiff of a = dt A turns d a into
+d dt and dA.
 
 Per-token scalars arrive as [1, L] rows; the [L, 1] columns the kernels also need are
 taken off the diagonal of a broadcast (exact, no transpose, no matmul). Matmuls accumulate
@@ -84,7 +86,10 @@ class _Chunk:
     cols = lax.broadcasted_iota(jnp.int32, (L, L), 1)
     self.eye = rows == cols
     self.causal = rows >= cols
+    self.before = (rows < cols).astype(jnp.float32)  # [j, m]: 1 where j < m
+    self.last_row = rows == L - 1
     self.last_lane = lax.broadcasted_iota(jnp.int32, (1, L), 1) == L - 1
+    self.last_sublane = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
 
   def column(self, row):
     """[1, L] -> [L, 1] (the diagonal of the row broadcast down the sublanes)."""
@@ -105,7 +110,7 @@ def _chunk_terms(geo: _Chunk, acum_row, lo_row, dt_row, run_row):
   """Masks and decays of one chunk (all float32).
 
   Exponents are compensated differences (acum_i - acum_j) + (lo_i - lo_j) (see
-  ``xla.chunk_log_decays``). Returns decay [L, L] = exp(acum_i - acum_j) on visible pairs,
+  ``xla.chunk_cumsums``). Returns decay [L, L] = exp(acum_i - acum_j) on visible pairs,
   0 elsewhere; into [L, 1] = exp(acum_i) where the carried state reaches token i; out_of
   [L, 1] = exp(acum_last - acum_j) where token j feeds the chunk's final state; through
   [1, 1] = exp(acum_last) if the state survives the chunk; and dt_col [L, 1].
@@ -219,7 +224,7 @@ def _backward_kernel(*refs, has_run):
   run_ref = refs[0] if has_run else None
   refs = refs[1:] if has_run else refs
   states_ref, dy_ref, dfinal_ref = refs[:3]
-  dx_ref, db_ref, dc_ref, ddt_ref, dacum_ref, dinit_ref, dh_scr = refs[3:]
+  dx_ref, db_ref, dc_ref, ddt_ref, da_ref, dinit_ref, dh_scr = refs[3:]
   step = pl.program_id(2)
   L = x_ref.shape[0]
   geo = _Chunk(L)
@@ -258,16 +263,26 @@ def _backward_kernel(*refs, has_run):
   dw = jnp.sum(x32 * b_dh, axis=1, keepdims=True)  # [L, 1]: d w_j
   ddt = jnp.sum(q, axis=0, keepdims=True) + geo.row(dw * out_of)
   ddt_ref[...] = ddt
-  # d acum: intra exponents acum_i - acum_j, inter exp(acum_i), state exp(last - acum_j).
+  # d a_m, a the per-token log decays: every exponent is a sum of a over a stretch of tokens,
+  # so d a_m sums the cotangents of the exponents whose stretch contains m:
+  #   intra  acum_i - acum_j = a_{j+1} + ... + a_i     cotangent dseg_ij (j < m <= i),
+  #   inter  acum_i = a_0 + ... + a_i                  d_into_i  (i >= m),
+  #   state  acum_last - acum_j                        dw_w_j    (j < m),
+  #   through acum_last                                d_through (every m).
+  # The state terms are row L-1 of the intra pattern and the inter ones a column j = -1, so
+  #   d a_m = sum_{i >= m} R[i, m],  R = M @ before + d_into (+ d_through in row L-1),
+  # with M = dseg plus dw_w in row L-1 and before[j, m] = (j < m): one [L, L] float32 matmul.
+  # (Forming d acum_i = rowsum_i - colsum_i and a reverse cumulative sum instead cancels:
+  # the pairs on either side of m drop out only as the difference of large partial sums,
+  # ~1e-4 relative error in dA at large |dt A|.)
   dseg = q * dt_row
   y_inter = into * _dot(c32, h, _NT)
-  dw_w = dw * w_col
-  d_col = (jnp.sum(dseg, axis=1, keepdims=True) + jnp.sum(dy32 * y_inter, axis=1, keepdims=True)
-           - dw_w)
-  d_last = (jnp.sum(dw_w, axis=0, keepdims=True)
-            + through * jnp.sum(jnp.sum(dh * h, axis=1, keepdims=True), axis=0, keepdims=True))
-  dacum = geo.row(d_col) - jnp.sum(dseg, axis=0, keepdims=True)
-  dacum_ref[...] = dacum + jnp.where(geo.last_lane, d_last, 0.0)
+  d_into = jnp.sum(dy32 * y_inter, axis=1, keepdims=True)  # [L, 1]
+  dw_w = dw * w_col  # [L, 1]
+  d_through = through * jnp.sum(jnp.sum(dh * h, axis=1, keepdims=True), axis=0, keepdims=True)
+  m = dseg + jnp.where(geo.last_row, geo.row(dw_w), 0.0)
+  r = _dot(m, geo.before) + d_into + jnp.where(geo.last_sublane, d_through, 0.0)
+  da_ref[...] = jnp.sum(jnp.where(geo.causal, r, 0.0), axis=0, keepdims=True)
   # The state entering the chunk: through (from H_out) and the inter-chunk outputs.
   dh_scr[...] = through * dh + _dot((dy32 * into).T, c32)
 
@@ -278,10 +293,11 @@ def _backward_kernel(*refs, has_run):
 
 def ssd_backward(x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, *, chunk_size,
                  block_head_dim, interpret=False):
-  """Cotangents (dx, ddt, dacum, dB, dC, d_initial_states) in the layouts of the inputs.
+  """Cotangents (dx, ddt, da, dB, dC, d_initial_states) in the layouts of the inputs.
 
   ddt is the part through dt as a multiplier (dt x ⊗ B); the part through the decays comes
-  back as dacum, which ``ops.py``'s autodiff of the cumulative sum turns into d dt and dA.
+  back as da, the gradient of the per-token log decays a = dt A (whose cumulative sums are
+  acum), which ``ops.py``'s autodiff of a = dt A turns into d dt and dA.
   """
   del block_head_dim
   b, h, t, P = x.shape
@@ -313,12 +329,12 @@ def ssd_backward(x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, *, c
                jax.ShapeDtypeStruct((b, h, 1, t), jnp.float32),
                jax.ShapeDtypeStruct((b, h, 1, t), jnp.float32),
                jax.ShapeDtypeStruct((b, h, P, N), jnp.float32)]
-  dx, db, dc, ddt, dacum, dinit = pl.pallas_call(
+  dx, db, dc, ddt, da, dinit = pl.pallas_call(
       functools.partial(_backward_kernel, has_run=has_run),
       grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((P, N), jnp.float32)],
       compiler_params=_compiler_params(), interpret=interpret, name="lclm_ssd_bwd",
   )(*args)
   group_sum = lambda a: a.reshape(b, g, rep, t, N).sum(axis=2).astype(B.dtype)
-  return (dx, ddt.reshape(b, h, t), dacum.reshape(b, h, t), group_sum(db), group_sum(dc),
+  return (dx, ddt.reshape(b, h, t), da.reshape(b, h, t), group_sum(db), group_sum(dc),
           dinit)

@@ -12,9 +12,10 @@ import pytest
 from experiments import benchmark_kernels, benchmarking, kernel_demo
 
 
-def _run_benchmark(tmp_path, *extra):
+def _run_benchmark(tmp_path, *extra, kernels="flash_attention"):
   out = tmp_path / "bench.json"
-  code = benchmark_kernels.main(["--quick", "--sizes", "128", "--out", str(out), *extra])
+  code = benchmark_kernels.main(["--quick", "--sizes", "128", "--out", str(out),
+                                 "--kernels", kernels, *extra])
   assert code == 0
   return json.loads(out.read_text())
 
@@ -50,6 +51,18 @@ def test_benchmark_skips_runs_over_the_memory_budget(tmp_path):
   for row in rows:
     assert row["status"] == "skipped" and row["time_ms"] is None, row
     assert row["memory_mib"] > 0 and "budget" in row["note"], row
+
+
+def test_every_kernel_is_registered_and_runs(tmp_path):
+  """The recurrent cores' entries (defined in their own modules) run through the driver."""
+  assert set(benchmark_kernels.KERNEL_BENCHMARKS) == {
+      "flash_attention", "selective_scan", "ssd", "lightning_attention"}
+  rows = _run_benchmark(tmp_path, "--modes", "fwd", kernels="ssd,lightning_attention")["rows"]
+  for kernel in ("ssd", "lightning_attention"):
+    mine = [r for r in rows if r["kernel"] == kernel]
+    assert {r["role"] for r in mine} == {"ours", "reference", "peer"}, kernel
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in mine
+               if r["role"] in ("ours", "reference")), mine
 
 
 def test_ratios_are_their_figure_over_ours():

@@ -31,17 +31,23 @@ def _x(batch=2, seq=40, seed=1):
 
 
 def test_matches_the_formula_written_out():
+  """The expected values at full float32 precision (not TPU's one bfloat16 pass or GPU's
+  TF32), the layer's projections too (default matmul precision "highest"), so the 1e-5
+  comparison holds on every backend."""
   layer = _layer(head_dim=6, slope_scale=0.5)
   layer.norm_scale[...] = 1.0 + 0.1 * jax.random.normal(jax.random.key(5), (3, 6))
   x = _x()
-  proj = lambda p: jnp.einsum("btf,fhd->bthd", x, p.kernel[...])
+  highest = jax.lax.Precision.HIGHEST
+  proj = lambda p: jnp.einsum("btf,fhd->bthd", x, p.kernel[...], precision=highest)
   q, k, v = (jax.nn.silu(proj(p)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
   decay = np.exp(-0.5 * alibi_slopes(3))
   o = lightning_attention_reference(q, k, v, decay=decay)
   o = o / jnp.sqrt(jnp.mean(o ** 2, axis=-1, keepdims=True) + 1e-6) * layer.norm_scale[...]
   o = jax.nn.sigmoid(proj(layer.gate_proj)) * o
-  want = jnp.einsum("bthd,hdf->btf", o, layer.o_proj.kernel[...])
-  assert_close("recurrent", jnp.float32, _call(layer, x), want)
+  want = jnp.einsum("bthd,hdf->btf", o, layer.o_proj.kernel[...], precision=highest)
+  with jax.default_matmul_precision("highest"):
+    got = _call(layer, x)
+  assert_close("recurrent", jnp.float32, got, want)
   np.testing.assert_allclose(layer.decay, decay)
 
 

@@ -54,6 +54,25 @@ def test_initialisation_follows_mamba():
   assert abstract(features=40).dt_rank == 3
 
 
+def test_projections_use_pytorch_linear_init_and_ssm_parameters_stay_float32():
+  """in_proj, x_proj and out_proj U(+-1/sqrt(fan_in)) as the reference's nn.Linear (not
+  LeCun normal, 3x the variance); A_log, D and dt_bias float32 whatever param_dtype."""
+  features = 64
+  layer = Mamba(features, d_state=8, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+  d_inner = layer.d_inner
+  for name, fan_in in (("in_proj", features), ("x_proj", d_inner), ("out_proj", d_inner)):
+    w = np.asarray(getattr(layer, name)[...], np.float32)
+    assert getattr(layer, name)[...].dtype == jnp.bfloat16, name
+    bound = fan_in ** -0.5
+    assert np.abs(w).max() <= bound * (1 + 2 ** -8), name  # bfloat16 rounding
+    assert np.abs(w).max() >= 0.9 * bound, name  # uniform up to the bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.1, err_msg=name)
+    assert abs(w.mean()) < 0.1 * bound, name
+  for name in ("A_log", "D", "dt_bias"):
+    assert getattr(layer, name)[...].dtype == jnp.float32, name
+  assert layer.conv_kernel[...].dtype == layer.dt_proj[...].dtype == jnp.bfloat16
+
+
 def test_logical_axes():
   layer = _layer()
   axes = {name: logical_axes_of(getattr(layer, name)) for name in (

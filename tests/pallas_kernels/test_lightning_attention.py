@@ -29,6 +29,9 @@ from pallas_kernels.lightning_attention import (
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Hand-built expected values at full float32 precision (TPU's default is one bfloat16 pass,
+# GPU's TF32), as the reference computes.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _inputs(seed, b, t, h, dk, dv, dtype, *, k_scale=None):
@@ -247,8 +250,9 @@ def test_decay_one_is_plain_causal_linear_attention():
   q, k, v, *_ = _inputs(9, 2, 50, 2, 8, 6, jnp.float32)
   out = jax.jit(lambda q, k, v: lightning_attention(q, k, v, decay=jnp.ones(2),
                                                     implementation="xla", chunk_size=16))(q, k, v)
-  scores = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.tril(jnp.ones((50, 50)))
-  want = jnp.einsum("bhts,bshd->bthd", scores, v)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST)
+  scores = scores * jnp.tril(jnp.ones((50, 50)))
+  want = jnp.einsum("bhts,bshd->bthd", scores, v, precision=HIGHEST)
   assert_close("recurrent", jnp.float32, out, want)
 
 
@@ -427,7 +431,8 @@ def test_long_sequence_extreme_decays_no_nan(dtype):
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
   # λ ≈ 0: o_t = (q_t·k_t) v_t exactly (head 1).
   want = jnp.einsum("btd,btd->bt", q[:, :, 1].astype(jnp.float32),
-                    k[:, :, 1].astype(jnp.float32))[..., None] * v[:, :, 1].astype(jnp.float32)
+                    k[:, :, 1].astype(jnp.float32),
+                    precision=HIGHEST)[..., None] * v[:, :, 1].astype(jnp.float32)
   assert_close("recurrent", dtype, out[:, :, 1], want)
 
 
@@ -446,7 +451,8 @@ def test_traced_decay_of_zero_gives_zeros_not_nan():
   """A traced decay cannot be validated; λ = 0 still gives finite values (log λ floored)."""
   q, k, v, *_ = _inputs(17, 1, 40, 1, 4, 4, jnp.float32)
   out = jax.jit(lambda d: lightning_attention(q, k, v, decay=d, chunk_size=16))(jnp.zeros(1))
-  want = jnp.einsum("btd,btd->bt", q[:, :, 0], k[:, :, 0])[..., None] * v[:, :, 0]
+  qk = jnp.einsum("btd,btd->bt", q[:, :, 0], k[:, :, 0], precision=HIGHEST)
+  want = qk[..., None] * v[:, :, 0]
   assert_close("recurrent", jnp.float32, out[:, :, 0], want)
 
 
@@ -495,3 +501,22 @@ def test_input_validation_messages():
     lightning_attention(q, k, v, decay=decay, implementation="interpret", chunk_size=48)
   with dispatch.target_platform("gpu"), pytest.raises(ValueError, match="block_head_dim"):
     lightning_attention(q, k, v, decay=decay, implementation="interpret", block_head_dim=24)
+
+
+def test_float64_needs_xla_or_reference():
+  """The kernels compute in float32: "pallas" and "interpret" refuse float64 inputs (they
+  returned float64 computed in float32), and None picks the XLA path for them even on a TPU
+  or GPU (as ssd and selective_scan do)."""
+  arrays = _inputs(20, 1, 8, 2, 4, 4, jnp.float32)  # drawn outside x64 (no recompiles)
+  with jax.enable_x64(True):
+    q, k, v, s0, decay, *_ = (x.astype(jnp.float64) for x in arrays)
+    message = "float64 inputs run with implementation='xla' or 'reference'"
+    with pytest.raises(ValueError, match=message):
+      lightning_attention(q, k, v, decay=decay, implementation="interpret")
+    for platform in ("tpu", "gpu"):
+      with dispatch.target_platform(platform):
+        with pytest.raises(ValueError, match=message):
+          lightning_attention(q, k, v, decay=decay, implementation="pallas")
+        jaxpr = str(jax.make_jaxpr(lambda q: lightning_attention(
+            q, k, v, decay=decay, initial_state=s0, return_final_state=True))(q))
+      assert "pallas_call" not in jaxpr and "f64" in jaxpr, platform

@@ -1,10 +1,11 @@
 """lightning_attention lowers for TPU (Mosaic) and GPU (Triton) from this CPU-only machine.
 
 ``jax.export`` runs the Pallas -> Mosaic / Triton lowering, which interpret mode never does;
-a primitive or layout the lowering rejects fails here. (The final device compilation —
-Mosaic's layout passes, Triton -> PTX — still needs the hardware.) Each case lowers the
-forward and the backward (all gradients, the initial state's included) of the public op at
-realistic sizes, traced for the target platform.
+a primitive or layout the lowering rejects fails here. Each case lowers the forward and the
+backward (all gradients, the initial state's included) of the public op at realistic sizes,
+traced for the target platform. With a libtpu wheel at hand (``LCLM_LIBTPU_PATH``), the TPU
+kernels are also compiled by Mosaic for v4, v5e and v6e (``libtpu_compile.py``: layouts and
+VMEM, no TPU needed); Triton -> PTX still needs a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
 from pallas_kernels._common import dispatch
 from pallas_kernels.lightning_attention import lightning_attention
 
@@ -28,7 +30,9 @@ CASES = {
 }
 
 
-def _export(platform, case, dtype, with_backward, decay_argument=False):
+def _programs(case, dtype, decay_argument=False):
+  """The public op's forward and its gradient (q, k, v, initial state and, with
+  ``decay_argument``, the decay) as (label, fn, args)."""
   b, t, h, dk, dv = case["shape"]
   args = [jax.ShapeDtypeStruct((b, t, h, dk), dtype), jax.ShapeDtypeStruct((b, t, h, dk), dtype),
           jax.ShapeDtypeStruct((b, t, h, dv), dtype),
@@ -51,7 +55,12 @@ def _export(platform, case, dtype, with_backward, decay_argument=False):
     return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(final ** 2)
 
   argnums = (0, 1, 2, 3) + ((len(args) - 1,) if decay_argument else ())
-  fn = jax.grad(loss, argnums=argnums) if with_backward else attention
+  return [("forward", attention, args), ("backward", jax.grad(loss, argnums=argnums), args)]
+
+
+def _export(platform, case, dtype, with_backward, decay_argument=False):
+  programs = {label: (fn, args) for label, fn, args in _programs(case, dtype, decay_argument)}
+  fn, args = programs["backward" if with_backward else "forward"]
   disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
               if platform == "cuda" else [])
   with dispatch.target_platform("gpu" if platform == "cuda" else platform):
@@ -78,3 +87,24 @@ def test_decay_gradient_lowers(platform):
   backward = _export(platform, CASES["seq1100_dk40_dv80_segments_state"], jnp.bfloat16,
                      with_backward=True, decay_argument=True)
   assert backward.count(CUSTOM_CALL[platform]) == 3
+
+
+# Mosaic compiles (libtpu_compile.py): MiniMax-01's geometry (64 heads of 128) at 8K tokens,
+# and the awkward head dims.
+COMPILE_CASES = {
+    "minimax_8k_64_heads_d128": dict(shape=(1, 8192, 64, 128, 128), state=True, segments=True),
+    "seq1100_dk40_dv80_segments_state": CASES["seq1100_dk40_dv80_segments_state"],
+}
+
+
+def tpu_programs(case):
+  """For libtpu_compile: forward and backward of ``case`` in bfloat16 and float32."""
+  return [(f"{dtype.__name__} {label}", fn, args) for dtype in (jnp.bfloat16, jnp.float32)
+          for label, fn, args in _programs(COMPILE_CASES[case], dtype)]
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+@requires_libtpu
+def test_tpu_kernels_compile_with_mosaic():
+  compiled = compile_programs("test_lightning_attention_lowering", COMPILE_CASES)
+  assert len(compiled) == len(TOPOLOGIES) * len(COMPILE_CASES) * 4, compiled

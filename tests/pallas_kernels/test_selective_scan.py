@@ -12,6 +12,8 @@ messages.
 
 from __future__ import annotations
 
+import contextlib
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -413,6 +415,23 @@ def test_zero_length_sequence(impl):
     np.testing.assert_array_equal(grads[name], 0.0)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret", "gpu_kernels", "reference"])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_no_channels(impl, groups):
+  """d_inner = 0: empty outputs and zero gradients, no division by zero in the tiling."""
+  from pallas_kernels._common import dispatch
+  a = _inputs(17, 2, 5, 0, 4, groups)
+  target = (dispatch.target_platform("gpu") if impl == "gpu_kernels"
+            else contextlib.nullcontext())
+  with target:
+    y, h, grads = _run(lambda **x: selective_scan(
+        **x, delta_softplus=True,
+        implementation="interpret" if impl == "gpu_kernels" else impl), a)
+  assert y.shape == (2, 5, 0) and h.shape == (2, 0, 4)
+  np.testing.assert_array_equal(grads["B"], 0.0)
+  np.testing.assert_array_equal(grads["C"], 0.0)
+
+
 # --------------------------------------------------------------------------- dispatch, validation
 
 
@@ -464,10 +483,20 @@ def test_validation_messages(change, message):
 
 
 def test_float64_needs_xla_or_reference():
+  """The kernels compute in float32: "pallas" and "interpret" refuse float64 inputs, and None
+  picks the XLA path for them even on a TPU or GPU (as ssd and lightning_attention do)."""
+  from pallas_kernels._common import dispatch
+  valid = _valid()
   with jax.enable_x64(True):
-    a = {k: v.astype(jnp.float64) for k, v in _valid().items()}
-    with pytest.raises(ValueError, match="float64 inputs need implementation='xla'"):
+    a = {k: v.astype(jnp.float64) for k, v in valid.items()}
+    with pytest.raises(ValueError, match="float64 inputs run with implementation='xla'"):
       selective_scan(**a, implementation="interpret")
+    for platform in ("tpu", "gpu"):
+      with dispatch.target_platform(platform):
+        with pytest.raises(ValueError, match="float64 inputs run with implementation='xla'"):
+          selective_scan(**a, implementation="pallas")
+        jaxpr = str(jax.make_jaxpr(lambda a: selective_scan(**a))(a))
+      assert "pallas_call" not in jaxpr and "f64" in jaxpr, platform
 
 
 def test_tpu_block_sizes_fit_vmem():
@@ -480,3 +509,19 @@ def test_tpu_block_sizes_fit_vmem():
   assert ops._tpu_sizes(tpu, 50, 640, 16, None, None, None) == (64, 128, 128, 640)
   with pytest.raises(ValueError, match=r"needs about 37.9 MiB of VMEM in the TPU backward"):
     ops._tpu_sizes(tpu, 4096, 2048, 128, 128, None, 512)
+
+
+def test_explicit_tpu_blocks_must_divide_the_channels():
+  """Explicit blocks must divide the padded channels per group (1000 -> 1024): the error
+  lists the sizes that do; a block wider than the channels takes them all."""
+  from pallas_kernels.selective_scan import ops, tpu
+  for name in ("block_d", "block_d_bwd"):
+    with pytest.raises(ValueError, match=rf"{name}=384 does not divide the 1024 channels per "
+                       r"group.*use one of \[128, 256, 512, 1024\]"):
+      ops._tpu_sizes(tpu, 512, 1000, 16, None, *((384, None) if name == "block_d" else
+                                                  (None, 384)))
+  assert ops._tpu_sizes(tpu, 512, 250, 16, None, 512, 512)[1:] == (256, 256, 256)
+  with pytest.raises(ValueError, match=r"block_d=384 does not divide"):
+    u = jnp.ones((1, 8, 1000))
+    selective_scan(u, u, -jnp.ones((1000, 4)), jnp.ones((1, 8, 4)), jnp.ones((1, 8, 4)),
+                   implementation="interpret", block_d=384)

@@ -79,6 +79,24 @@ def test_padded_state():
   assert [gpu.padded_state(n) for n in (1, 12, 16, 17, 64)] == [16, 16, 16, 32, 64]
 
 
+def test_default_chunk_fits_the_register_file():
+  """The backward keeps chunk + 1 states [block_d_bwd, d_state_pad] float32 in registers:
+  the default chunk shrinks with d_state so the estimate stays within Triton's 255 per
+  thread (chunk 16 at d_state 128 needed 272 for the states alone)."""
+  for n, want in ((16, 16), (64, 16), (128, 8), (256, 8)):
+    chunk, _, bd_bwd, _ = ops._gpu_sizes(gpu, 4096, 2048, n, None, None, None)
+    assert (chunk, bd_bwd) == (want, 16), n
+    assert gpu.backward_registers(chunk, bd_bwd, gpu.padded_state(n)) <= gpu.MAX_REGISTERS
+  assert 17 * gpu.tile_registers(16, 128) == 272  # the old default at d_state 128
+  # Up to d_state 512 with the default block of 16 (256 with blocks of 32) a chunk fits.
+  for n, block in ((512, 16), (256, 32), (64, 64), (32, 128)):
+    chunk = gpu.default_chunk(block, n)
+    assert gpu.backward_registers(chunk, block, gpu.padded_state(n)) <= gpu.REGISTER_BUDGET
+  # An explicit chunk is kept (up to 64), and every chunk shrinks for short sequences.
+  assert ops._gpu_sizes(gpu, 4096, 2048, 128, 32, None, None)[0] == 32
+  assert ops._gpu_sizes(gpu, 5, 2048, 16, None, None, None)[0] == 5
+
+
 def test_block_and_chunk_validation():
   a = _inputs(4, 1, 8, 16, 4)
   args = [a[k] for k in ("u", "delta", "A")] + [a["B"][:, :, None], a["C"][:, :, None]]

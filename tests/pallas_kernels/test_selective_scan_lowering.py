@@ -6,26 +6,22 @@ sizes, traced for the target platform.
 
 When a libtpu wheel is at hand (``LCLM_LIBTPU_PATH`` = path of libtpu.so), the TPU kernels
 are also *compiled* by Mosaic for v4, v5e and v6e through a compile-only TPU topology (no TPU
-needed): that runs Mosaic's layout passes, which reject what plain lowering lets through.
+needed; ``libtpu_compile.py``): that runs Mosaic's layout passes, which reject what plain
+lowering lets through.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
 from pallas_kernels._common import dispatch
 from pallas_kernels.selective_scan import selective_scan
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> (batch, seq, d_inner, d_state, n_groups or None), options
 CASES = {
@@ -58,22 +54,28 @@ def _args(case, dtype):
   return args, segments
 
 
-def _export(platform, case, dtype, with_backward):
+def _forward_and_gradient(case, dtype):
+  """The public op's forward and its gradient (every argument) as (fn, argument specs)."""
   args, segments = _args(case, dtype)
   names = list(args)
+  specs = list(args.values()) + ([segments] if segments is not None else [])
 
   def forward(*values):
-    kwargs = dict(zip(names, values[:len(names)]))
     seg = values[len(names)] if segments is not None else None
-    return selective_scan(**kwargs, delta_softplus=True, return_final_state=True,
-                          implementation="pallas", segment_ids=seg)
+    return selective_scan(**dict(zip(names, values[:len(names)])), delta_softplus=True,
+                          return_final_state=True, implementation="pallas", segment_ids=seg)
 
   def loss(*values):
     y, h = forward(*values)
     return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h * h)
 
-  fn = jax.grad(loss, argnums=tuple(range(len(names)))) if with_backward else forward
-  inputs = list(args.values()) + ([segments] if segments is not None else [])
+  return [("forward", forward, specs),
+          ("backward", jax.grad(loss, argnums=tuple(range(len(names)))), specs)]
+
+
+def _export(platform, case, dtype, with_backward):
+  programs = {label: (fn, specs) for label, fn, specs in _forward_and_gradient(case, dtype)}
+  fn, inputs = programs["backward" if with_backward else "forward"]
   disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
               if platform == "cuda" else [])
   with dispatch.target_platform("gpu" if platform == "cuda" else platform):
@@ -93,51 +95,14 @@ def test_forward_and_backward_lower(platform, case, dtype):
   assert backward.count(CUSTOM_CALL[platform]) == 2
 
 
-_COMPILE_SCRIPT = """
-import jax, jax.numpy as jnp
-from jax.experimental import topologies
-import test_selective_scan_lowering as T
-from pallas_kernels._common import dispatch
-from pallas_kernels.selective_scan import selective_scan
-
-for name in {topologies!r}:
-  topology = topologies.get_topology_desc(platform="tpu", topology_name=name)
-  mesh = jax.sharding.Mesh([topology.devices[0]], ("x",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  for case in {cases!r}:
-    for dtype in (jnp.bfloat16, jnp.float32):
-      args, segments = T._args(case, dtype)
-      names = list(args)
-      specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
-               for a in list(args.values()) + ([segments] if segments is not None else [])]
-
-      def forward(*values):
-        seg = values[len(names)] if segments is not None else None
-        return selective_scan(**dict(zip(names, values[:len(names)])), delta_softplus=True,
-                              return_final_state=True, implementation="pallas",
-                              segment_ids=seg)
-
-      def loss(*values):
-        y, h = forward(*values)
-        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h * h)
-
-      for fn in (forward, jax.grad(loss, argnums=tuple(range(len(names))))):
-        with dispatch.target_platform("tpu"):
-          jax.jit(fn).lower(*specs).compile()
-      print("compiled", name, case, dtype.__name__, flush=True)
-"""
+def tpu_programs(case):
+  """For libtpu_compile: forward and backward of ``case`` in bfloat16 and float32."""
+  return [(f"{dtype.__name__} {label}", fn, specs) for dtype in (jnp.bfloat16, jnp.float32)
+          for label, fn, specs in _forward_and_gradient(case, dtype)]
 
 
-@pytest.mark.skipif(not os.environ.get("LCLM_LIBTPU_PATH"),
-                    reason="set LCLM_LIBTPU_PATH to a libtpu.so to compile the TPU kernels")
+@pytest.mark.slow  # about a minute on 2 cores
+@requires_libtpu
 def test_tpu_kernels_compile_with_mosaic():
-  env = dict(os.environ, TPU_LIBRARY_PATH=os.environ["LCLM_LIBTPU_PATH"],
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.dirname(__file__),
-                                         os.environ.get("PYTHONPATH", "")]))
-  code = textwrap.dedent(_COMPILE_SCRIPT).format(
-      topologies=("v4:2x2x1", "v5e:2x2", "v6e:2x2"), cases=tuple(CASES))
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                        text=True, timeout=900, cwd=REPO_ROOT)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert proc.stdout.count("compiled") == 3 * len(CASES) * 2, proc.stdout
+  compiled = compile_programs("test_selective_scan_lowering", CASES)
+  assert len(compiled) == len(TOPOLOGIES) * len(CASES) * 4, compiled

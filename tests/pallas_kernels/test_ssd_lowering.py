@@ -1,10 +1,11 @@
 """ssd lowers for TPU (Mosaic) and GPU (Triton) from this CPU-only machine.
 
 ``jax.export`` runs the Pallas -> Mosaic / Triton lowering, which interpret mode never does;
-a primitive or layout the lowering rejects fails here. (The final device compilation —
-Mosaic's layout passes, Triton -> PTX — still needs the hardware.) Each case lowers the
-forward and the backward (all gradients) of the public op at realistic sizes, traced for
-the target platform.
+a primitive or layout the lowering rejects fails here. Each case lowers the forward and the
+backward (all gradients) of the public op at realistic sizes, traced for the target
+platform. With a libtpu wheel at hand (``LCLM_LIBTPU_PATH``), the TPU kernels are also
+compiled by Mosaic for v4, v5e and v6e (``libtpu_compile.py``: layouts and VMEM, no TPU
+needed); Triton -> PTX still needs a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
 from pallas_kernels._common import dispatch
 from pallas_kernels.ssd import ssd
 
@@ -34,7 +36,8 @@ CASES = {
 }
 
 
-def _export(platform, case, dtype, with_backward):
+def _forward_and_gradient(platform, case, dtype):
+  """The public op's forward and its gradient (every argument) as (label, fn, args)."""
   b, t, h, p, g, n = case["shape"]
   f32 = jnp.float32
   specs = dict(x=jax.ShapeDtypeStruct((b, t, h, p), dtype),
@@ -57,12 +60,17 @@ def _export(platform, case, dtype, with_backward):
     y, final = forward(arrays, segment_ids)
     return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(final ** 2)
 
-  fn = jax.grad(loss) if with_backward else forward
+  return [("forward", forward, (specs, segments)), ("backward", jax.grad(loss), (specs, segments))]
+
+
+def _export(platform, case, dtype, with_backward):
+  programs = {label: (fn, args) for label, fn, args in _forward_and_gradient(platform, case, dtype)}
+  fn, args = programs["backward" if with_backward else "forward"]
   disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
               if platform == "cuda" else [])
   with dispatch.target_platform("gpu" if platform == "cuda" else platform):
     exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=disabled)(specs, segments)
+                                 disabled_checks=disabled)(*args)
   return exported.mlir_module()
 
 
@@ -75,3 +83,26 @@ def test_forward_and_backward_lower(platform, case, dtype):
   backward = _export(platform, CASES[case], dtype, with_backward=True)
   # The forward (with the per-chunk states for the residuals) and the backward kernel.
   assert backward.count(CUSTOM_CALL[platform]) == 2
+
+
+# Mosaic compiles (libtpu_compile.py): the realistic sizes, plus the awkward ones.
+COMPILE_CASES = {
+    # Mamba-2 at 8K tokens: 64 heads of head_dim 64, d_state 128, one group, everything on.
+    "mamba2_8k_64_heads": dict(shape=(1, 8192, 64, 64, 1, 128), segments=True, extras=True),
+    # Eight groups of B/C (Nemotron-H-like), no options.
+    "groups8_8k_64_heads": dict(shape=(1, 8192, 64, 64, 8, 128)),
+    "odd_sizes_long_chunks": CASES["odd_sizes_long_chunks"],
+}
+
+
+def tpu_programs(case):
+  """For libtpu_compile: forward and backward of ``case`` in bfloat16 and float32."""
+  return [(f"{dtype.__name__} {label}", fn, args) for dtype in (jnp.bfloat16, jnp.float32)
+          for label, fn, args in _forward_and_gradient("tpu", COMPILE_CASES[case], dtype)]
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores
+@requires_libtpu
+def test_tpu_kernels_compile_with_mosaic():
+  compiled = compile_programs("test_ssd_lowering", COMPILE_CASES)
+  assert len(compiled) == len(TOPOLOGIES) * len(COMPILE_CASES) * 4, compiled
