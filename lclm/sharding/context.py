@@ -23,6 +23,7 @@ lengths are checked by :func:`check_sequence_length` when the step is traced.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import gin
@@ -30,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from layers.partitioning import ContextParallelism
+from lclm.sharding.rules import logical_to_mesh_spec
 from pallas_kernels.ring_attention.context_parallel import (LOAD_BALANCES, STRATEGIES,
                                                             TOKEN_ORDERS,
                                                             validate_configuration)
@@ -96,7 +98,24 @@ def check_sequence_length(plan: ContextParallelism | None, seq_len: int) -> None
                      "seq_len, make_mesh.context or context_parallelism.load_balance)") from None
 
 
-def check_model(plan: ContextParallelism | None, model: nnx.Module) -> None:
+def _head_shards(attention, mesh: Mesh, rules: Sequence | None) -> int:
+  """Devices the heads of ``attention``'s context-parallel kernel are split over.
+
+  The kernel's q/k/v name their head axis "kv_heads" (``layers.attention``); as in
+  :func:`lclm.sharding.activations.kernel_specs`, where the query and the key head counts
+  resolve to different splits the axis is replicated.
+  """
+  specs = {logical_to_mesh_spec(("kv_heads",), rules, mesh=mesh, shape=(n,))[0]
+           for n in (attention.num_heads, attention.num_kv_heads)}
+  spec = specs.pop() if len(specs) == 1 else None
+  if spec is None:
+    return 1
+  axes = (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(int(dict(mesh.shape)[axis]) for axis in axes)
+
+
+def check_model(plan: ContextParallelism | None, model: nnx.Module, mesh: Mesh | None = None,
+                rules: Sequence | None = None) -> None:
   """Raises a ValueError for layers that cannot run on a sequence split over ``context``.
 
   * Sequence mixers other than attention (recurrences: Mamba, SSD, lightning attention,
@@ -104,6 +123,9 @@ def check_model(plan: ContextParallelism | None, model: nnx.Module) -> None:
     sequence on every device, silently defeating the split.
   * With pre-permuted rows (``token_order="balanced"``) the short convolution reads each
     token's neighbours in the row, which are not its neighbours in the sequence.
+  * Ulysses splits each device's heads over the context shards; given ``mesh`` (and the
+    axis ``rules``, default ``axis_rules()``), the heads left on a device after the tensor
+    split are checked, not only the global counts the layers check.
   """
   if plan is None:
     return
@@ -111,6 +133,16 @@ def check_model(plan: ContextParallelism | None, model: nnx.Module) -> None:
 
   for path, module in nnx.iter_modules(model):
     name = "/".join(map(str, path)) or type(module).__name__
+    if plan.strategy == "ulysses" and mesh is not None and isinstance(module, Attention):
+      shards = _head_shards(module, mesh, rules)
+      heads, kv_heads = module.num_heads // shards, module.num_kv_heads // shards
+      if shards > 1 and (heads % plan.num_shards or kv_heads % plan.num_shards):
+        raise ValueError(
+            f"context_parallelism.strategy='ulysses' at {name}: the heads are split over "
+            f"{shards} devices by the axis rules (logical 'kv_heads'), leaving {heads} query "
+            f"and {kv_heads} kv heads per device, which the {plan.num_shards} context shards "
+            "cannot split evenly. Lower make_mesh.tensor, or use strategy 'ring' or "
+            "'all_gather'.")
     if plan.token_order == "balanced" and isinstance(module, ShortConv):
       raise ValueError(
           f"context_parallelism.token_order='balanced': the model's short convolution "

@@ -94,7 +94,7 @@ def init_train_state(model_factory: Callable[[], nnx.Module], tx: optax.Gradient
   def init() -> TrainState:
     with use_context_parallelism(plan):
       model = model_factory()
-    check_model(plan, model)
+    check_model(plan, model, mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
       kinds = sorted({type(variable).__name__ for _, variable in nnx.to_flat_state(rest)})

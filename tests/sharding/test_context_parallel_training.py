@@ -134,6 +134,15 @@ with pytest.raises(ValueError, match="shifted_sparse_group_size"):
   init(cp=ring, shifted_sparse_group_size=4)
 with pytest.raises(ValueError, match=r"num_kv_heads \\(2\\) must both be divisible by 4"):
   init(cp=dict(strategy="ulysses"), num_kv_heads=2)
+# Ulysses under a tensor split: the heads left on a device must divide by the context size.
+tensor_mesh = make_mesh(tensor=2, context=4)
+def heads(n):
+  return lambda: DecoderLM(32, 16, layer_pattern=["attention"], shared_mixer_options={
+      "num_heads": n, "num_kv_heads": n}, rngs=nnx.Rngs(0))
+with pytest.raises(ValueError, match=r"leaving 2 query and 2 kv heads per device, which the "
+                                     r"4 context shards"):
+  init_train_state(heads(4), tx, tensor_mesh, context_parallel=dict(strategy="ulysses"))
+init_train_state(heads(8), tx, tensor_mesh, context_parallel=dict(strategy="ulysses"))
 with pytest.raises(ValueError, match="strategy must be one of"):
   init(cp=dict(strategy="tree"))
 with pytest.raises(ValueError, match="supports load_balance None or 'zigzag'"):
