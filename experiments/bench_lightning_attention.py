@@ -20,7 +20,6 @@ flash-attention peer row counts causal-attention FLOPs.
 from __future__ import annotations
 
 import importlib
-import statistics
 import sys
 
 import jax
@@ -110,19 +109,7 @@ def _time_fla(torch, fn, b, t, h, d, heads_decay, dtype, mode, warmup, repeats):
       out.backward(d_out)
     return out
 
-  for _ in range(max(warmup, 1)):
-    run()
-  torch.cuda.synchronize()
-  torch.cuda.reset_peak_memory_stats()
-  times = []
-  for _ in range(repeats):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end) / 1e3)
-  return statistics.median(times), torch.cuda.max_memory_allocated()
+  return benchmarking.time_torch_cuda(run, warmup=warmup, repeats=repeats)
 
 
 def bench_lightning_attention(settings) -> list[Row]:

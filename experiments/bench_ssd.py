@@ -20,7 +20,6 @@ at chunk length 64 with the causal half of the intra-chunk products, per (token,
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -132,7 +131,7 @@ def _ssd_inputs(key, b, t, h, p, g, n, dtype):
 
 
 def _measure_torch(forward, inputs, cotangent, *, backward, warmup, repeats):
-  """Median milliseconds (CUDA events) and peak bytes of a torch peer on JAX inputs."""
+  """A Measurement (median seconds by CUDA events, peak bytes) of a torch peer on JAX inputs."""
   import torch
   args = [torch.from_dlpack(a) for a in inputs]
   d_out = torch.from_dlpack(cotangent)
@@ -146,22 +145,10 @@ def _measure_torch(forward, inputs, cotangent, *, backward, warmup, repeats):
     return out
 
   try:
-    for _ in range(max(warmup, 1)):
-      call()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      start.record()
-      call()
-      end.record()
-      torch.cuda.synchronize()
-      times.append(start.elapsed_time(end) / 1e3)
+    seconds, peak = benchmarking.time_torch_cuda(call, warmup=warmup, repeats=repeats)
   except Exception as error:  # A peer failing is a result to report.
     return benchmarking.Measurement("failed", note=f"{type(error).__name__}: {error}"[:200])
-  return benchmarking.Measurement("ok", seconds=statistics.median(times),
-                                  measured_peak_bytes=torch.cuda.max_memory_allocated())
+  return benchmarking.Measurement("ok", seconds=seconds, measured_peak_bytes=peak)
 
 
 def bench_ssd(settings) -> list[Row]:

@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jaxlib
@@ -156,6 +157,30 @@ class Measurement:
   memory_bytes: int | None = None
   measured_peak_bytes: int | None = None
   note: str = ""
+
+
+def time_torch_cuda(call: Callable[[], object], *, warmup: int = 2,
+                    repeats: int = 5) -> tuple[float, int]:
+  """(median seconds, peak allocated bytes) of ``call()``, a PyTorch peer on CUDA.
+
+  Times with CUDA events after ``warmup`` calls (at least one); the peak is PyTorch's
+  allocator high-water mark over the timed calls. Imports torch only when called.
+  """
+  import torch
+
+  for _ in range(max(warmup, 1)):
+    call()
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  times = []
+  for _ in range(repeats):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) / 1e3)
+  return statistics.median(times), torch.cuda.max_memory_allocated()
 
 
 def measure(fn, *args, budget_bytes: int, warmup: int = 2, repeats: int = 5) -> Measurement:

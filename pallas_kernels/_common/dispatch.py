@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
+from types import ModuleType
 
 import jax
 
@@ -97,3 +99,17 @@ def pallas_backend(platform: str) -> str:
   Interpret mode on a CPU runs the TPU kernels, the project's primary target.
   """
   return "gpu" if platform == "gpu" else "tpu"
+
+
+BACKENDS = ("xla", "tpu", "gpu")
+
+
+def backend_module(package: str, backend: str) -> ModuleType:
+  """The module of ``package`` (e.g. "pallas_kernels.ssd") that implements ``backend``.
+
+  ``backend`` is "xla", "tpu" or "gpu" (module ``xla.py``, ``tpu.py``, ``gpu.py``). Imported
+  at call time, so that importing an op does not pull in the Pallas lowerings it may not use.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+  return importlib.import_module(f"{package}.{backend}")

@@ -26,14 +26,7 @@ LAYOUT_KV = "[batch, kv_len, num_kv_heads, head_dim]"
 
 
 def _backend_module(name: str) -> ModuleType:
-  # Imported lazily: the GPU and TPU modules pull in their Pallas lowerings.
-  if name == "xla":
-    from pallas_kernels.flash_attention import xla as module
-  elif name == "tpu":
-    from pallas_kernels.flash_attention import tpu as module
-  else:
-    from pallas_kernels.flash_attention import gpu as module
-  return module
+  return dispatch.backend_module(__package__, name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,7 @@ LAYOUT_BC = "[batch, seq, d_state] or [batch, seq, n_groups, d_state]"
 
 
 def _backend_module(name: str) -> ModuleType:
-  # Imported lazily: the GPU and TPU modules pull in their Pallas lowerings.
-  if name == "tpu":
-    from pallas_kernels.selective_scan import tpu as module
-  else:
-    from pallas_kernels.selective_scan import gpu as module
-  return module
+  return dispatch.backend_module(__package__, name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,12 +34,7 @@ LAYOUT_STATE = "[batch, heads, head_dim, d_state]"
 
 
 def _backend_module(name: str) -> ModuleType:
-  # Imported lazily: the GPU and TPU modules pull in their Pallas lowerings.
-  if name == "tpu":
-    from pallas_kernels.ssd import tpu as module
-  else:
-    from pallas_kernels.ssd import gpu as module
-  return module
+  return dispatch.backend_module(__package__, name)
 
 
 @dataclasses.dataclass(frozen=True)

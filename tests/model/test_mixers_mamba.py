@@ -15,12 +15,9 @@ import lclm.model.mixers_mamba  # noqa: F401  (registers "mamba")
 from layers.mamba import Mamba
 from lclm.model import DecoderLM, get_mixer, registered_mixers
 from lclm.sharding import batch_sharding, make_mesh, shard_batch
-from lclm.sharding.rules import DEFAULT_AXIS_RULES
 from lclm.training.step import init_train_state, make_train_step
 
 VOCAB, FEATURES = 32, 16
-# The lead adds these to DEFAULT_AXIS_RULES; until then the tests pass them explicitly.
-RULES = DEFAULT_AXIS_RULES + (("ssm_inner", "tensor"), ("ssm_state", None))
 
 
 def _mixer(**options):
@@ -101,9 +98,9 @@ def test_tiny_hybrid_model_trains():
   """["mamba", "attention"] learns a fixed repeating sequence: loss finite and decreasing."""
   tx = optax.adam(1e-2)
   mesh = make_mesh(devices=jax.devices()[:1])
-  state, shardings = init_train_state(_hybrid, tx, mesh, rules=RULES)
+  state, shardings = init_train_state(_hybrid, tx, mesh)
   step = make_train_step(tx, mesh=mesh, state_shardings=shardings,
-                         batch_sharding=batch_sharding(mesh, RULES), rules=RULES)
+                         batch_sharding=batch_sharding(mesh))
   rng = np.random.default_rng(0)
   pattern = rng.integers(0, VOCAB, 7)
   rows = np.stack([np.roll(np.tile(pattern, 4), -s)[:17] for s in rng.integers(0, 7, 8)])
@@ -111,7 +108,7 @@ def test_tiny_hybrid_model_trains():
            "loss_mask": np.ones((8, 16), np.float32),
            "segment_ids": np.repeat([[0] * 9 + [1] * 7], 8, 0).astype(np.int32),
            "position_ids": np.tile(np.r_[np.arange(9), np.arange(7)], (8, 1)).astype(np.int32)}
-  batch = shard_batch(batch, mesh, RULES)
+  batch = shard_batch(batch, mesh)
   losses = []
   for _ in range(8):
     state, metrics = step(state, batch)
@@ -128,10 +125,7 @@ from flax import nnx
 import lclm.model.mixers_mamba  # noqa: F401
 from lclm.model import DecoderLM
 from lclm.sharding import batch_sharding, make_mesh, shard_batch
-from lclm.sharding.rules import DEFAULT_AXIS_RULES
 from lclm.training.step import init_train_state, make_train_step
-
-RULES = DEFAULT_AXIS_RULES + (("ssm_inner", "tensor"), ("ssm_state", None))
 
 def factory():
   return DecoderLM(64, 32, layer_pattern=["mamba", "attention"],
@@ -149,10 +143,10 @@ batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
          "position_ids": np.tile(np.r_[np.arange(9), np.arange(7)], (8, 1)).astype(np.int32)}
 
 def run(mesh):
-  state, shardings = init_train_state(factory, tx, mesh, rules=RULES)
+  state, shardings = init_train_state(factory, tx, mesh)
   step = make_train_step(tx, mesh=mesh, state_shardings=shardings,
-                         batch_sharding=batch_sharding(mesh, RULES), rules=RULES)
-  sharded = shard_batch(batch, mesh, RULES)
+                         batch_sharding=batch_sharding(mesh))
+  sharded = shard_batch(batch, mesh)
   text = step.lower(state, sharded).as_text()
   losses = []
   for _ in range(2):

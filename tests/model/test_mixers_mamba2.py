@@ -14,13 +14,9 @@ from layers.mamba2 import Mamba2
 from lclm.model import DecoderLM
 from lclm.model.registry import get_mixer, registered_mixers
 from lclm.sharding import batch_sharding, make_mesh, shard_batch
-from lclm.sharding.rules import DEFAULT_AXIS_RULES
 from lclm.training.step import init_train_state, make_train_step
 
 VOCAB, FEATURES = 40, 32
-# The block's logical axes, replicated (the lead's rules may split some of them).
-RULES = DEFAULT_AXIS_RULES + tuple(
-    (name, None) for name in ("ssm_in_proj", "ssm_conv_channels", "ssm_heads", "ssm_inner"))
 MIXERS = {"mamba2": {"head_dim": 16, "d_state": 16, "chunk_size": 8},
           "attention": {"num_heads": 2}}
 
@@ -65,9 +61,9 @@ def test_hybrid_decoder_trains():
            "position_ids": np.tile(positions, (4, 1))}
   mesh = make_mesh()
   tx = optax.adam(3e-3)
-  state, shardings = init_train_state(_model, tx, mesh, RULES)
+  state, shardings = init_train_state(_model, tx, mesh)
   step = make_train_step(tx, mesh=mesh, state_shardings=shardings,
-                         batch_sharding=batch_sharding(mesh), rules=RULES)
+                         batch_sharding=batch_sharding(mesh))
   batch = shard_batch(batch, mesh)
   losses = []
   for _ in range(8):
@@ -103,10 +99,7 @@ def test_sharded_training_matches_one_device(fake_devices):
     import lclm.model.mixers_mamba2
     from lclm.model import DecoderLM
     from lclm.sharding import batch_sharding, make_mesh, shard_batch
-    from lclm.sharding.rules import DEFAULT_AXIS_RULES
     from lclm.training.step import init_train_state, make_train_step
-    rules = DEFAULT_AXIS_RULES + tuple((n, None) for n in (
-        "ssm_in_proj", "ssm_conv_channels", "ssm_heads", "ssm_inner"))
     factory = lambda: DecoderLM(40, 32, layer_pattern=["mamba2", "attention"], mixer_options={
         "mamba2": {"head_dim": 16, "d_state": 16, "chunk_size": 8},
         "attention": {"num_heads": 2}}, mlp_hidden_features=64, rngs=nnx.Rngs(0))
@@ -118,9 +111,9 @@ def test_sharded_training_matches_one_device(fake_devices):
              "position_ids": np.tile(np.r_[np.arange(9), np.arange(7)], (8, 1)).astype(np.int32)}
     tx = optax.adam(3e-3)
     def train(mesh):
-      state, shardings = init_train_state(factory, tx, mesh, rules)
+      state, shardings = init_train_state(factory, tx, mesh)
       step = make_train_step(tx, mesh=mesh, state_shardings=shardings,
-                             batch_sharding=batch_sharding(mesh), rules=rules)
+                             batch_sharding=batch_sharding(mesh))
       losses = []
       for _ in range(3):
         state, metrics = step(state, shard_batch(batch, mesh))

@@ -9,14 +9,11 @@ from flax import nnx
 
 import lclm.model.mixers_s4d  # noqa: F401  (registers "s4d")
 from lclm.model import DecoderLM, get_mixer, registered_mixers
-from lclm.sharding.rules import DEFAULT_AXIS_RULES
 from pallas_kernels._common.testing import assert_close
 from tests.model.test_mixers_lightning import train_losses
 
 VOCAB, FEATURES = 32, 32
 OPTIONS = {"s4d": {"state_size": 16, "init": "inv"}, "attention": {"num_heads": 4}}
-# The S4D parameters' logical axes, replicated (until the default rules name them).
-RULES = tuple(DEFAULT_AXIS_RULES) + (("ssm_inner", None), ("ssm_state", None))
 
 
 def _mixer(**options):
@@ -81,7 +78,7 @@ def test_mixer_packed_segments_equal_separate_sequences():
 
 
 def test_hybrid_s4d_attention_decoder_trains():
-  losses = train_losses(lambda: _model(short_conv_size=0), rules=RULES)
+  losses = train_losses(lambda: _model(short_conv_size=0))
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0] - 0.2, losses
   assert all(b < a for a, b in zip(losses, losses[1:])), losses

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from export_lowering import TRITON_CALL
 from pallas_kernels._common import block_sparsity, dispatch, masks, padding
 from pallas_kernels._common.testing import assert_close
 from pallas_kernels.flash_attention import gpu, masking, reference
-
-TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def _to_kernel(x, length, head_dim):

@@ -12,11 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from export_lowering import CUSTOM_CALL, export_mlir
 from pallas_kernels import flash_attention, masks
-from pallas_kernels._common import dispatch
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
 
 CASES = {
     "mha_causal": dict(shape=(2, 1024, 1024, 8, 8, 128), is_causal=True),
@@ -56,12 +54,7 @@ def _export(platform, case, dtype, with_backward):
     return jnp.sum(attention(q, k, v, *segs).astype(jnp.float32) ** 2)
 
   fn = jax.grad(loss, argnums=(0, 1, 2)) if with_backward else attention
-  disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-              if platform == "cuda" else [])
-  with dispatch.target_platform("gpu" if platform == "cuda" else platform):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=disabled)(*args)
-  return exported.mlir_module()
+  return export_mlir(fn, args, platform)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

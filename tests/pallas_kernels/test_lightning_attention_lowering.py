@@ -14,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from export_lowering import CUSTOM_CALL, export_mlir
 from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
-from pallas_kernels._common import dispatch
 from pallas_kernels.lightning_attention import lightning_attention
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
 
 # (batch, seq, heads, d_k, d_v)
 CASES = {
@@ -61,12 +59,7 @@ def _programs(case, dtype, decay_argument=False):
 def _export(platform, case, dtype, with_backward, decay_argument=False):
   programs = {label: (fn, args) for label, fn, args in _programs(case, dtype, decay_argument)}
   fn, args = programs["backward" if with_backward else "forward"]
-  disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-              if platform == "cuda" else [])
-  with dispatch.target_platform("gpu" if platform == "cuda" else platform):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=disabled)(*args)
-  return exported.mlir_module()
+  return export_mlir(fn, args, platform)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

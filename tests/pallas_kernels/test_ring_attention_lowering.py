@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from export_lowering import CUSTOM_CALL, TRITON_CALL
 from pallas_kernels import context_parallel_attention, ring_attention
 from pallas_kernels._common import sharding
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
 KERNEL_NAMES = {"tpu": ("lclm_flash_fwd", "lclm_flash_dkv", "lclm_flash_dq"),
                 "cuda": ("flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq")}
 # Test ids: a bare "tpu" id would mark the tests as needing a TPU (tests/conftest.py).

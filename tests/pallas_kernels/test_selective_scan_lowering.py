@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from export_lowering import CUSTOM_CALL, export_mlir
 from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
-from pallas_kernels._common import dispatch
 from pallas_kernels.selective_scan import selective_scan
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
 
 # name -> (batch, seq, d_inner, d_state, n_groups or None), options
 CASES = {
@@ -76,12 +74,7 @@ def _forward_and_gradient(case, dtype):
 def _export(platform, case, dtype, with_backward):
   programs = {label: (fn, specs) for label, fn, specs in _forward_and_gradient(case, dtype)}
   fn, inputs = programs["backward" if with_backward else "forward"]
-  disabled = ([jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-              if platform == "cuda" else [])
-  with dispatch.target_platform("gpu" if platform == "cuda" else platform):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=disabled)(*inputs)
-  return exported.mlir_module()
+  return export_mlir(fn, inputs, platform)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
