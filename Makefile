@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window length-extrapolation state-capacity install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode length-extrapolation state-capacity install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ benchmark: $(STAMP)
 # fast enough (CPU: 8K tokens, window 256, time ratio <= 0.2; GPU/TPU: 32K, 1024, <= 1/8).
 benchmark-window: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_kernels --window-check
+
+# Decode cache bytes and decode tokens/s per mixer and hybrid (tiny models), 1K ... 64K tokens.
+# Full-attention configs are timed up to DECODE_MAX_TIMED (quadratic prefill; with 32768 a
+# 2-core CPU takes 12-22 min in all; empty: time every length).
+DECODE_MAX_TIMED ?= 32768
+DECODE_OUT ?= benchmarks/results/decode_cpu.json
+benchmark-decode: $(STAMP)
+	$(BIN)/python -m experiments.benchmark_decode \
+	    $(if $(DECODE_MAX_TIMED),--max_timed_length $(DECODE_MAX_TIMED)) --out $(DECODE_OUT)
 
 # Train at length 64 with several position methods, evaluate at 64 ... 1024 (2-core CPU: ~30 min).
 length-extrapolation: $(STAMP)

@@ -329,6 +329,7 @@ KERNEL_BENCHMARKS: dict[str, Callable[[Settings], list[Row]]] = {
     "selective_scan": _lazy("bench_selective_scan", "bench_selective_scan"),
     "ssd": _lazy("bench_ssd", "bench_ssd"),
     "lightning_attention": _lazy("bench_lightning_attention", "bench_lightning_attention"),
+    "decode_attention": _lazy("bench_decode_attention", "bench_decode_attention"),
 }
 
 

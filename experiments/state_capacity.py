@@ -13,6 +13,17 @@ size. The run directory gets one ``state-<n>/`` training run per size (reused wh
 is repeated), ``results.json``, ``table.md`` (accuracy per size and length, and the
 *capacity*: the longest length evaluated whose accuracy is at least ``threshold``) and
 ``state_capacity.png``.
+
+Two scores per size and length:
+
+* ``accuracy``: the training loop's held-out evaluation, teacher-forced and token-level
+  (the fraction of key digits whose argmax is right given the true prefix); the capacity
+  column uses it.
+* ``exact_match`` (``StateCapacity.generation_exact_match``, on by default): each model is
+  restored and *generates* the key greedily with its decode cache after the question
+  (:mod:`lclm.training.generation_eval`); an example counts only if every digit is right.
+  Same held-out examples (``train.eval_examples`` per length). Cached per run in
+  ``state-<n>/generation_eval.json``.
 """
 
 from __future__ import annotations
@@ -38,10 +49,12 @@ class StateCapacity:
   state_sizes: the values given to ``state_macro``, one training run each.
   state_macro: the gin macro that sets the state size of the model's recurrent mixers.
   threshold: accuracy that counts as retrieving the passkey, for the capacity column.
+  generation_exact_match: also score each model by generating the key (exact match).
   """
   state_sizes: Sequence[int] = (4, 8, 16, 32)
   state_macro: str = "MAMBA2_D_STATE"
   threshold: float = 0.9
+  generation_exact_match: bool = True
 
   def validate(self):
     if not self.state_sizes or any(not isinstance(n, int) or n < 1 for n in self.state_sizes):
@@ -85,21 +98,74 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     results["accuracy"][str(size)] = {str(n): accuracy[n] for n in sorted(accuracy)}
     held = [n for n in sorted(accuracy) if accuracy[n] >= settings.threshold]
     results["capacity"][str(size)] = max(held) if held else None
+    if settings.generation_exact_match:
+      exact = _exact_match_by_generation(run_dir, sorted(accuracy))
+      results.setdefault("exact_match", {})[str(size)] = {str(n): exact[n] for n in sorted(exact)}
   results["seconds"] = time.perf_counter() - started
   write_outputs(workdir, results)
   return results
 
 
+def _exact_match_by_generation(run_dir: str, lengths: Sequence[int]) -> dict[int, float]:
+  """Exact match of the generated key per length, for the trained run in ``run_dir`` (the
+  gin configuration of that run must be parsed); reuses ``generation_eval.json``."""
+  from flax import nnx
+
+  from lclm.model import DecoderLM
+  from lclm.training import generation_eval, restore
+
+  def binding(name, default=None):
+    try:
+      return gin.query_parameter(name)
+    except ValueError:  # Not bound: train's default.
+      return default
+
+  examples = int(binding("train.eval_examples", 512))
+  batch_size = binding("train.eval_batch_size") or binding("train.batch_size")
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    step = json.load(f).get("step")
+  path = os.path.join(run_dir, "generation_eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if (saved.get("examples"), saved.get("step")) == (examples, step) and set(
+        saved["exact_match"]) >= {str(n) for n in lengths}:
+      return {int(n): saved["exact_match"][str(n)] for n in lengths}
+  task = gin.query_parameter("train.task").configurable.wrapper()
+  _, model = restore.restore_trained_model(
+      run_dir, lambda: DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(0)),
+      total_steps=int(gin.query_parameter("train.total_steps")))
+  model.eval()
+  batches = {n: task.eval_batches(n, int(batch_size), examples) for n in lengths}
+  counts = generation_eval.evaluate_lengths_by_generation(model, batches)
+  exact = {n: c.exact_match for n, c in counts.items()}
+  with open(path, "w") as f:
+    json.dump({"step": step, "examples": examples,
+               "exact_match": {str(n): a for n, a in exact.items()},
+               "token_accuracy": {str(n): c.token_accuracy for n, c in counts.items()}},
+              f, indent=2)
+  return exact
+
+
 def format_table(results: dict) -> str:
+  """One row per state size: teacher-forced accuracy per length, the capacity, and (when
+  measured) the exact match of the generated key per length."""
   sizes = list(results["accuracy"])
   lengths = list(next(iter(results["accuracy"].values())))
-  lines = [f"| {results['state_macro']} | " + " | ".join(lengths)
-           + f" | capacity (accuracy >= {results['threshold']}) |",
-           "|" + "---|" * (len(lengths) + 2)]
+  exact = results.get("exact_match")
+  header = (f"| {results['state_macro']} | " + " | ".join(lengths)
+            + f" | capacity (accuracy >= {results['threshold']}) |")
+  if exact:
+    header += "".join(f" exact match by generation @{n} |" for n in lengths)
+  columns = len(lengths) + 2 + (len(lengths) if exact else 0)
+  lines = [header, "|" + "---|" * columns]
   for size in sizes:
     cells = [f"{results['accuracy'][size][n]:.3f}" for n in lengths]
     capacity = results["capacity"][size]
-    lines.append(f"| {size} | " + " | ".join(cells) + f" | {capacity or 'none'} |")
+    line = f"| {size} | " + " | ".join(cells) + f" | {capacity or 'none'} |"
+    if exact:
+      line += "".join(f" {exact[size][n]:.3f} |" for n in lengths)
+    lines.append(line)
   return "\n".join(lines)
 
 
@@ -111,14 +177,19 @@ def plot(results: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for size, curve in results["accuracy"].items():
     lengths = [int(n) for n in curve]
-    ax.plot(lengths, list(curve.values()), marker="o", label=f"{results['state_macro']} = {size}")
+    line, = ax.plot(lengths, list(curve.values()), marker="o",
+                    label=f"{results['state_macro']} = {size}")
+    if results.get("exact_match"):
+      ax.plot(lengths, [results["exact_match"][size][str(n)] for n in lengths], marker="x",
+              linestyle="--", color=line.get_color())
   ax.set_xscale("log", base=2)
   ax.set_xticks(lengths, [str(n) for n in lengths])
   ax.axvline(results["train_length"], color="grey", linewidth=0.8)
   ax.axhline(results["threshold"], color="grey", linewidth=0.8, linestyle=":")
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel("evaluation length (tokens; grey: training length)")
-  ax.set_ylabel("passkey accuracy")
+  ax.set_ylabel("passkey accuracy" + (" (solid: teacher-forced digits,\n dashed: exact match "
+                                       "by generation)" if results.get("exact_match") else ""))
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()

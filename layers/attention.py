@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -9,12 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers import attention_cache
+from layers.attention_cache import AttentionCache
 from layers.norms import RMSNorm
 from layers.partitioning import (ContextParallelism, context_parallelism, shard_kernel,
                                  with_logical_axes)
 from layers.position_extensions import PositionExtension, attend_passes
 from layers.rotary import RotaryEmbedding
-from pallas_kernels import flash_attention, masks
+from pallas_kernels import decode_attention, flash_attention, masks
+from pallas_kernels.flash_attention.reference import masked_softmax_attention
 from pallas_kernels.ring_attention import context_parallel_shard
 
 
@@ -25,6 +29,8 @@ _KV_AXES = ("batch", None, "kv_heads", None)
 _HEAD_IDS_AXES = ("kv_heads",)
 # Under context parallelism the kernel gets sequence shards too ("length" over "context").
 _CONTEXT_PARALLEL_AXES = ("batch", "length", "kv_heads", None)
+# Queries per block of the exact XLA path that attends a prefill chunk to a decode cache.
+_DENSE_QUERY_BLOCK = 256
 
 
 def _is_int(value) -> bool:
@@ -362,40 +368,68 @@ class Attention(nnx.Module):
     return tuple(tokens)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache: AttentionCache | None = None,
+               num_new_tokens: jax.Array | None = None):
     """Attends over the sequence of ``x``.
 
     Args:
       x: [batch, seq, features].
       position_ids: [batch, seq] (or [1, seq]) RoPE positions, integers (or floats for
-        fractional positions, E²-LLM); default 0 .. seq - 1 for every row. Packed sequences
-        usually restart them at each segment. Unused without RoPE.
+        fractional positions, E²-LLM); default 0 .. seq - 1 for every row (with a cache:
+        the row's length onwards). Packed sequences usually restart them at each segment.
+        Unused without RoPE.
       segment_ids: integer [batch, seq]; tokens attend only within their segment.
+      cache: None, or the decode cache of :meth:`init_cache`: ``x`` holds the next tokens
+        of each row (a prompt, a prefill chunk or one token), which attend to the cached
+        tokens and themselves; returns ``(out, new_cache)``.
+      num_new_tokens: with a cache, int [batch] or None (all): row b's real tokens are
+        ``x[b, :num_new_tokens[b]]``; the rest is right padding, whose outputs are
+        unspecified and which the cache never stores.
 
     Returns:
-      [batch, seq, features].
+      [batch, seq, features] (and the new cache when a cache is given).
     """
     if x.ndim != 3 or x.shape[-1] != self.features:
       raise ValueError(
           f"Attention: x must be [batch, seq, {self.features}], got shape {x.shape}."
       )
+    if cache is not None:
+      return self._call_cached(x, position_ids, segment_ids, cache, num_new_tokens)
+    q, k, v = self._project(x)
+    if self.rotary is not None and position_ids is None:
+      position_ids = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    return self.o_proj(self._attend_sequence(q, k, v, position_ids, segment_ids))
+
+  def _project(self, x):
+    """q [b, t, heads, d], k, v [b, t, kv_heads, d] before RoPE (after QK-norm)."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    if self.rotary is not None and position_ids is None:
-      position_ids = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    return q, k, v
+
+  def _attend_sequence(self, q, k, v, position_ids, segment_ids, *, inference=False,
+                       rope_len=None):
+    """Attention of the sequence over itself (q, k before RoPE): [b, t, heads, d].
+
+    ``inference``: the mask inference uses whatever the train/eval mode (no S²-Attn).
+    ``rope_len``: the length that length-dependent RoPE scaling reads (default
+    ``max(position_ids) + 1``)."""
     q_far = k_far = pass_masks = None
     if self.position_extension is not None:
-      passes = self._extension_passes(q, k, position_ids)
+      passes = self._extension_passes(q, k, position_ids, rope_len)
       (q, k, _), pass_masks = passes[0], tuple(p[2] for p in passes)
       if len(passes) == 2:
         q_far, k_far = passes[1][:2]
     elif self.rotary is not None:
-      q, k = self.rotary.rotate_qk(q, k, position_ids)
+      if rope_len is None:
+        rope_len = self.rotary.seq_len_of(position_ids)
+      q_freq, k_freq = self.rotary.frequencies(rope_len)
+      q = self.rotary.rotate(q, position_ids, q_freq)
+      k = self.rotary.rotate(k, position_ids, k_freq)
     plan = context_parallelism()
     if plan is not None:  # The sequence is split over devices: ring / all-gather / Ulysses.
-      return self.o_proj(self._attend_context_parallel(plan, q, k, v, segment_ids))
-    mask = self._kernel_mask()
+      return self._attend_context_parallel(plan, q, k, v, segment_ids)
+    mask = self.mask if inference else self._kernel_mask()
     flash_options = dict(scale=None, logits_soft_cap=self.logits_soft_cap,
                          implementation=self.implementation)
 
@@ -417,22 +451,247 @@ class Attention(nnx.Module):
     # ``head_ids`` (the kv-head indices) is split like the heads, so that a shard knows
     # which heads, and hence which entries of a per-head mask, it holds.
     head_ids = jnp.arange(self.num_kv_heads, dtype=jnp.int32)
-    out = shard_kernel(
+    return shard_kernel(
         attend, (q, k, v, segment_ids, head_ids, q_far, k_far),
         in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES,
                  None if segment_ids is None else ("batch", None), _HEAD_IDS_AXES,
                  None if q_far is None else _QUERY_AXES, None if k_far is None else _KV_AXES),
         out_axes=_QUERY_AXES)
-    return self.o_proj(out)
 
-  def _extension_passes(self, q, k, position_ids):
+  # ---------------------------------------------------------------------------- decoding
+
+  def cache_plan(self) -> tuple[attention_cache.PartSpec, ...]:
+    """The cache parts this layer decodes with (full, or sinks + ring, per kv-head group)."""
+    return attention_cache.plan_parts(self._inference_mask, self.num_heads, self.num_kv_heads)
+
+  def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> AttentionCache:
+    """An empty decode cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+    Full-attention heads get ``max_length`` slots; sliding-window heads (``local_attention``,
+    DuoAttention's streaming heads) ``sinks + window`` slots whatever ``max_length``. Keys
+    and values are stored in ``dtype`` (default the layer's computation dtype, float32 if
+    unset).
+    """
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"Attention.init_cache: {name} must be a positive int, got {value!r}.")
+    if not self.is_causal:
+      raise ValueError("Attention.init_cache: a bidirectional layer cannot decode.")
+    dtype = jnp.dtype(dtype or self.q_proj.dtype or jnp.float32)
+    return attention_cache.init_cache(self.cache_plan(), int(batch_size), int(max_length),
+                                      self.head_dim, dtype)
+
+  def _check_cache(self, cache, batch, segment_ids):
+    if not isinstance(cache, AttentionCache):
+      raise ValueError(f"Attention: cache must be the AttentionCache of init_cache, got "
+                       f"{type(cache).__name__}.")
+    if cache.batch_size != batch:
+      raise ValueError(f"Attention: the cache was built for batch size {cache.batch_size}, "
+                       f"but x has {batch} rows; build it with init_cache({batch}, ...).")
+    specs = self.cache_plan()
+    layout = tuple((p.kv_heads, p.keys.shape[-1]) for p in cache.parts)
+    if layout != tuple((s.kv_heads, self.head_dim) for s in specs):
+      raise ValueError("Attention: the cache does not match this layer's heads (it was built "
+                       "by another layer); use this layer's init_cache.")
+    if segment_ids is not None:
+      raise ValueError("Attention: segment_ids cannot be combined with a decode cache (packed "
+                       "rows are not decoded).")
+    if context_parallelism() is not None:
+      raise ValueError("Attention: decoding with a cache is not context-parallel; decode with "
+                       "make_mesh.context = 1.")
+
+  def _call_cached(self, x, position_ids, segment_ids, cache, num_new_tokens):
+    batch, seq = x.shape[:2]
+    self._check_cache(cache, batch, segment_ids)
+    if seq == 0:
+      raise ValueError(f"Attention: decoding with a cache needs at least one new token, got x "
+                       f"of shape {x.shape}.")
+    lengths = cache.lengths
+    if num_new_tokens is not None:
+      num_new_tokens = jnp.clip(jnp.asarray(num_new_tokens, jnp.int32), 0, seq)
+    token_index, valid = attention_cache.new_token_index(lengths, seq, num_new_tokens)
+    new_lengths = lengths + (seq if num_new_tokens is None else num_new_tokens)
+    if position_ids is None:
+      position_ids = token_index
+    position_ids = jnp.broadcast_to(position_ids, (batch, seq))
+    q_raw, k_raw, v = self._project(x)
+    # Length-dependent scaling (dynamic NTK, LongRoPE) reads the longest real position of
+    # the call: padding must not change it.
+    rope_len = (None if self.rotary is None else
+                self.rotary.seq_len_of(jnp.where(valid, position_ids, 0)))
+    if self.position_extension is None and self.rotary is not None:
+      q_freq, k_freq = self.rotary.frequencies(rope_len)
+      q = self.rotary.rotate(q_raw, position_ids, q_freq)
+      k = self.rotary.rotate(k_raw, position_ids, k_freq)
+    else:
+      q, k = q_raw, k_raw  # No RoPE, or keys cached before it (position extensions).
+    int_positions = (position_ids if jnp.issubdtype(position_ids.dtype, jnp.integer)
+                     else jnp.floor(position_ids)).astype(jnp.int32)
+
+    def write_all(parts):
+      return tuple(attention_cache.write(
+          part, k[:, :, list(part.kv_heads)], v[:, :, list(part.kv_heads)], int_positions,
+          token_index, valid, new_lengths) for part in parts)
+
+    if seq == 1 and self._decode_kernel_windows() is not None:
+      parts = write_all(cache.parts)
+      out = self._attend_decode_kernel(q, parts, new_lengths)
+    else:
+      def cached(_):
+        return self._attend_cached_dense(q, k, v, cache.parts, token_index, valid,
+                                         int_positions, rope_len)
+
+      def fresh(_):  # Nothing cached yet: the sequence attends to itself (flash kernel).
+        return self._attend_sequence(q_raw, k_raw, v, position_ids, None, inference=True,
+                                     rope_len=rope_len).astype(q.dtype)
+
+      out = jax.lax.cond(jnp.all(lengths == 0), fresh, cached, None)
+      parts = write_all(cache.parts)
+    return self.o_proj(out), AttentionCache(parts=parts, lengths=new_lengths)
+
+  def _part_query_heads(self, part) -> list[int]:
+    group = self.num_heads // self.num_kv_heads
+    return [kv * group + g for kv in part.kv_heads for g in range(group)]
+
+  def _assemble(self, outs, parts):
+    """Per-part outputs [b, t, heads of part, d] -> [b, t, heads, d] in head order."""
+    if len(parts) == 1:
+      return outs[0]
+    heads = [h for part in parts for h in self._part_query_heads(part)]
+    order = np.argsort(np.asarray(heads))
+    return jnp.concatenate(outs, axis=2)[:, :, order]
+
+  def _decode_kernel_windows(self):
+    """Per cache part, the (sinks, left) the decode kernel applies, or None when a part's
+    query heads do not share one sink + window shape (then the dense path decodes)."""
+    if self.position_extension is not None or not self.is_causal:
+      return None
+    shapes = [attention_cache.window_of(m) for m in
+              attention_cache.head_masks(self._inference_mask, self.num_heads)]
+    windows = []
+    for spec in self.cache_plan():
+      own = {shapes[h] for h in self._part_query_heads(spec)}
+      if len(own) != 1 or None in own:
+        return None
+      windows.append(own.pop())
+    return tuple(windows)
+
+  def _attend_decode_kernel(self, q, parts, lengths):
+    """One query per row over the cache (the token itself already written): the
+    flash-decoding kernel, per cache part."""
+    outs = []
+    for part, window in zip(parts, self._decode_kernel_windows()):
+      q_part = q[:, :, self._part_query_heads(part)] if len(parts) > 1 else q
+      options = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+      if part.is_ring:  # Every filled slot is within the window: no mask but the length.
+        part_lengths = jnp.minimum(lengths, part.num_slots)
+      else:
+        part_lengths = lengths
+        if not window.is_full:
+          options.update(local_window_size=(window.left, 0), num_sink_tokens=window.sinks)
+      kernel = functools.partial(decode_attention, **options)
+      outs.append(shard_kernel(
+          kernel, (q_part, part.keys, part.values, part_lengths),
+          in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",)), out_axes=_QUERY_AXES))
+    return self._assemble(outs, parts)
+
+  def _attend_cached_dense(self, q, k, v, parts, token_index, valid, positions, rope_len):
+    """Queries [b, t, heads, d] over the cached tokens and the new ones, masked by token
+    index with the layer's mask (exact for every option). XLA; the queries go in blocks of
+    ``_DENSE_QUERY_BLOCK``, so memory is O(block x (slots + t)) per head."""
+    b, t = q.shape[:2]
+    per_head = attention_cache.head_masks(self._inference_mask, self.num_heads)
+    block = min(t, _DENSE_QUERY_BLOCK)
+    num_blocks = -(-t // block)
+    pad = num_blocks * block - t
+
+    def blocks(x):  # [b, t, ...] -> [num_blocks, b, block, ...]
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return jnp.moveaxis(x.reshape((b, num_blocks, block) + x.shape[2:]), 1, 0)
+
+    outs = []
+    for part in parts:
+      heads = self._part_query_heads(part)
+      kv = list(part.kv_heads)
+      keys = jnp.concatenate([part.keys, k[:, :, kv].astype(part.keys.dtype)], axis=1)
+      values = jnp.concatenate([part.values, v[:, :, kv].astype(part.values.dtype)], axis=1)
+      values = values.astype(jnp.float32)
+      k_index = jnp.concatenate([part.token_index, jnp.where(valid, token_index, -1)], axis=1)
+      k_pos = jnp.concatenate([part.positions, positions], axis=1)
+      present = (k_index >= 0)[:, None, :]
+
+      def attend(args, heads=heads, kv=kv, keys=keys, values=values, k_index=k_index,
+                 k_pos=k_pos, present=present):
+        q_part, q_index, q_pos = args
+        visible = jnp.stack([present & per_head[h].visible(q_index[:, :, None],
+                                                           k_index[:, None, :])
+                             for h in heads], axis=1)  # [b, heads of part, block, keys]
+        visible = visible.reshape(b, len(kv), len(heads) // len(kv), q_part.shape[1], -1)
+        if self.position_extension is not None:
+          logits, visible = self._extension_logits(q_part, keys, kv, q_pos, k_pos, q_index,
+                                                   k_index, visible, rope_len)
+        else:
+          logits = self._logits(q_part, keys)
+        return masked_softmax_attention(logits, visible, values, q.dtype)[0]
+
+      args = (q[:, :, heads], token_index, positions)
+      if num_blocks == 1:
+        outs.append(attend(args))
+      else:
+        out = jax.lax.map(attend, tuple(blocks(a) for a in args))
+        out = jnp.moveaxis(out, 0, 1).reshape((b, num_blocks * block) + out.shape[3:])
+        outs.append(out[:, :t])
+    return self._assemble(outs, parts)
+
+  def _logits(self, q, keys):
+    """Scaled (and capped) float32 logits [b, kv_heads, group, t, keys]."""
+    b, t, h, d = q.shape
+    hk = keys.shape[2]
+    q = q.reshape(b, t, hk, h // hk, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    if self.logits_soft_cap is not None:
+      logits = self.logits_soft_cap * jnp.tanh(logits / self.logits_soft_cap)
+    return logits
+
+  def _extension_logits(self, q_raw, keys_raw, kv_heads, q_pos, k_pos, q_index, k_index,
+                        visible, rope_len):
+    """Self-Extend / LM-Infinite per pair: near keys at their real positions, far keys at
+    the method's remapped ones (keys are cached before RoPE)."""
+    o = self.position_extension.options
+    q_freq, k_freq = self.rotary.frequencies(rope_len)
+    if k_freq.inv_freq.ndim == 2:  # Per-head bases: the key rows of this part's heads.
+      k_freq = k_freq._replace(inv_freq=k_freq.inv_freq[np.asarray(kv_heads)])
+    if q_freq.inv_freq.ndim == 2:
+      group = self.num_heads // self.num_kv_heads
+      rows = [kv * group + g for kv in kv_heads for g in range(group)]
+      q_freq = q_freq._replace(inv_freq=q_freq.inv_freq[np.asarray(rows)])
+    rotate = self.rotary.rotate
+    near = self._logits(rotate(q_raw, q_pos, q_freq), rotate(keys_raw, k_pos, k_freq))
+    distance = q_index[:, :, None] - k_index[:, None, :]
+    if self.position_extension.method == "self_extend":
+      g, w = o["group_size"], o["window"]
+      far_q, far_k = q_pos // g + (w - w // g), k_pos // g
+      is_near = distance < w
+      reach = jnp.ones_like(is_near)
+    else:
+      far_q, far_k = jnp.minimum(q_pos, o["max_distance"]), jnp.zeros_like(k_pos)
+      is_near = distance < o["local_window"]
+      reach = is_near | (k_index < o["num_global"])[:, None, :]
+    far = self._logits(rotate(q_raw, far_q, q_freq), rotate(keys_raw, far_k, k_freq))
+    is_near = is_near[:, None, None]
+    return jnp.where(is_near, near, far), visible & reach[:, None, None]
+
+  def _extension_passes(self, q, k, position_ids, rope_len=None):
     """The (rotated q, rotated k, mask options) passes of the position extension (one or
     two: LM-Infinite without sinks is its window alone)."""
     if not jnp.issubdtype(position_ids.dtype, jnp.integer):
       raise ValueError(f"Attention: position_extension {self.position_extension.method!r} "
                        f"needs integer position_ids, got dtype {position_ids.dtype}.")
     position_ids = jnp.broadcast_to(position_ids, q.shape[:2])
-    q_freq, k_freq = self.rotary.frequencies(self.rotary.seq_len_of(position_ids))
+    if rope_len is None:
+      rope_len = self.rotary.seq_len_of(position_ids)
+    q_freq, k_freq = self.rotary.frequencies(rope_len)
     return self.position_extension.passes(q, k, position_ids=position_ids, freqs=q_freq,
                                           key_freqs=k_freq, layout=self.rotary.layout)
 

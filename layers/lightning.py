@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.decoding import check_decode_arguments
 from layers.partitioning import logical_axes_metadata, shard_kernel, with_logical_axes
 from pallas_kernels.lightning_attention import lightning_attention
 
@@ -17,6 +18,7 @@ from pallas_kernels.lightning_attention import lightning_attention
 # travels as [B, Dk, H, Dv] so that one spec fits the output and the state alike.
 _TOKENS_AXES = ("batch", None, "heads", None)
 _DECAY_AXES = ("heads",)
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _is_int(value) -> bool:
@@ -147,12 +149,28 @@ class LightningAttention(nnx.Module):
     """The zero state: float32 [batch_size, num_heads, head_dim, head_dim]."""
     return jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
 
+  def init_cache(self, batch_size: int, max_length: int) -> jax.Array:
+    """The decode cache: the zero state of :meth:`init_state`, float32 [batch_size,
+    num_heads, head_dim, head_dim]. ``max_length`` is ignored (constant memory)."""
+    del max_length
+    return self.init_state(batch_size)
+
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
                segment_ids: jax.Array | None = None, state: jax.Array | None = None,
-               return_state: bool = False):
+               return_state: bool = False, cache: jax.Array | None = None,
+               num_new_tokens: jax.Array | None = None):
     """x: [batch, seq, features] -> [batch, seq, features] (and the new state when
     ``return_state``). ``position_ids`` is ignored (a recurrence); ``segment_ids`` int
-    [batch, seq] or None; ``state`` [batch, heads, head_dim, head_dim] or None (zeros)."""
+    [batch, seq] or None; ``state`` [batch, heads, head_dim, head_dim] or None (zeros).
+
+    Decoding: with a ``cache`` (from :meth:`init_cache`), x holds seq >= 1 new tokens after
+    what the cache holds and the call returns ``(y, new_cache)``. ``num_new_tokens`` None
+    (all tokens valid) or int [batch]: row b's valid tokens are x[b, :num_new_tokens[b]], the
+    rest is right padding that leaves the cache untouched (its outputs are meaningless).
+    One token (seq == 1) takes a closed-form step; more (a prefill) take the kernel from the
+    cache's state, and with ``num_new_tokens`` the new state is formed in closed form,
+    S_n = λ^n S_0 + Σ_{t<n} λ^(n-1-t) k_tᵀ v_t per row.
+    """
     del position_ids
     if x.ndim != 3 or x.shape[-1] != self.features:
       raise ValueError(
@@ -161,36 +179,83 @@ class LightningAttention(nnx.Module):
       raise ValueError(f"LightningAttention: segment_ids must be [batch, seq] = {x.shape[:2]}, "
                        f"got shape {segment_ids.shape}.")
     want = (x.shape[0], self.num_heads, self.head_dim, self.head_dim)
+    n_new = None
+    if cache is not None:
+      n_new = check_decode_arguments("LightningAttention", x, state, return_state, segment_ids,
+                                num_new_tokens)
+      if tuple(getattr(cache, "shape", ())) != want:
+        raise ValueError(
+            f"LightningAttention: cache must have shape {want} [batch, heads, head_dim, "
+            f"head_dim] for a batch of {want[0]} rows, got "
+            f"{tuple(getattr(cache, 'shape', ()))} (a cache built for another batch size or "
+            f"another layer?).")
+      state = cache
+    elif num_new_tokens is not None:
+      raise ValueError("LightningAttention: num_new_tokens needs a cache (it is for decoding).")
     if state is not None and tuple(state.shape) != want:
       raise ValueError(f"LightningAttention: state must have shape {want} [batch, heads, "
                        f"head_dim, head_dim], got {tuple(state.shape)}.")
     q = jax.nn.silu(self.q_proj(x))
     k = jax.nn.silu(self.k_proj(x))
     v = jax.nn.silu(self.v_proj(x))
+    compute = jnp.promote_types(jnp.float64 if q.dtype == jnp.float64 else jnp.float32,
+                                jnp.float32 if state is None else state.dtype)
 
-    def kernel(q, k, v, decay, state, segment_ids):
-      if state is not None:
-        state = jnp.swapaxes(state, 1, 2)
-      out, final = lightning_attention(
-          q, k, v, decay=decay, initial_state=state, return_final_state=True,
-          segment_ids=segment_ids, chunk_size=self.chunk_size,
-          implementation=self.implementation)
-      return out, jnp.swapaxes(final, 1, 2)
+    if cache is not None and x.shape[1] == 1:
+      # One token in closed form: S = λ S + kᵀ v, o = q S.
+      lam = jnp.asarray(self.decay, compute)[None, :, None, None]
+      q1, k1, v1 = (a[:, 0].astype(compute) for a in (q, k, v))  # [B, H, D]
+      final = lam * cache.astype(compute) + k1[..., :, None] * v1[..., None, :]
+      out = jnp.einsum("bhk,bhkv->bhv", q1, final, precision=_HIGHEST)[:, None]
+      out = out.astype(q.dtype)
+    else:
+      def kernel(q, k, v, decay, state, segment_ids):
+        if state is not None:
+          state = jnp.swapaxes(state, 1, 2)
+        out, final = lightning_attention(
+            q, k, v, decay=decay, initial_state=state, return_final_state=True,
+            segment_ids=segment_ids, chunk_size=self.chunk_size,
+            implementation=self.implementation)
+        return out, jnp.swapaxes(final, 1, 2)
 
-    # Per shard of batch and heads under a sharded jit (the kernel is one custom call).
-    carried = None if state is None else jnp.swapaxes(state, 1, 2)  # [B, Dk, H, Dv]
-    out, final = shard_kernel(
-        kernel, (q, k, v, jnp.asarray(self.decay, jnp.float32), carried, segment_ids),
-        in_axes=(_TOKENS_AXES, _TOKENS_AXES, _TOKENS_AXES, _DECAY_AXES,
-                 None if state is None else _TOKENS_AXES,
-                 None if segment_ids is None else ("batch", None)),
-        out_axes=_TOKENS_AXES)
+      # Per shard of batch and heads under a sharded jit (the kernel is one custom call).
+      carried = None if state is None else jnp.swapaxes(state, 1, 2)  # [B, Dk, H, Dv]
+      out, final = shard_kernel(
+          kernel, (q, k, v, jnp.asarray(self.decay, jnp.float32), carried, segment_ids),
+          in_axes=(_TOKENS_AXES, _TOKENS_AXES, _TOKENS_AXES, _DECAY_AXES,
+                   None if state is None else _TOKENS_AXES,
+                   None if segment_ids is None else ("batch", None)),
+          out_axes=_TOKENS_AXES)
+      final = jnp.swapaxes(final, 1, 2)
+      if n_new is not None:
+        # Padding would decay the state in the kernel: the state after each row's n valid
+        # tokens in closed form instead (the valid tokens' outputs are causal, unaffected).
+        final = self._state_after(cache, k, v, n_new, compute)
     out32 = out.astype(jnp.float32)
     out32 = out32 * jax.lax.rsqrt(jnp.mean(jnp.square(out32), axis=-1, keepdims=True) +
                                   self.norm_eps)
     out = (out32 * self.norm_scale[...].astype(jnp.float32)).astype(q.dtype)
     out = jax.nn.sigmoid(self.gate_proj(x)) * out
     y = self.o_proj(out)
+    if cache is not None:
+      if n_new is not None:  # Rows without new tokens keep their cache exactly.
+        final = jnp.where((n_new == 0)[:, None, None, None], cache.astype(final.dtype), final)
+      return y, final
     if return_state:
-      return y, jnp.swapaxes(final, 1, 2)
+      return y, final
     return y
+
+  def _state_after(self, state, k, v, n_new, compute):
+    """S_n = λ^n S_0 + Σ_{t<n} λ^(n-1-t) k_tᵀ v_t per row (n = n_new[b]), in ``compute``.
+
+    state [B, H, Dk, Dv]; k, v [B, T, H, D]; n_new int32 [B]."""
+    seq = k.shape[1]
+    log_lam = jnp.log(jnp.asarray(self.decay, compute))  # [H]
+    t = jnp.arange(seq)[None, :]
+    age = jnp.maximum(n_new[:, None] - 1 - t, 0).astype(compute)  # [B, T]
+    weights = jnp.where((t < n_new[:, None])[..., None], jnp.exp(age[..., None] * log_lam),
+                        0.0)  # [B, T, H]
+    carried = jnp.exp(n_new.astype(compute)[:, None] * log_lam)  # [B, H]
+    added = jnp.einsum("bth,bthk,bthv->bhkv", weights, k.astype(compute), v.astype(compute),
+                       precision=_HIGHEST)
+    return carried[..., None, None] * state.astype(compute) + added

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.decoding import check_decode_arguments, last_valid
 from layers.initializers import torch_linear_init
 from layers.partitioning import shard_kernel, with_logical_axes
 from pallas_kernels._common import dispatch
@@ -206,12 +207,44 @@ class Mamba(nnx.Module):
     new_state = jnp.where((tail_runs == last_run)[..., None], tail, 0)
     return out, new_state.astype(jnp.promote_types(dtype, jnp.float32))
 
+  def init_cache(self, batch_size: int, max_length: int) -> MambaState:
+    """The decode cache: the zero :class:`MambaState` for ``batch_size`` rows (float32).
+
+    ``max_length`` is ignored: the state has constant size whatever the length.
+    """
+    del max_length
+    return self.init_state(batch_size)
+
+  def _check_state(self, state, batch: int, what: str) -> MambaState:
+    """``state`` as a :class:`MambaState` after checking its shapes against ``batch``."""
+    want = {"conv": (batch, self.d_conv - 1, self.d_inner),
+            "ssm": (batch, self.d_inner, self.d_state)}
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+      raise ValueError(f"Mamba: {what} must be a MambaState(conv {want['conv']}, ssm "
+                       f"{want['ssm']}), got {type(state).__name__}.")
+    state = MambaState(*state)
+    for name in ("conv", "ssm"):
+      got = tuple(getattr(getattr(state, name), "shape", ()))
+      if got != want[name]:
+        raise ValueError(
+            f"Mamba: {what}.{name} must have shape {want[name]} for a batch of {batch} rows, "
+            f"got {got} (a {what} built for another batch size or another layer?).")
+    return state
+
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
                segment_ids: jax.Array | None = None, state: MambaState | None = None,
-               return_state: bool = False):
+               return_state: bool = False, cache: MambaState | None = None,
+               num_new_tokens: jax.Array | None = None):
     """x [batch, seq, features] -> [batch, seq, features] (and the new state if asked).
 
     ``position_ids`` are ignored (a recurrence needs none). ``state`` None is the zero state.
+
+    Decoding: with a ``cache`` (from :meth:`init_cache`), x holds seq >= 1 new tokens after
+    what the cache holds and the call returns ``(y, new_cache)``. ``num_new_tokens`` None
+    (all tokens valid) or int [batch]: row b's valid tokens are x[b, :num_new_tokens[b]], the
+    rest is right padding that leaves the cache untouched (its outputs are meaningless).
+    One token (seq == 1) takes a closed-form step; more (a prefill) take the selective scan
+    from the cache's state, with dt = 0 (an exact no-op) at padded tokens.
     """
     del position_ids
     if x.ndim != 3 or x.shape[-1] != self.features:
@@ -220,22 +253,26 @@ class Mamba(nnx.Module):
     if segment_ids is not None and segment_ids.shape != (b, seq):
       raise ValueError(f"Mamba: segment_ids must be [batch, seq] = {(b, seq)}, got shape "
                        f"{segment_ids.shape}.")
-    if state is None:
+    n_new = None
+    if cache is not None:
+      n_new = check_decode_arguments("Mamba", x, state, return_state, segment_ids, num_new_tokens)
+      state = self._check_state(cache, b, "cache")
+    elif num_new_tokens is not None:
+      raise ValueError("Mamba: num_new_tokens needs a cache (it is for decoding).")
+    elif state is None:
       state = self.init_state(b)
     else:
-      state = MambaState(*state)
-      expected = self.init_state(b)
-      for name, got, want in (("conv", state.conv, expected.conv),
-                              ("ssm", state.ssm, expected.ssm)):
-        if got.shape != want.shape:
-          raise ValueError(f"Mamba: state.{name} must have shape {want.shape}, got "
-                           f"{got.shape}.")
+      state = self._check_state(state, b, "state")
     dtype = x.dtype if self.dtype is None else self.dtype
     x = x.astype(dtype)
     xz = jnp.einsum("btf,fkd->btkd", x, self.in_proj[...].astype(dtype))
     x_in, z = xz[:, :, 0], xz[:, :, 1]
     runs = _segment_runs(segment_ids, b, seq)
     x_conv, conv_state = self._conv(x_in, state.conv, runs, dtype)
+    if n_new is not None:
+      # The last d_conv - 1 *valid* inputs: positions n .. n + d_conv - 2 of [state; x_in].
+      conv_state = last_valid(jnp.concatenate([state.conv.astype(dtype), x_in], axis=1),
+                               n_new, self.d_conv - 1).astype(conv_state.dtype)
     x_conv = jax.nn.silu(x_conv)
     x_dbl = x_conv @ self.x_proj[...].astype(dtype)
     r, n = self.dt_rank, self.d_state
@@ -244,23 +281,60 @@ class Mamba(nnx.Module):
     # Parameters and the state enter the scan in float32 at least (float64 stays float64).
     f32 = lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32))
     A = -jnp.exp(f32(self.A_log[...]))
+    D, dt_bias = f32(self.D[...]), f32(self.dt_bias[...])
 
-    def scan(u, delta, A, B, C, D, z, dt_bias, ssm_state, segment_ids):
-      y, final = selective_scan(
-          u, delta, A, B, C, D, z, dt_bias, delta_softplus=True, initial_state=ssm_state,
-          return_final_state=True, implementation=self.implementation,
-          segment_ids=segment_ids, chunk_size=self.chunk_size)
-      # [b, n, d] so that one output spec, (batch, None, ssm_inner), fits both outputs.
-      return y, jnp.swapaxes(final, 1, 2)
+    if cache is not None and seq == 1:
+      y, ssm_state = self._step(x_conv[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0],
+                                dt_bias, state.ssm)
+      y = y[:, None].astype(dtype)
+    else:
+      softplus_in_scan = True
+      if n_new is not None:
+        # Padding must leave the state alone: dt = softplus(delta + bias) is formed here and
+        # zeroed at padded tokens (exp(0 A) = 1, 0 B u = 0), and the scan adds no bias.
+        valid = jnp.arange(seq)[None, :] < n_new[:, None]
+        delta = jnp.where(valid[..., None], jax.nn.softplus(f32(delta) + dt_bias), 0.0)
+        dt_bias, softplus_in_scan = None, False
 
-    y, ssm_state = shard_kernel(
-        scan, (x_conv, delta, A, B, C, f32(self.D[...]), z, f32(self.dt_bias[...]),
-               f32(state.ssm), segment_ids),
-        in_axes=(_TOKENS_AXES, _TOKENS_AXES, _A_AXES, _BC_AXES, _BC_AXES, _CHANNEL_AXES,
-                 _TOKENS_AXES, _CHANNEL_AXES, _STATE_AXES,
-                 None if segment_ids is None else ("batch", None)),
-        out_axes=_TOKENS_AXES)
+      def scan(u, delta, A, B, C, D, z, dt_bias, ssm_state, segment_ids):
+        y, final = selective_scan(
+            u, delta, A, B, C, D, z, dt_bias, delta_softplus=softplus_in_scan,
+            initial_state=ssm_state, return_final_state=True,
+            implementation=self.implementation, segment_ids=segment_ids,
+            chunk_size=self.chunk_size)
+        # [b, n, d] so that one output spec, (batch, None, ssm_inner), fits both outputs.
+        return y, jnp.swapaxes(final, 1, 2)
+
+      y, ssm_state = shard_kernel(
+          scan, (x_conv, delta, A, B, C, D, z, dt_bias, f32(state.ssm), segment_ids),
+          in_axes=(_TOKENS_AXES, _TOKENS_AXES, _A_AXES, _BC_AXES, _BC_AXES, _CHANNEL_AXES,
+                   _TOKENS_AXES, None if dt_bias is None else _CHANNEL_AXES, _STATE_AXES,
+                   None if segment_ids is None else ("batch", None)),
+          out_axes=_TOKENS_AXES)
+      ssm_state = jnp.swapaxes(ssm_state, 1, 2)
     out = y @ self.out_proj[...].astype(dtype)
+    if cache is not None:
+      new = MambaState(conv=conv_state, ssm=ssm_state)
+      if n_new is not None:  # Rows without new tokens keep their cache exactly.
+        keep = n_new == 0
+        new = jax.tree.map(
+            lambda new_v, old_v: jnp.where(keep[:, None, None], old_v.astype(new_v.dtype),
+                                           new_v), new, state)
+      return out, new
     if not return_state:
       return out
-    return out, MambaState(conv=conv_state, ssm=jnp.swapaxes(ssm_state, 1, 2))
+    return out, MambaState(conv=conv_state, ssm=ssm_state)
+
+  def _step(self, u, delta, A, B, C, D, z, dt_bias, ssm):
+    """One token of the S6 recurrence in closed form (no scan kernel).
+
+    u, delta, z [batch, d_inner]; B, C [batch, d_state]; ssm [batch, d_inner, d_state].
+    Returns y [batch, d_inner] and the new state, in float32 (float64 for float64 inputs).
+    """
+    cdt = jnp.promote_types(jnp.promote_types(u.dtype, jnp.float32), ssm.dtype)
+    u, delta, z, B, C = (v.astype(cdt) for v in (u, delta, z, B, C))
+    dt = jax.nn.softplus(delta + dt_bias.astype(cdt))  # [b, d]
+    h = (jnp.exp(dt[..., None] * A.astype(cdt)) * ssm.astype(cdt)
+         + (dt * u)[..., None] * B[:, None, :])
+    y = jnp.sum(h * C[:, None, :], axis=-1) + D.astype(cdt) * u
+    return y * jax.nn.silu(z), h

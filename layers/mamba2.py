@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.decoding import check_decode_arguments, last_valid
 from layers.initializers import torch_linear_init
 from layers.partitioning import logical_axes_metadata, shard_kernel, with_logical_axes
 from pallas_kernels._common import dispatch
@@ -163,14 +164,21 @@ class Mamba2(nnx.Module):
     return (jnp.zeros((batch_size, self.d_conv - 1, self.conv_channels), jnp.float32),
             jnp.zeros((batch_size, self.heads, self.head_dim, self.d_state), jnp.float32))
 
-  def _check_state(self, state, batch):
+  def init_cache(self, batch_size: int, max_length: int):
+    """The decode cache: the zero state of :meth:`init_state` (float32). ``max_length`` is
+    ignored: the state has constant size whatever the length."""
+    del max_length
+    return self.init_state(batch_size)
+
+  def _check_state(self, state, batch, what="state"):
     expected = jax.tree.map(lambda a: a.shape, self.init_state(batch))
     if (not isinstance(state, (tuple, list)) or len(state) != 2
-        or tuple(tuple(s.shape) for s in state) != expected):
+        or tuple(tuple(getattr(s, "shape", ())) for s in state) != expected):
       got = (tuple(tuple(getattr(s, "shape", ())) for s in state)
              if isinstance(state, (tuple, list)) else type(state).__name__)
-      raise ValueError(f"Mamba2: state must be (conv {expected[0]}, ssm {expected[1]}) as "
-                       f"init_state({batch}) gives, got {got}.")
+      raise ValueError(f"Mamba2: {what} must be (conv {expected[0]}, ssm {expected[1]}) as "
+                       f"init_state({batch}) gives for a batch of {batch} rows, got {got} (a "
+                       f"{what} built for another batch size or another layer?).")
 
   def _conv(self, xbc, conv_state, runs, dtype):
     """Causal depthwise convolution over [conv state, xbc] with segment resets.
@@ -210,12 +218,20 @@ class Mamba2(nnx.Module):
     return y.reshape(shape) * self.norm_scale[...].astype(jnp.float32)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, state=None, return_state: bool = False):
+               segment_ids: jax.Array | None = None, state=None, return_state: bool = False,
+               cache=None, num_new_tokens: jax.Array | None = None):
     """x [batch, seq, features] -> y [batch, seq, features] (and the new state if asked).
 
     position_ids are ignored (a recurrence). segment_ids int [batch, seq] or None: packed
     rows; the convolution and the scan restart at every change of id. ``state`` None means
     the zero state.
+
+    Decoding: with a ``cache`` (from :meth:`init_cache`), x holds seq >= 1 new tokens after
+    what the cache holds and the call returns ``(y, new_cache)``. ``num_new_tokens`` None
+    (all tokens valid) or int [batch]: row b's valid tokens are x[b, :num_new_tokens[b]], the
+    rest is right padding that leaves the cache untouched (its outputs are meaningless).
+    One token (seq == 1) takes a closed-form step; more (a prefill) take the SSD kernel from
+    the cache's state, with dt = 0 (an exact no-op) at padded tokens.
     """
     del position_ids
     if x.ndim != 3 or x.shape[-1] != self.features:
@@ -224,11 +240,19 @@ class Mamba2(nnx.Module):
     if segment_ids is not None and segment_ids.shape != (batch, seq):
       raise ValueError(f"Mamba2: segment_ids must be [batch, seq] = {(batch, seq)}, got shape "
                        f"{segment_ids.shape}.")
-    if state is None:
+    n_new = None
+    if cache is not None:
+      n_new = check_decode_arguments("Mamba2", x, state, return_state, segment_ids, num_new_tokens)
+      self._check_state(cache, batch, "cache")
+      state = tuple(cache)
+    elif num_new_tokens is not None:
+      raise ValueError("Mamba2: num_new_tokens needs a cache (it is for decoding).")
+    elif state is None:
       state = self.init_state(batch)
     else:
       self._check_state(state, batch)
     conv_state, ssm_state = state
+    old_state = state
     dtype = x.dtype if self.dtype is None else self.dtype
     zxbcdt = self.in_proj(x.astype(dtype))
     d_inner, gn = self.d_inner, self.n_groups * self.d_state
@@ -241,22 +265,69 @@ class Mamba2(nnx.Module):
                                 (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)],
                                axis=1)
       runs = jnp.cumsum(change, axis=1)
+    if n_new is not None:
+      # The last d_conv - 1 *valid* inputs: positions n .. n + d_conv - 2 of [state; xbc].
+      last_inputs = last_valid(jnp.concatenate([conv_state.astype(dtype), xbc], axis=1),
+                                n_new, self.d_conv - 1).astype(jnp.float32)
     xbc, conv_state = self._conv(xbc, conv_state, runs, dtype)
+    if n_new is not None:
+      conv_state = last_inputs
     xs = xbc[..., :d_inner].reshape(batch, seq, self.heads, self.head_dim)
     B = xbc[..., d_inner:d_inner + gn].reshape(batch, seq, self.n_groups, self.d_state)
     C = xbc[..., d_inner + gn:].reshape(batch, seq, self.n_groups, self.d_state)
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    dt_bias = self.dt_bias[...]
 
-    def scan(xs, dt, A, B, C, D, dt_bias, ssm_state, segment_ids):
-      return ssd(xs, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
-                 dt_softplus=True, initial_states=ssm_state, return_final_states=True,
-                 implementation=self.implementation, segment_ids=segment_ids)
+    if cache is not None and seq == 1:
+      y, ssm_state = self._step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)
+      y = y[:, None]
+    else:
+      softplus_in_scan = True
+      if n_new is not None:
+        # Padding must leave the state alone: dt' = softplus(dt + bias) is formed here and
+        # zeroed at padded tokens (exp(0 A) = 1, 0 x B = 0), and the kernel adds no bias.
+        cdt = jnp.float64 if xs.dtype == jnp.float64 else jnp.float32
+        valid = jnp.arange(seq)[None, :] < n_new[:, None]
+        dt = jnp.where(valid[..., None],
+                       jax.nn.softplus(dt.astype(cdt) + dt_bias.astype(cdt)), 0.0)
+        dt_bias, softplus_in_scan = None, False
 
-    y, ssm_state = shard_kernel(
-        scan, (xs, dt, A, B, C, self.D[...], self.dt_bias[...], ssm_state, segment_ids),
-        in_axes=(_BATCH4, _BATCH3, None, _BATCH4, _BATCH4, None, None, _BATCH4,
-                 None if segment_ids is None else _BATCH2),
-        out_axes=_BATCH4)
+      def scan(xs, dt, A, B, C, D, dt_bias, ssm_state, segment_ids):
+        return ssd(xs, dt, A, B, C, chunk_size=self.chunk_size, D=D, dt_bias=dt_bias,
+                   dt_softplus=softplus_in_scan, initial_states=ssm_state,
+                   return_final_states=True, implementation=self.implementation,
+                   segment_ids=segment_ids)
+
+      y, ssm_state = shard_kernel(
+          scan, (xs, dt, A, B, C, self.D[...], dt_bias, ssm_state, segment_ids),
+          in_axes=(_BATCH4, _BATCH3, None, _BATCH4, _BATCH4, None, None, _BATCH4,
+                   None if segment_ids is None else _BATCH2),
+          out_axes=_BATCH4)
     y = self._gated_norm(y.reshape(batch, seq, d_inner), z).astype(dtype)
     out = self.out_proj(y)
+    if cache is not None:
+      new = (conv_state, ssm_state)
+      if n_new is not None:  # Rows without new tokens keep their cache exactly.
+        keep = n_new == 0
+        new = tuple(jnp.where(keep.reshape((batch,) + (1,) * (v.ndim - 1)),
+                              old.astype(v.dtype), v) for v, old in zip(new, old_state))
+      return out, new
     return (out, (conv_state, ssm_state)) if return_state else out
+
+  def _step(self, xs, dt, A, B, C, ssm):
+    """One token of the SSD recurrence in closed form (no kernel).
+
+    xs [batch, heads, head_dim], dt [batch, heads] (before bias and softplus), B, C
+    [batch, n_groups, d_state], ssm [batch, heads, head_dim, d_state]. Returns y + D x
+    [batch, heads, head_dim] and the new state, float32 (float64 for float64 inputs).
+    """
+    cdt = jnp.promote_types(jnp.float64 if xs.dtype == jnp.float64 else jnp.float32,
+                            ssm.dtype)
+    rep = self.heads // self.n_groups
+    xs, B, C = xs.astype(cdt), B.astype(cdt), C.astype(cdt)
+    Bh, Ch = jnp.repeat(B, rep, axis=1), jnp.repeat(C, rep, axis=1)  # [b, heads, n]
+    dt = jax.nn.softplus(dt.astype(cdt) + self.dt_bias[...].astype(cdt))  # [b, heads]
+    decay = jnp.exp(dt * A.astype(cdt))[..., None, None]
+    h = decay * ssm.astype(cdt) + (dt[..., None] * xs)[..., None] * Bh[:, :, None, :]
+    y = jnp.einsum("bhpn,bhn->bhp", h, Ch, precision=jax.lax.Precision.HIGHEST)
+    return y + self.D[...].astype(cdt)[:, None] * xs, h

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.decoding import check_decode_arguments
 from layers.partitioning import with_logical_axes
 
 INITS = ("lin", "inv")
@@ -58,11 +59,11 @@ def _gelu(x):
 def _scan_with_resets(decay, inputs, resets, initial=None):
   """h_t = decay ⊙ h_{t-1} ⊙ (1 - reset_t) + inputs_t along axis 1, by an associative scan.
 
-  decay [H, N] complex; inputs [B, L, H, N] complex; resets bool [B, L] or None; initial
-  [B, H, N] or None (the state before token 0; a reset at token 0 drops it).
+  decay [H, N] (or per token, [B, L, H, N]) complex; inputs [B, L, H, N] complex; resets
+  bool [B, L] or None; initial [B, H, N] or None (the state before token 0; a reset at token
+  0 drops it).
   """
-  b, length = inputs.shape[:2]
-  coeff = jnp.broadcast_to(decay, (b, length) + decay.shape)
+  coeff = jnp.broadcast_to(decay, inputs.shape)
   if resets is not None:
     coeff = jnp.where(resets[:, :, None, None], 0.0, coeff).astype(inputs.dtype)
   if initial is not None:
@@ -216,8 +217,11 @@ class S4D(nnx.Module):
       y = y + jnp.fft.irfft(u_f * jnp.fft.rfft(backward, axis=0), n=n, axis=1)[:, :length]
     return y
 
-  def _recur(self, u, segment_ids, initial):
-    """The state path: u [B, L, H] -> (SSM output without D, final state [B, H, N] complex)."""
+  def _recur(self, u, segment_ids, initial, valid=None):
+    """The state path: u [B, L, H] -> (SSM output without D, final state [B, H, N] complex).
+
+    ``valid`` bool [B, L] or None: invalid tokens are no-ops on the state (decay 1, input 0),
+    so the final state is the state after the row's last valid token."""
     dt_a, b_bar, c = self._discretised(u.dtype)
     a_bar = jnp.exp(dt_a)
     inputs = u.astype(a_bar.dtype)[..., None] * b_bar  # [B, L, H, N]
@@ -225,7 +229,12 @@ class S4D(nnx.Module):
     if segment_ids is not None:
       resets = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
                                 segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    states = _scan_with_resets(a_bar, inputs, resets, initial)
+    decay = a_bar
+    if valid is not None:
+      mask = valid[:, :, None, None]
+      decay = jnp.where(mask, a_bar, jnp.ones((), a_bar.dtype))
+      inputs = jnp.where(mask, inputs, jnp.zeros((), inputs.dtype))
+    states = _scan_with_resets(decay, inputs, resets, initial)
     y = 2.0 * jnp.real(jnp.einsum("hn,blhn->blh", c[0], states))
     if self.bidirectional:
       # Backward states g_t = Σ_{s >= t, same run} Ā^(s-t) B̄ u_s; the token reads g_{t+1}
@@ -249,23 +258,56 @@ class S4D(nnx.Module):
                        "whole sequence); use bidirectional=False to carry state.")
     return jnp.zeros((batch_size, self.features, self.state_size // 2, 2), jnp.float32)
 
+  def init_cache(self, batch_size: int, max_length: int) -> jax.Array:
+    """The decode cache: the zero state of :meth:`init_state` (float32). ``max_length`` is
+    ignored (constant memory). A bidirectional layer has none (ValueError)."""
+    del max_length
+    if self.bidirectional:
+      raise ValueError("S4D: a bidirectional layer has no decode cache (it reads the whole "
+                       "sequence, no causal state); use bidirectional=False to decode.")
+    return self.init_state(batch_size)
+
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
                segment_ids: jax.Array | None = None, state: jax.Array | None = None,
-               return_state: bool = False):
+               return_state: bool = False, cache: jax.Array | None = None,
+               num_new_tokens: jax.Array | None = None):
     """x: [batch, seq, features] -> [batch, seq, features] (and the new state when
     ``return_state``). ``position_ids`` is ignored; ``segment_ids`` int [batch, seq] or None;
-    ``state`` [batch, features, state_size // 2, 2] or None (zeros)."""
+    ``state`` [batch, features, state_size // 2, 2] or None (zeros).
+
+    Decoding: with a ``cache`` (from :meth:`init_cache`), x holds seq >= 1 new tokens after
+    what the cache holds and the call returns ``(y, new_cache)``. ``num_new_tokens`` None
+    (all tokens valid) or int [batch]: row b's valid tokens are x[b, :num_new_tokens[b]], the
+    rest is right padding that leaves the cache untouched (its outputs are meaningless).
+    One token (seq == 1) takes a closed-form step h = Ā h + B̄ u; more (a prefill) take the
+    associative scan from the cache's state, with decay 1 and input 0 at padded tokens.
+    """
     del position_ids
     if x.ndim != 3 or x.shape[-1] != self.features:
       raise ValueError(f"S4D: x must be [batch, seq, {self.features}], got shape {x.shape}.")
     if segment_ids is not None and segment_ids.shape != x.shape[:2]:
       raise ValueError(f"S4D: segment_ids must be [batch, seq] = {x.shape[:2]}, got shape "
                        f"{segment_ids.shape}.")
+    want = (x.shape[0], self.features, self.state_size // 2, 2)
+    n_new = None
+    if cache is not None:
+      if self.bidirectional:
+        raise ValueError("S4D: a bidirectional layer has no decode cache (it reads the whole "
+                         "sequence, no causal state); use bidirectional=False to decode.")
+      n_new = check_decode_arguments("S4D", x, state, return_state, segment_ids, num_new_tokens)
+      if tuple(getattr(cache, "shape", ())) != want:
+        raise ValueError(
+            f"S4D: cache must have shape {want} [batch, features, state_size // 2, "
+            f"(real, imag)] for a batch of {want[0]} rows, got "
+            f"{tuple(getattr(cache, 'shape', ()))} (a cache built for another batch size or "
+            f"another layer?).")
+      state = cache
+    elif num_new_tokens is not None:
+      raise ValueError("S4D: num_new_tokens needs a cache (it is for decoding).")
     if self.bidirectional and (state is not None or return_state):
       raise ValueError("S4D: a bidirectional layer has no recurrent state: it reads the "
                        "whole sequence, so neither state nor return_state=True can be used "
                        "(set bidirectional=False for a causal, stateful layer).")
-    want = (x.shape[0], self.features, self.state_size // 2, 2)
     if state is not None and tuple(state.shape) != want:
       raise ValueError(f"S4D: state must have shape {want} [batch, features, state_size // 2, "
                        f"(real, imag)], got {tuple(state.shape)}.")
@@ -275,15 +317,26 @@ class S4D(nnx.Module):
     if x.shape[1] == 0:
       y = u
       final = None if state is None else _complex(state.astype(real))
+    elif cache is not None and x.shape[1] == 1:
+      # One token in closed form: h = Ā h + B̄ u, output 2 Re(C h) (D u added below).
+      dt_a, b_bar, c = self._discretised(real)
+      final = jnp.exp(dt_a) * _complex(state.astype(real)) + u[:, 0, :, None] * b_bar
+      y = (2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c[0], final)))[:, None]
     elif state is None and not return_state and segment_ids is None:
       y = self._convolve(u)
     else:
       initial = None if state is None else _complex(state.astype(real))
-      y, final = self._recur(u, segment_ids, initial)
+      valid = None if n_new is None else jnp.arange(x.shape[1])[None, :] < n_new[:, None]
+      y, final = self._recur(u, segment_ids, initial, valid)
     y = y + u * self.D[...].astype(real)
     dtype = x.dtype if self.dtype is None else self.dtype
     z = self.out_proj(_gelu(y).astype(dtype))
     out = z[..., 0, :] * jax.nn.sigmoid(z[..., 1, :])
+    if cache is not None:
+      new = _pair(final).astype(real)
+      if n_new is not None:  # Rows without new tokens keep their cache exactly.
+        new = jnp.where((n_new == 0)[:, None, None, None], cache.astype(real), new)
+      return out, new
     if not return_state:
       return out
     if final is None:

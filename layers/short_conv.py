@@ -48,15 +48,30 @@ class ShortConv(nnx.Module):
     else:
       self.bias = None
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+  def init_cache(self, batch_size: int, max_length: int | None = None) -> jax.Array:
+    """The decode cache: the last ``kernel_size - 1`` inputs of each row, float32
+    [batch, kernel_size - 1, features], zeros (nothing before the first token)."""
+    del max_length  # Constant memory.
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+      raise ValueError(f"ShortConv.init_cache: batch_size must be a positive int, got "
+                       f"{batch_size!r}.")
+    return jnp.zeros((batch_size, self.kernel_size - 1, self.features), jnp.float32)
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: jax.Array | None = None, num_new_tokens: jax.Array | None = None):
     """x: [batch, seq, features]; segment_ids: int [batch, seq] or None (one segment).
 
-    Returns [batch, seq, features] in the computation dtype.
+    Returns [batch, seq, features] in the computation dtype. With a ``cache``
+    (:meth:`init_cache`), ``x`` continues the rows the cache holds and the call returns
+    ``(out, new_cache)``; ``num_new_tokens`` (int [batch] or None for all) says how many
+    tokens of each row are real, the rest being right padding that the cache ignores.
     """
     if x.ndim != 3 or x.shape[-1] != self.features:
       raise ValueError(
           f"ShortConv: x must be [batch, seq, {self.features}], got shape {x.shape}."
       )
+    if cache is not None:
+      return self._call_cached(x, cache, segment_ids, num_new_tokens)
     if segment_ids is not None and segment_ids.shape != x.shape[:2]:
       raise ValueError(
           f"ShortConv: segment_ids must be [batch, seq] = {x.shape[:2]}, got shape "
@@ -76,3 +91,29 @@ class ShortConv(nnx.Module):
     if self.bias is not None:
       out = out + self.bias[...].astype(dtype)
     return out
+
+  def _call_cached(self, x, cache, segment_ids, num_new_tokens):
+    batch, seq, _ = x.shape
+    expected = (batch, self.kernel_size - 1, self.features)
+    if segment_ids is not None:
+      raise ValueError("ShortConv: segment_ids cannot be combined with a decode cache (packed "
+                       "rows are not decoded).")
+    if tuple(cache.shape) != expected:
+      raise ValueError(f"ShortConv: cache must be [batch, kernel_size - 1, features] = "
+                       f"{expected} as init_cache({batch}) gives, got shape {cache.shape}.")
+    dtype = x.dtype if self.dtype is None else self.dtype
+    width = self.kernel_size - 1
+    ext = jnp.concatenate([cache.astype(dtype), x.astype(dtype)], axis=1)  # [b, w-1+seq, f]
+    kernel = self.kernel[...].astype(dtype)
+    out = x.astype(dtype) * kernel[0]
+    for lag in range(1, self.kernel_size):
+      out = out + ext[:, width - lag:width - lag + seq] * kernel[lag]
+    if self.bias is not None:
+      out = out + self.bias[...].astype(dtype)
+    if num_new_tokens is None:
+      new_cache = ext[:, seq:]
+    else:  # The last ``width`` inputs before each row's first padding token.
+      start = jnp.clip(jnp.asarray(num_new_tokens, jnp.int32), 0, seq)
+      index = start[:, None] + jnp.arange(width)[None, :]
+      new_cache = jnp.take_along_axis(ext, index[:, :, None], axis=1)
+    return out, new_cache.astype(jnp.float32)

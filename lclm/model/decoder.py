@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import nnx, struct
 
 from layers import GatedMLP, RMSNorm, ShortConv, constrain_activation, with_logical_axes
 from lclm.model.registry import POSITION_OPTIONS, get_mixer
@@ -39,13 +40,58 @@ class DecoderBlock(nnx.Module):
                         param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:
-    """x: [batch, seq, features] -> [batch, seq, features]."""
+               segment_ids: jax.Array | None, cache: Mapping[str, Any] | None = None,
+               num_new_tokens: jax.Array | None = None):
+    """x: [batch, seq, features] -> [batch, seq, features].
+
+    With a ``cache`` (:meth:`init_cache`) ``x`` continues the cached rows and the call
+    returns ``(x, new_cache)``; ``num_new_tokens`` (int [batch] or None) marks right padding.
+    """
     h = self.mixer_norm(x)
+    if cache is None:
+      if self.short_conv is not None:
+        h = self.short_conv(h, segment_ids=segment_ids)
+      x = x + self.mixer(h, position_ids=position_ids, segment_ids=segment_ids).astype(x.dtype)
+      return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    new_cache = {}
     if self.short_conv is not None:
-      h = self.short_conv(h, segment_ids=segment_ids)
-    x = x + self.mixer(h, position_ids=position_ids, segment_ids=segment_ids).astype(x.dtype)
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+      h, new_cache["conv"] = self.short_conv(h, segment_ids=segment_ids, cache=cache["conv"],
+                                             num_new_tokens=num_new_tokens)
+    y, new_cache["mixer"] = self.mixer(h, position_ids=position_ids, segment_ids=segment_ids,
+                                       cache=cache["mixer"], num_new_tokens=num_new_tokens)
+    x = x + y.astype(x.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), new_cache
+
+  def init_cache(self, batch_size: int, max_length: int) -> dict[str, Any]:
+    """The block's decode cache: ``{"mixer": the mixer's cache, "conv": the short
+    convolution's (if any)}``."""
+    if not hasattr(self.mixer, "init_cache"):
+      raise ValueError(f"{type(self.mixer).__name__} has no decode cache (init_cache); a mixer "
+                       "must provide init_cache(batch_size, max_length) and accept cache= to "
+                       "generate.")
+    cache = {"mixer": self.mixer.init_cache(batch_size, max_length)}
+    if self.short_conv is not None:
+      cache["conv"] = self.short_conv.init_cache(batch_size, max_length)
+    return cache
+
+
+@struct.dataclass
+class DecoderCache:
+  """The decode cache of a :class:`DecoderLM`: one block cache per layer (each declared by
+  its mixer) and the tokens each row holds.
+
+  Attributes:
+    layers: one ``{"mixer": ..., "conv": ...}`` per layer.
+    lengths: int32 [batch], tokens absorbed by each row.
+    max_length: tokens a row can hold (static).
+  """
+  layers: tuple[Any, ...]
+  lengths: jax.Array
+  max_length: int = struct.field(pytree_node=False)
+
+  @property
+  def batch_size(self) -> int:
+    return self.lengths.shape[0]
 
 
 _RESERVED_OPTIONS = frozenset({"features", "rngs", "dtype", "param_dtype"})
@@ -283,8 +329,31 @@ class DecoderLM(nnx.Module):
           kernel_init=with_logical_axes(nnx.initializers.lecun_normal(), ("embed", "vocab")),
           rngs=rngs)
 
+  def init_cache(self, batch_size: int, max_length: int) -> DecoderCache:
+    """An empty decode cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+    Each layer's mixer declares its own cache: a KV cache for full attention (``max_length``
+    slots, ``num_kv_heads`` heads), sinks + a ring of ``window`` slots for sliding-window
+    heads, recurrent states for the SSM and linear-attention mixers, and the short
+    convolution's last inputs.
+    """
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"DecoderLM.init_cache: {name} must be a positive int, got {value!r}.")
+    batch_size, max_length = int(batch_size), int(max_length)
+    layers = []
+    for index, (name, block) in enumerate(zip(self.layer_pattern, self.blocks)):
+      try:
+        layers.append(block.init_cache(batch_size, max_length))
+      except ValueError as error:
+        raise ValueError(f"DecoderLM.init_cache: layer {index} (mixer {name!r}): {error}"
+                         ) from error
+    return DecoderCache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32),
+                        max_length=max_length)
+
   def __call__(self, tokens: jax.Array, *, position_ids: jax.Array,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache: DecoderCache | None = None,
+               num_new_tokens: jax.Array | None = None):
     """Next-token logits.
 
     Args:
@@ -292,10 +361,16 @@ class DecoderLM(nnx.Module):
       position_ids: int [batch, seq] (or [1, seq]) positions; packed sequences restart them
         at 0 in each segment.
       segment_ids: int [batch, seq] or None; a token sees only earlier tokens of its own
-        segment (also through the short convolution).
+        segment (also through the short convolution). Not with a cache.
+      cache: None, or a :class:`DecoderCache` (:meth:`init_cache`): ``tokens`` are appended
+        to the cached rows (a prompt, a prefill chunk or one token) and the call returns
+        ``(logits, new_cache)``.
+      num_new_tokens: with a cache, int [batch] or None (all ``seq``): row b's real tokens are
+        ``tokens[b, :num_new_tokens[b]]``; the rest is right padding whose logits are
+        unspecified and which no cache keeps.
 
     Returns:
-      float32 [batch, seq, vocab_size].
+      float32 [batch, seq, vocab_size] (and the new cache when one is given).
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(
@@ -309,9 +384,17 @@ class DecoderLM(nnx.Module):
       raise ValueError(
           f"DecoderLM: segment_ids must be [batch, seq] = {tokens.shape}, got shape "
           f"{segment_ids.shape}.")
+    if cache is not None:
+      self._check_cache(cache, batch, seq, segment_ids, num_new_tokens)
     x = constrain_activation(self.embed(tokens), RESIDUAL_AXES)
-    for block in self.blocks:
-      x = block(x, position_ids=position_ids, segment_ids=segment_ids)
+    new_layers = []
+    for index, block in enumerate(self.blocks):
+      if cache is None:
+        x = block(x, position_ids=position_ids, segment_ids=segment_ids)
+      else:
+        x, layer_cache = block(x, position_ids=position_ids, segment_ids=None,
+                               cache=cache.layers[index], num_new_tokens=num_new_tokens)
+        new_layers.append(layer_cache)
       x = constrain_activation(x, RESIDUAL_AXES)
     x = self.final_norm(x)
     if self.unembed is None:
@@ -319,4 +402,37 @@ class DecoderLM(nnx.Module):
       logits = jnp.einsum("btf,vf->btv", x, embedding, preferred_element_type=jnp.float32)
     else:
       logits = self.unembed(x).astype(jnp.float32)
-    return constrain_activation(logits, LOGITS_AXES)
+    logits = constrain_activation(logits, LOGITS_AXES)
+    if cache is None:
+      return logits
+    added = seq if num_new_tokens is None else jnp.clip(num_new_tokens, 0, seq)
+    return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + added)
+
+  def _check_cache(self, cache, batch, seq, segment_ids, num_new_tokens):
+    if not isinstance(cache, DecoderCache):
+      raise ValueError(f"DecoderLM: cache must be the DecoderCache of init_cache, got "
+                       f"{type(cache).__name__}.")
+    if cache.batch_size != batch:
+      raise ValueError(f"DecoderLM: the cache was built for batch size {cache.batch_size}, but "
+                       f"tokens has {batch} rows; build it with init_cache({batch}, ...).")
+    if len(cache.layers) != len(self.blocks):
+      raise ValueError(f"DecoderLM: the cache has {len(cache.layers)} layers, the model "
+                       f"{len(self.blocks)}; it was built for another model.")
+    if segment_ids is not None:
+      raise ValueError("DecoderLM: segment_ids cannot be combined with a cache (packed rows "
+                       "are not decoded); pass one sequence per row.")
+    if num_new_tokens is not None and jnp.shape(num_new_tokens) != (batch,):
+      raise ValueError(f"DecoderLM: num_new_tokens must be int [batch] = [{batch}], got shape "
+                       f"{jnp.shape(num_new_tokens)}.")
+    if seq == 0:
+      raise ValueError("DecoderLM: decoding with a cache needs at least one new token, got "
+                       f"tokens of shape {(batch, seq)}.")
+    if num_new_tokens is None and seq > cache.max_length:
+      raise ValueError(f"DecoderLM: {seq} tokens do not fit a cache of max_length="
+                       f"{cache.max_length}; build a longer cache (init_cache).")
+    if not any(isinstance(x, jax.core.Tracer) for x in (cache.lengths, num_new_tokens)):
+      longest = int(jnp.max(cache.lengths + (seq if num_new_tokens is None else
+                                             jnp.clip(jnp.asarray(num_new_tokens), 0, seq))))
+      if longest > cache.max_length:
+        raise ValueError(f"DecoderLM: a row would hold {longest} tokens, more than the cache's "
+                         f"max_length={cache.max_length}; build a longer cache (init_cache).")

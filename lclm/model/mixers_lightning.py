@@ -25,7 +25,9 @@ def lightning(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   ``num_heads`` is required; ``head_dim`` defaults to features // num_heads. MiniMax-01
   scales the slopes per layer (``layers.lightning.minimax_slope_scale``): set
   ``slope_scale`` per layer with ``DecoderLM.layer_options``. The layer exposes its state
-  (``init_state``, ``state=`` / ``return_state=``): [batch, heads, head_dim, head_dim].
+  (``init_state``, ``state=`` / ``return_state=``): [batch, heads, head_dim, head_dim], and
+  a decode cache of the same shape (``init_cache(batch, max_length)``, ``cache=``,
+  ``num_new_tokens=``; constant memory, a closed-form one-token step).
   """
   if num_heads is None:
     raise ValueError("mixer 'lightning' needs the option num_heads, e.g. "

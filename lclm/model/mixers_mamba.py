@@ -21,7 +21,10 @@ def mamba(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, expand: int = 2,
   causal depthwise conv (d_conv taps) + SiLU, selective scan (d_state states per channel,
   dt of rank dt_rank, "auto" = ceil(features / 16), initialised log-uniform in
   [dt_min, dt_max]), SiLU(z) gating, out-projection. Options are validated by the layer;
-  ``implementation`` and ``chunk_size`` go to the selective-scan kernel."""
+  ``implementation`` and ``chunk_size`` go to the selective-scan kernel. The module carries
+  a state (``init_state``, ``state=`` / ``return_state=``) and a decode cache
+  (``init_cache(batch, max_length)``: the state; ``cache=``, ``num_new_tokens=``; constant
+  memory, a closed-form one-token step)."""
   return Mamba(features, expand=expand, d_state=d_state, d_conv=d_conv, dt_rank=dt_rank,
                dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale,
                implementation=implementation, chunk_size=chunk_size, dtype=dtype,

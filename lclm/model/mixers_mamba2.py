@@ -37,7 +37,9 @@ def mamba2(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, expand: int = 2
 
   d_inner = expand * features must be a multiple of head_dim, and the heads
   (d_inner / head_dim) a multiple of n_groups. The module exposes ``init_state(batch)`` and
-  ``__call__(x, position_ids=..., segment_ids=..., state=None, return_state=False)``.
+  ``__call__(x, position_ids=..., segment_ids=..., state=None, return_state=False)``, and a
+  decode cache (``init_cache(batch, max_length)``: the state; ``cache=``,
+  ``num_new_tokens=``; constant memory, a closed-form one-token step).
   """
   for name, value in (("expand", expand), ("head_dim", head_dim), ("d_state", d_state),
                       ("n_groups", n_groups), ("d_conv", d_conv)):

@@ -23,7 +23,9 @@ def s4d(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, state_size: int = 
   [dt_min, dt_max] of the log-uniform initial steps, ``bidirectional`` (non-causal, for
   encoders: no state, and not for a causal decoder). The layer exposes its state
   (``init_state``, ``state=`` / ``return_state=``): [batch, features, N / 2, 2] float32
-  (the complex state as real/imag pairs).
+  (the complex state as real/imag pairs), and a decode cache of the same shape
+  (``init_cache(batch, max_length)``, ``cache=``, ``num_new_tokens=``; none when
+  bidirectional).
   """
   return S4D(features, state_size=state_size, init=init, dt_min=dt_min, dt_max=dt_max,
              bidirectional=bidirectional, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -11,6 +11,20 @@ ignore position_ids (a recurrence) but must honour segment_ids.
       return MyCore(features, width, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 Importing the module that holds the decorator makes the name available to the model.
+
+Decoding (generation): a mixer that can decode also provides
+
+* ``init_cache(batch_size, max_length) -> cache``: its decode cache, a pytree of arrays (a
+  KV cache, a ring buffer of a window, a recurrent state ...) for rows of up to
+  ``max_length`` tokens;
+* ``__call__(x, *, position_ids, segment_ids=None, cache, num_new_tokens=None) ->
+  (y, new_cache)``: ``x`` [batch, T, features] continues the rows the cache holds (a prompt,
+  a prefill chunk or one token); ``num_new_tokens`` (int [batch] or None for all T) says
+  how many tokens of each row are real, the rest being right padding that must not change
+  the cache.
+
+The decoder stacks the mixers' caches (:meth:`lclm.model.DecoderLM.init_cache`) and never
+special-cases a mixer.
 """
 
 from __future__ import annotations

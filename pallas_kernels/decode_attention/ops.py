@@ -1,0 +1,202 @@
+"""Public decode-attention op (flash-decoding): validation, dispatch, split merge.
+
+The backends (``xla.py``, ``tpu.py``, ``gpu.py``) share one module interface (see
+``xla.py``): they read the caches in the caller's layout and return one partial result per
+split of the cache; this module lays the (small) query out as [batch, kv_heads,
+q_len x group, head_dim], pads it as the backend's ``SPEC`` asks, and merges the splits by
+log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._common import dispatch, padding, validation
+from pallas_kernels._common import masks as masks_lib
+from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.decode_attention.xla import BlockPlan, merge_partials
+
+OP = "decode_attention"
+LAYOUT_Q = "[batch, q_len, num_heads, head_dim]"
+LAYOUT_KV = "[batch, cache_len, num_kv_heads, head_dim]"
+
+
+def _backend_module(name: str) -> ModuleType:
+  return dispatch.backend_module(__package__, name)
+
+
+def _validate(query, key_cache, value_cache, lengths, scale, logits_soft_cap):
+  validation.check_rank(OP, "query", query, 4, LAYOUT_Q)
+  validation.check_rank(OP, "key_cache", key_cache, 4, LAYOUT_KV)
+  validation.check_rank(OP, "value_cache", value_cache, 4, LAYOUT_KV)
+  for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+    validation.check_float_dtype(OP, name, x)
+  validation.check_same_dtype(OP, ("query", "key_cache", "value_cache"),
+                              (query, key_cache, value_cache))
+  b, _, h, d = query.shape
+  if key_cache.shape[0] != b or key_cache.shape[3] != d:
+    raise ValueError(
+        f"{OP}: key_cache must be {LAYOUT_KV} with batch={b} and head_dim={d} like query "
+        f"{tuple(query.shape)}, got {tuple(key_cache.shape)}.")
+  validation.check_shape(OP, "value_cache", value_cache, key_cache.shape,
+                         f"{LAYOUT_KV} (the shape of key_cache)")
+  hk = key_cache.shape[2]
+  if hk == 0 or h % hk:
+    raise ValueError(
+        f"{OP}: num_heads ({h}, from query {tuple(query.shape)}) must be a multiple of "
+        f"num_kv_heads ({hk}, from key_cache {tuple(key_cache.shape)}).")
+  validation.check_rank(OP, "lengths", lengths, 1, "[batch]")
+  validation.check_int_dtype(OP, "lengths", lengths)
+  validation.check_shape(OP, "lengths", lengths, (b,), "[batch] (one length per row)")
+  validation.check_positive_float(OP, "scale", scale, allow_none=True)
+  validation.check_positive_float(OP, "logits_soft_cap", logits_soft_cap, allow_none=True)
+
+
+def _window(local_window_size, num_sink_tokens):
+  """(left reach or None, sinks), validated like flash_attention's mask keywords."""
+  if (isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, (int, np.integer))
+      or num_sink_tokens < 0):
+    raise ValueError(f"{OP}: num_sink_tokens must be a non-negative int, got "
+                     f"{num_sink_tokens!r}.")
+  if num_sink_tokens and local_window_size is None:
+    raise ValueError(f"{OP}: num_sink_tokens={num_sink_tokens} only widens a sliding window; "
+                     "pass local_window_size too (without a window every key is visible).")
+  if local_window_size is None:
+    return None, 0
+  try:
+    left, _ = masks_lib.window_sizes(local_window_size)
+  except ValueError as e:
+    raise ValueError(f"{OP}: {e}") from None
+  return left, int(num_sink_tokens)
+
+
+def _block_k(spec, requested, cache_len, kv_heads, head_dim, itemsize):
+  """The requested (or default) key block, validated against the backend's rules and
+  shrunk for a cache shorter than one block."""
+  size = (spec.default_block_k(cache_len, kv_heads, head_dim, itemsize)
+          if requested is None else requested)
+  validation.check_positive_int(OP, "block_k", size)
+  if size % spec.block_k_multiple:
+    raise ValueError(f"{OP}: block_k must be a multiple of {spec.block_k_multiple} for the "
+                     f"{spec.name} implementation, got {size}.")
+  if spec.power_of_two_block_k and size & (size - 1):
+    raise ValueError(f"{OP}: block_k must be a power of two for the {spec.name} "
+                     f"implementation (16, 32, 64, ...), got {size}.")
+  return spec.fit_block_k(size, cache_len)
+
+
+def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
+                     local_window_size=None, num_sink_tokens=0, logits_soft_cap=None,
+                     return_lse=False, implementation=None, block_k=None, num_splits=None):
+  """Attention of a few new tokens over a KV cache (flash-decoding).
+
+  The cache is cut into ``num_splits`` pieces processed in parallel (each a partial softmax
+  over its blocks of ``block_k`` keys), merged by log-sum-exp. Work and memory traffic scale
+  with what the queries see: blocks at or past a row's length, and blocks wholly left of the
+  sliding window (sink blocks excepted), are neither computed nor read (TPU: lengths ride as
+  scalar prefetch and skipped steps re-use the block in hand, so no copy is issued; GPU:
+  loop bounds come from the lengths).
+
+  Args:
+    query: [batch, q_len, num_heads, head_dim]; q_len is small (1 for plain decoding, a few
+      for speculative tokens).
+    key_cache, value_cache: [batch, cache_len, num_kv_heads, head_dim]; num_heads must be a
+      multiple of num_kv_heads (MHA, GQA, MQA). The caches are read in place: never
+      repeated per query head, transposed or padded (the query heads of a group are rows of
+      one matmul).
+    lengths: int [batch]: the valid cache entries of each row, the q_len new tokens
+      included (they are already written to the cache). Lengths above cache_len are clamped
+      to cache_len and negative ones to 0 (they are data, so they cannot be checked under
+      jit).
+    scale: logit scale; default head_dim ** -0.5.
+    local_window_size: sliding window, an int w (meaning (w, w)) or a pair (left, right),
+      as in ``flash_attention`` / ``jax.nn.dot_product_attention``. Query i of row b sits at
+      position p = lengths[b] - q_len + i and sees key j iff j <= p and j >= p - left (the
+      right side is cut by causality): (w - 1, 0) shows exactly w keys, itself included.
+    num_sink_tokens: keys j < num_sink_tokens stay visible whatever the window (still
+      subject to j <= p and j < lengths[b]). Needs ``local_window_size``.
+    logits_soft_cap: logits become cap * tanh(logits / cap) after scaling.
+    return_lse: also return the log-sum-exp of the visible logits, float32
+      [batch, q_len, num_heads] (-inf where a query sees no key).
+    implementation: None (compiled Pallas on TPU/GPU, "xla" elsewhere), "pallas",
+      "interpret", "xla" or "reference".
+    block_k: keys per block; None takes the backend's default (TPU 512, a multiple of 128;
+      GPU 64 or 128, a power of two; XLA 512). Any cache_len works: the last block may be
+      partial.
+    num_splits: pieces the cache is cut into (parallel programs); None takes the backend's
+      default (GPU: enough programs to fill the device; TPU: 1, or 2 for a single
+      (row, kv head); XLA: 1). Clamped to the number of blocks a row can visit.
+
+  Returns:
+    [batch, q_len, num_heads, head_dim] in query's dtype (and the lse if asked). A query
+    that sees no key (lengths[b] == 0, or position p < 0 when lengths[b] < q_len) gets
+    zeros and lse -inf. Forward only: decoding is inference (no custom VJP).
+  """
+  _validate(query, key_cache, value_cache, lengths, scale, logits_soft_cap)
+  left, sinks = _window(local_window_size, num_sink_tokens)
+  validation.check_positive_int(OP, "block_k", block_k, allow_none=True)
+  validation.check_positive_int(OP, "num_splits", num_splits, allow_none=True)
+  b, tq, h, d = query.shape
+  cache_len, hk = key_cache.shape[1], key_cache.shape[2]
+  platform = dispatch.platform_of(query, key_cache, value_cache)
+  impl = dispatch.resolve_implementation(OP, implementation, platform)
+  scale = float(d ** -0.5 if scale is None else scale)
+  soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
+
+  if impl == "reference":
+    return decode_attention_reference(
+        query, key_cache, value_cache, lengths, scale=scale,
+        local_window_size=None if left is None else (left, 0), num_sink_tokens=sinks,
+        logits_soft_cap=soft_cap, return_lse=return_lse)
+
+  backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
+  return _decode(query, key_cache, value_cache, lengths, backend=backend,
+                 interpret=(impl == "interpret"), scale=scale, left=left, sinks=sinks,
+                 logits_soft_cap=soft_cap, return_lse=return_lse, block_k=block_k,
+                 num_splits=num_splits)
+
+
+def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale, left,
+            sinks, logits_soft_cap, return_lse, block_k, num_splits):
+  """Runs backend "xla", "tpu" or "gpu" on validated arguments and merges its splits.
+
+  Internal API, also used by the tests to run the GPU kernels in interpret mode on a CPU.
+  """
+  b, tq, h, d = query.shape
+  cache_len, hk = key_cache.shape[1], key_cache.shape[2]
+  group = h // hk
+  if 0 in (b, tq, h, d) or cache_len == 0:
+    out = jnp.zeros(query.shape, query.dtype)
+    lse = jnp.full((b, tq, h), -jnp.inf, jnp.float32)
+    return (out, lse) if return_lse else out
+
+  module = _backend_module(backend)
+  spec = module.SPEC
+  bk = _block_k(spec, block_k, cache_len, hk, d, query.dtype.itemsize)
+  plan = BlockPlan.build(cache_len=cache_len, q_len=tq, block_k=bk, left=left,
+                         num_sinks=sinks, num_splits=1)
+  if num_splits is None:
+    num_splits = spec.default_num_splits(b, hk, plan.max_visits)
+  plan = BlockPlan.build(cache_len=cache_len, q_len=tq, block_k=bk, left=left,
+                         num_sinks=sinks, num_splits=num_splits)
+
+  rows = tq * group
+  # [B, Tq, Hkv, G, D] -> [B, Hkv, Tq * G, D]: row r is query r // G of head kv * G + r % G.
+  q = jnp.transpose(query.reshape(b, tq, hk, group, d), (0, 2, 1, 3, 4)).reshape(
+      b, hk, rows, d)
+  q = padding.pad_axis(padding.pad_axis(q, 2, spec.padded_rows(rows)), 3,
+                       spec.padded_head_dim(d))
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, cache_len)
+  out, lse = module.decode_partials(q, key_cache, value_cache, lengths, plan=plan,
+                                    scale=scale, logits_soft_cap=logits_soft_cap,
+                                    group=group, interpret=interpret)
+  out, lse = merge_partials(out, lse)
+  out = out[:, :, :rows, :d].reshape(b, hk, tq, group, d)
+  out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, tq, h, d).astype(query.dtype)
+  if not return_lse:
+    return out
+  lse = lse[:, :, :rows].reshape(b, hk, tq, group)
+  return out, jnp.transpose(lse, (0, 2, 1, 3)).reshape(b, tq, h).astype(jnp.float32)

@@ -1,0 +1,56 @@
+"""Naive decode attention: the whole [q_len, cache_len] score matrix, written to be read."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels._common import masks as masks_lib
+from pallas_kernels.flash_attention.reference import masked_softmax_attention
+
+
+def decode_attention_reference(query, key_cache, value_cache, lengths, *, scale=None,
+                               local_window_size=None, num_sink_tokens=0,
+                               logits_soft_cap=None, return_lse=False):
+  """Attention of a few new tokens over a KV cache, with the semantics of
+  :func:`pallas_kernels.decode_attention`, in float32 (float64 for float64 inputs).
+
+  Args:
+    query: [batch, q_len, num_heads, head_dim].
+    key_cache, value_cache: [batch, cache_len, num_kv_heads, head_dim];
+      num_heads % num_kv_heads == 0.
+    lengths: int [batch]: valid cache entries of each row, the q_len new tokens included;
+      clamped to [0, cache_len].
+    scale: logit scale, default head_dim ** -0.5.
+    local_window_size: an int w (meaning (w, w)) or a pair (left, right); query i of row b
+      sits at p = lengths[b] - q_len + i and sees key j iff j <= p and j >= p - left (the
+      right side is cut by causality).
+    num_sink_tokens: keys j < num_sink_tokens stay visible whatever the window (still
+      causal and below the length).
+    logits_soft_cap: logits -> cap * tanh(logits / cap), after scaling.
+    return_lse: also return the log-sum-exp [batch, q_len, num_heads] (float32; -inf for a
+      query that sees no key).
+
+  Returns:
+    [batch, q_len, num_heads, head_dim] in query's dtype (and the lse when asked). A query
+    that sees no key gets zeros.
+  """
+  b, tq, h, d = query.shape
+  tk, hk = key_cache.shape[1], key_cache.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  left = None if local_window_size is None else masks_lib.window_sizes(local_window_size)[0]
+  compute = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+  q = query.astype(compute).reshape(b, tq, hk, h // hk, d)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key_cache.astype(compute)) * scale
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+
+  length = jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, tk)[:, None, None]  # [B,1,1]
+  pos = length - tq + jnp.arange(tq)[None, :, None]                               # [B,Tq,1]
+  key = jnp.arange(tk)[None, None, :]                                             # [1,1,Tk]
+  visible = (key <= pos) & (key < length)
+  if left is not None:
+    visible &= (key >= pos - left) | (key < num_sink_tokens)
+  out, lse = masked_softmax_attention(logits, visible[:, None, None], value_cache.astype(compute),
+                                      query.dtype)
+  lse = lse.astype(jnp.float32)
+  return (out, lse) if return_lse else out

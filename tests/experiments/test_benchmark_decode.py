@@ -1,0 +1,51 @@
+"""experiments.benchmark_decode at tiny lengths: the JSON rows, the markdown table and the
+plot; the full-attention cache grows linearly with the length (about doubling) while the
+sliding-window and recurrent caches stay the same; --max_timed_length times the growing
+cache only up to the cap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import benchmark_decode
+
+
+def test_smoke_run(tmp_path, capsys):
+  out = tmp_path / "decode.json"
+  argv = ["--lengths", "64,128", "--configs", "attention,local_attention", "--steps", "4",
+          "--prefill_chunk_size", "32", "--max_timed_length", "64", "--out", str(out)]
+  assert benchmark_decode.main(argv) == 0
+  result = json.loads(out.read_text())
+  assert result["metadata"]["command"].endswith(" ".join(argv))
+  assert result["metadata"]["jax_version"] and result["settings"]["window"] == 64
+  rows = {(r["config"], r["length"]): r for r in result["rows"]}
+  assert len(rows) == 4
+  small, large = rows["attention", 64], rows["attention", 128]
+  # Full attention: 2 layers x (keys + values: 64 features x 4 bytes, + 2 int32 slot
+  # indices) per token, for the 64 extra tokens; the rest (short conv inputs) is fixed.
+  assert large["cache_bytes"] - small["cache_bytes"] == 64 * 2 * (2 * 64 * 4 + 8)
+  assert 1.9 < large["cache_bytes"] / small["cache_bytes"] < 2.0
+  assert small["cache_grows"] and large["decode_tokens_per_second"] is None  # above the cap
+  assert small["decode_tokens_per_second"] > 0 and small["prefill_tokens_per_second"] > 0
+  a, b = rows["local_attention", 64], rows["local_attention", 128]
+  assert a["cache_bytes"] == b["cache_bytes"] < small["cache_bytes"] and not a["cache_grows"]
+  assert a["decode_tokens_per_second"] > 0 and b["decode_tokens_per_second"] > 0
+  table = (tmp_path / "decode.md").read_text()
+  assert "| decode tokens/s | 64 | 128 |" in table and "| attention | " in table
+  assert "not timed above 64 tokens" in table
+  assert "| decode cache per sequence | 64 | 128 |" in capsys.readouterr().out
+  assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "lightning", "s4d", "jamba"])
+def test_recurrent_caches(name):
+  """Recurrent states stay the same at any length (computed abstractly); a hybrid with one
+  attention layer grows by that layer's keys and values only."""
+  model = benchmark_decode.build_model(name, window=32)
+  sizes = [benchmark_decode.cache_bytes(model, 2, n) for n in (64, 128, 1 << 20)]
+  if name == "jamba":
+    assert sizes[1] - sizes[0] == 64 * (2 * 64 * 4 + 8)
+  else:
+    assert sizes[0] == sizes[1] == sizes[2] > 0
