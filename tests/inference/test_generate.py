@@ -142,9 +142,9 @@ def test_bad_prompt_ids_are_refused(model):
   bad[0, 0] = VOCAB
   with pytest.raises(ValueError, match="prompt token ids"):
     generate(model, bad, max_new_tokens=2, prompt_lengths=LENGTHS)
-  bad[0, 0], bad[1, 5] = 0, VOCAB  # In the padding: allowed.
-  generate(model, bad, max_new_tokens=1, prompt_lengths=LENGTHS, max_length=11,
-           temperature=np.float32(0.5), top_k=np.int64(3), stop_tokens=None)
+  bad[0, 0], bad[1, 5] = 0, VOCAB  # In the padding: allowed; numpy scalars as options.
+  generate(model, bad, max_new_tokens=NEW, prompt_lengths=LENGTHS, temperature=np.float32(1.0),
+           top_k=np.int64(8), top_p=np.float64(0.9), stop_tokens=None)
 
 
 def test_cache_for_another_batch_size_is_refused(model):
@@ -158,10 +158,9 @@ def test_cache_for_another_batch_size_is_refused(model):
 
 def test_tokens_past_the_cache_are_refused(model):
   cache = model.init_cache(3, 8)
-  _, cache = model(jnp.asarray(PROMPTS[:, :6]), position_ids=jnp.zeros((3, 6), jnp.int32),
-                   cache=cache, num_new_tokens=jnp.array([6, 2, 5]))
+  full = cache.replace(lengths=jnp.array([6, 2, 5], jnp.int32))  # As after a prefill.
   with pytest.raises(ValueError, match="would hold 9 tokens"):
-    model(jnp.asarray(PROMPTS[:, :3]), position_ids=jnp.zeros((3, 3), jnp.int32), cache=cache)
+    model(jnp.asarray(PROMPTS[:, :3]), position_ids=jnp.zeros((3, 3), jnp.int32), cache=full)
   with pytest.raises(ValueError, match="do not fit"):
     model(jnp.asarray(PROMPTS[:, :10]), position_ids=jnp.zeros((3, 10), jnp.int32),
-          cache=model.init_cache(3, 8))
+          cache=cache)
