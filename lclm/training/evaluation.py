@@ -47,14 +47,24 @@ def evaluate_lengths(count: Callable, batches_by_length: Mapping[int, Iterable[d
 
 
 def write_eval_report(workdir: str, task: str, accuracy: Mapping[int, float], *,
-                      step: int | None = None) -> str:
-  """Writes ``workdir/eval.json`` ({"task", "step", "accuracy": {"<length>": acc}}) and
-  returns a printable table."""
+                      step: int | None = None,
+                      exact_match: Mapping[int, float] | None = None) -> str:
+  """Writes ``workdir/eval.json`` ({"task", "step", "accuracy": {"<length>": acc}}, and
+  "exact_match" by generation when given) and returns a printable table."""
   report = {"task": task, "step": step,
             "accuracy": {str(length): float(acc) for length, acc in sorted(accuracy.items())}}
+  if exact_match is not None:
+    report["exact_match"] = {str(n): float(a) for n, a in sorted(exact_match.items())}
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   (path / "eval.json").write_text(json.dumps(report, indent=2))
-  lines = [f"evaluation of {task} (step {step})", f"  {'length':>8}  {'accuracy':>8}"]
-  lines += [f"  {length:>8}  {acc:8.4f}" for length, acc in sorted(accuracy.items())]
+  header = f"  {'length':>8}  {'accuracy':>8}"
+  if exact_match is not None:
+    header += f"  {'exact match (generated)':>23}"
+  lines = [f"evaluation of {task} (step {step})", header]
+  for length, acc in sorted(accuracy.items()):
+    line = f"  {length:>8}  {acc:8.4f}"
+    if exact_match is not None:
+      line += f"  {exact_match.get(length, float('nan')):23.4f}"
+    lines.append(line)
   return "\n".join(lines)

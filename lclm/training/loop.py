@@ -25,7 +25,8 @@ from lclm import sharding
 from lclm.data import pipeline
 from lclm.sharding import context
 from lclm.model import DecoderLM
-from lclm.training import checkpointing, evaluation, metrics as metrics_lib, optimizer, step
+from lclm.training import (checkpointing, evaluation, generation_eval, metrics as metrics_lib,
+                           optimizer, step)
 from lclm.training.preemption import PreemptionGuard
 
 
@@ -109,8 +110,8 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
           log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 3,
           async_checkpoints: bool = True, eval_every: int = 0,
           eval_length_multipliers=(1, 2, 4), eval_examples: int = 512,
-          eval_batch_size: int | None = None, stop_after_steps: int | None = None,
-          progress: bool = True) -> dict:
+          eval_batch_size: int | None = None, eval_by_generation: bool = False,
+          stop_after_steps: int | None = None, progress: bool = True) -> dict:
   """Trains and evaluates; returns a summary dict (also written to ``summary.json``).
 
   Args:
@@ -127,6 +128,10 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     eval_every: steps between evaluations (0: only at the end).
     eval_length_multipliers: evaluate at these multiples of the training length.
     eval_examples: held-out examples per length.
+    eval_by_generation: also score each answer (the runs of the loss mask: a passkey, an
+      MQAR value) by greedy generation with the decode cache, whole answers only
+      (:mod:`lclm.training.generation_eval`); ``eval.json`` then has ``exact_match`` per
+      length beside the teacher-forced ``accuracy``. Single process only.
     stop_after_steps: stop (saving a checkpoint) once this step is reached, as a
       preemption would; the next run resumes. None trains to ``total_steps``.
     progress: show a progress bar.
@@ -143,6 +148,9 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     _validate(batch_size=batch_size, grad_accum_steps=grad_accum_steps,
               total_steps=total_steps, mesh=mesh, task=task,
               eval_multipliers=eval_length_multipliers, intervals=intervals)
+    if eval_by_generation and jax.process_count() > 1:
+      raise ValueError("train.eval_by_generation runs on one process; evaluate a multi-host "
+                       "run's checkpoint on one host (experiments.generate) instead.")
     # Sequence split over the mesh's context axis: the rows must divide into its shards.
     context_plan = context.context_parallel_plan(mesh)
     context.check_sequence_length(context_plan, task.seq_len)
@@ -206,7 +214,17 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     accuracy = evaluation.evaluate_lengths(
         lambda b: count_hits(state.params, _device_batch(b, batch_sharding)), batches)
     writer.write(at_step, {f"accuracy_{n}": a for n, a in accuracy.items()}, split="eval")
-    table = evaluation.write_eval_report(workdir, task.name, accuracy, step=at_step) \
+    exact_match = None
+    if eval_by_generation:
+      model = nnx.merge(state.graphdef, state.params)
+      model.eval()
+      batches = {n: task.eval_batches(n, per_process, eval_examples) for n in lengths}
+      counts = generation_eval.evaluate_lengths_by_generation(model, batches)
+      exact_match = {n: c.exact_match for n, c in counts.items()}
+      writer.write(at_step, {f"exact_match_{n}": a for n, a in exact_match.items()},
+                   split="eval")
+    table = evaluation.write_eval_report(workdir, task.name, accuracy, step=at_step,
+                                         exact_match=exact_match) \
         if jax.process_index() == 0 else ""
     return accuracy, table
 

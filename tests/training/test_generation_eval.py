@@ -115,3 +115,24 @@ def test_rejects_packed_rows(model, forced_batch):
       [np.ones((4, 10), np.int32), np.full((4, 10), 2, np.int32)], axis=1))
   with pytest.raises(ValueError, match="packs several sequences"):
     generation_eval.generation_exact_match(model, packed)
+
+
+def test_training_loop_reports_exact_match_by_generation(tmp_path):
+  import json
+  from experiments import train as train_main
+  from lclm.training import loop
+  train_main.parse_gin([], [
+      "include 'configs/model/tiny.gin'", "include 'configs/mixers/attention.gin'",
+      "include 'configs/tasks/mqar.gin'", "include 'configs/mesh/single.gin'",
+      "SEQ_LEN = 24", "LAYER_PATTERN = ['attention']", "NUM_HEADS = 2",
+      "DecoderLM.features = 32", "DecoderLM.mlp_hidden_features = 32",
+      "MqarTask.vocab_size = 64", "MqarTask.num_kv_pairs = 4", "train.batch_size = 8",
+      "train.total_steps = 2", "train.checkpoint_every = 2", "train.async_checkpoints = False",
+      "train.eval_examples = 8", "train.eval_length_multipliers = (1,)",
+      "train.progress = False", "train.eval_by_generation = True"])
+  loop.train(str(tmp_path))
+  with open(tmp_path / "eval.json") as f:
+    report = json.load(f)
+  # MQAR answers are one token: greedy exact match is the teacher-forced accuracy.
+  assert set(report["exact_match"]) == {"24"}
+  assert report["exact_match"]["24"] == pytest.approx(report["accuracy"]["24"])
