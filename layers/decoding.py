@@ -5,9 +5,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def check_decode_arguments(layer: str, x, state, return_state, segment_ids, num_new_tokens):
-  """Checks a decoding call's arguments; returns num_new_tokens clipped to [0, seq] as
-  int32 [batch], or None (every token valid)."""
+def check_decode_arguments(layer: str, x, *, cache, state, return_state, segment_ids,
+                           num_new_tokens):
+  """Checks the decoding arguments of a call; returns num_new_tokens clipped to [0, seq] as
+  int32 [batch], or None (every token valid, or no cache: not decoding)."""
+  if cache is None:
+    if num_new_tokens is not None:
+      raise ValueError(f"{layer}: num_new_tokens needs a cache (it is for decoding).")
+    return None
   if state is not None:
     raise ValueError(f"{layer}: pass either state= (a carried state) or cache= (decoding), "
                      f"not both.")
@@ -38,3 +43,13 @@ def last_valid(ext, n_new, width: int):
   idx = idx.reshape(idx.shape + (1,) * (ext.ndim - 2))
   return jnp.take_along_axis(ext, idx, axis=1)
 
+
+
+def check_cache_shape(layer: str, cache, expected: tuple[int, ...], layout: str) -> None:
+  """Raises ValueError unless ``cache`` is one array of shape ``expected`` (``layout``
+  names its axes, e.g. "[batch, heads, head_dim, head_dim]")."""
+  got = tuple(getattr(cache, "shape", ()))
+  if got != expected:
+    raise ValueError(f"{layer}: cache must have shape {expected} {layout} for a batch of "
+                     f"{expected[0]} rows, got {got} (a cache built for another batch size or "
+                     "another layer?).")

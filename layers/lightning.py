@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.decoding import check_decode_arguments
+from layers.decoding import check_cache_shape, check_decode_arguments
 from layers.partitioning import logical_axes_metadata, shard_kernel, with_logical_axes
 from pallas_kernels.lightning_attention import lightning_attention
 
@@ -179,19 +179,12 @@ class LightningAttention(nnx.Module):
       raise ValueError(f"LightningAttention: segment_ids must be [batch, seq] = {x.shape[:2]}, "
                        f"got shape {segment_ids.shape}.")
     want = (x.shape[0], self.num_heads, self.head_dim, self.head_dim)
-    n_new = None
+    n_new = check_decode_arguments("LightningAttention", x, cache=cache, state=state,
+                                   return_state=return_state, segment_ids=segment_ids,
+                                   num_new_tokens=num_new_tokens)
     if cache is not None:
-      n_new = check_decode_arguments("LightningAttention", x, state, return_state, segment_ids,
-                                num_new_tokens)
-      if tuple(getattr(cache, "shape", ())) != want:
-        raise ValueError(
-            f"LightningAttention: cache must have shape {want} [batch, heads, head_dim, "
-            f"head_dim] for a batch of {want[0]} rows, got "
-            f"{tuple(getattr(cache, 'shape', ()))} (a cache built for another batch size or "
-            f"another layer?).")
+      check_cache_shape("LightningAttention", cache, want, "[batch, heads, head_dim, head_dim]")
       state = cache
-    elif num_new_tokens is not None:
-      raise ValueError("LightningAttention: num_new_tokens needs a cache (it is for decoding).")
     if state is not None and tuple(state.shape) != want:
       raise ValueError(f"LightningAttention: state must have shape {want} [batch, heads, "
                        f"head_dim, head_dim], got {tuple(state.shape)}.")

@@ -253,12 +253,11 @@ class Mamba(nnx.Module):
     if segment_ids is not None and segment_ids.shape != (b, seq):
       raise ValueError(f"Mamba: segment_ids must be [batch, seq] = {(b, seq)}, got shape "
                        f"{segment_ids.shape}.")
-    n_new = None
+    n_new = check_decode_arguments("Mamba", x, cache=cache, state=state,
+                                   return_state=return_state, segment_ids=segment_ids,
+                                   num_new_tokens=num_new_tokens)
     if cache is not None:
-      n_new = check_decode_arguments("Mamba", x, state, return_state, segment_ids, num_new_tokens)
       state = self._check_state(cache, b, "cache")
-    elif num_new_tokens is not None:
-      raise ValueError("Mamba: num_new_tokens needs a cache (it is for decoding).")
     elif state is None:
       state = self.init_state(b)
     else:

@@ -240,13 +240,12 @@ class Mamba2(nnx.Module):
     if segment_ids is not None and segment_ids.shape != (batch, seq):
       raise ValueError(f"Mamba2: segment_ids must be [batch, seq] = {(batch, seq)}, got shape "
                        f"{segment_ids.shape}.")
-    n_new = None
+    n_new = check_decode_arguments("Mamba2", x, cache=cache, state=state,
+                                   return_state=return_state, segment_ids=segment_ids,
+                                   num_new_tokens=num_new_tokens)
     if cache is not None:
-      n_new = check_decode_arguments("Mamba2", x, state, return_state, segment_ids, num_new_tokens)
       self._check_state(cache, batch, "cache")
       state = tuple(cache)
-    elif num_new_tokens is not None:
-      raise ValueError("Mamba2: num_new_tokens needs a cache (it is for decoding).")
     elif state is None:
       state = self.init_state(batch)
     else:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.decoding import check_decode_arguments
+from layers.decoding import check_cache_shape, check_decode_arguments
 from layers.partitioning import with_logical_axes
 
 INITS = ("lin", "inv")
@@ -289,21 +289,15 @@ class S4D(nnx.Module):
       raise ValueError(f"S4D: segment_ids must be [batch, seq] = {x.shape[:2]}, got shape "
                        f"{segment_ids.shape}.")
     want = (x.shape[0], self.features, self.state_size // 2, 2)
-    n_new = None
+    if cache is not None and self.bidirectional:
+      raise ValueError("S4D: a bidirectional layer has no decode cache (it reads the whole "
+                       "sequence, no causal state); use bidirectional=False to decode.")
+    n_new = check_decode_arguments("S4D", x, cache=cache, state=state,
+                                   return_state=return_state, segment_ids=segment_ids,
+                                   num_new_tokens=num_new_tokens)
     if cache is not None:
-      if self.bidirectional:
-        raise ValueError("S4D: a bidirectional layer has no decode cache (it reads the whole "
-                         "sequence, no causal state); use bidirectional=False to decode.")
-      n_new = check_decode_arguments("S4D", x, state, return_state, segment_ids, num_new_tokens)
-      if tuple(getattr(cache, "shape", ())) != want:
-        raise ValueError(
-            f"S4D: cache must have shape {want} [batch, features, state_size // 2, "
-            f"(real, imag)] for a batch of {want[0]} rows, got "
-            f"{tuple(getattr(cache, 'shape', ()))} (a cache built for another batch size or "
-            f"another layer?).")
+      check_cache_shape("S4D", cache, want, "[batch, features, state_size // 2, (real, imag)]")
       state = cache
-    elif num_new_tokens is not None:
-      raise ValueError("S4D: num_new_tokens needs a cache (it is for decoding).")
     if self.bidirectional and (state is not None or return_state):
       raise ValueError("S4D: a bidirectional layer has no recurrent state: it reads the "
                        "whole sequence, so neither state nor return_state=True can be used "

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.decoding import last_valid
 from layers.partitioning import with_logical_axes
 
 
@@ -113,7 +114,6 @@ class ShortConv(nnx.Module):
     if num_new_tokens is None:
       new_cache = ext[:, seq:]
     else:  # The last ``width`` inputs before each row's first padding token.
-      start = jnp.clip(jnp.asarray(num_new_tokens, jnp.int32), 0, seq)
-      index = start[:, None] + jnp.arange(width)[None, :]
-      new_cache = jnp.take_along_axis(ext, index[:, :, None], axis=1)
+      new_cache = last_valid(ext, jnp.clip(jnp.asarray(num_new_tokens, jnp.int32), 0, seq),
+                             width)
     return out, new_cache.astype(jnp.float32)

@@ -224,8 +224,8 @@ def generate(model, prompt_tokens, *, max_new_tokens: int, prompt_lengths=None,
     token are not meaningful (zero once every row has stopped). Timings of the call are in
     ``lclm.inference.generation.LAST_TIMES``.
   """
-  prompt_tokens = jnp.asarray(prompt_tokens)
-  if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+  prompt_tokens = np.asarray(prompt_tokens)  # Host data: generate runs the loop on the host.
+  if prompt_tokens.ndim != 2 or not np.issubdtype(prompt_tokens.dtype, np.integer):
     raise ValueError(f"generate: prompt_tokens must be integer [batch, prompt_len], got "
                      f"{prompt_tokens.dtype}{list(prompt_tokens.shape)}.")
   batch, prompt_len = prompt_tokens.shape
@@ -242,7 +242,7 @@ def generate(model, prompt_tokens, *, max_new_tokens: int, prompt_lengths=None,
     raise ValueError(f"generate: seed must be below 2**63, got {seed}.")
   if vocab_size:
     real = np.arange(prompt_len)[None, :] < lengths[:, None]
-    ids = np.asarray(prompt_tokens)[real]
+    ids = prompt_tokens[real]
     if ids.min() < 0 or ids.max() >= vocab_size:
       raise ValueError(f"generate: prompt token ids must lie in [0, vocab_size = {vocab_size}), "
                        f"got ids from {ids.min()} to {ids.max()}.")
@@ -264,7 +264,7 @@ def generate(model, prompt_tokens, *, max_new_tokens: int, prompt_lengths=None,
 
   tokens = np.zeros((batch, padded), np.int32)
   width = min(prompt_len, padded)
-  tokens[:, :width] = np.asarray(prompt_tokens[:, :width])
+  tokens[:, :width] = prompt_tokens[:, :width]
   sharding = None
   if mesh is not None:
     sharding = (mesh, axis_rules() if rules is None else normalize_rules(rules))

@@ -382,7 +382,9 @@ class PerHeadMask(Mask):
     out = jnp.broadcast_to(out, shape)
     kind = jnp.broadcast_to(kind, shape)
     for index, m in enumerate(kinds[1:], start=1):
-      out = jnp.where(kind == index, m.visible(q_pos, k_pos), out)
+      # Boolean algebra, not a select: Mosaic cannot select between i1 vectors on v4.
+      chosen = kind == index
+      out = (chosen & m.visible(q_pos, k_pos)) | (~chosen & out)
     return out
 
   def visible(self, q_pos, k_pos):

@@ -1,9 +1,10 @@
 """flash_attention lowers for TPU (Mosaic) and GPU (Triton) from this CPU-only machine.
 
 ``jax.export`` runs the Pallas -> Mosaic / Triton lowering, which interpret mode never does;
-a primitive or layout the lowering rejects fails here. (The final device compilation —
-Mosaic's layout passes, Triton -> PTX — still needs the hardware.) Each case lowers the
-forward and the backward of the public op, traced for the target platform.
+a primitive or layout the lowering rejects fails here. Each case lowers the forward and the
+backward of the public op, traced for the target platform. With a libtpu wheel the TPU
+kernels are also compiled by Mosaic for v4, v5e and v6e (``libtpu_compile.py``: layouts and
+VMEM, no TPU needed) at realistic sizes; Triton -> PTX still needs a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from export_lowering import CUSTOM_CALL, export_mlir
+from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
 from pallas_kernels import flash_attention, masks
 
 
@@ -36,7 +38,8 @@ CASES = {
 }
 
 
-def _export(platform, case, dtype, with_backward):
+def _program(case, dtype, with_backward):
+  """(fn, argument shapes) of the forward, or of the gradient of a loss of it."""
   b, tq, tk, h, hk, d = case["shape"]
   kwargs = dict(is_causal=case.get("is_causal", False),
                 logits_soft_cap=case.get("logits_soft_cap"), implementation="pallas",
@@ -54,7 +57,11 @@ def _export(platform, case, dtype, with_backward):
     return jnp.sum(attention(q, k, v, *segs).astype(jnp.float32) ** 2)
 
   fn = jax.grad(loss, argnums=(0, 1, 2)) if with_backward else attention
-  return export_mlir(fn, args, platform)
+  return fn, args
+
+
+def _export(platform, case, dtype, with_backward):
+  return export_mlir(*_program(case, dtype, with_backward), platform)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -66,3 +73,31 @@ def test_forward_and_backward_lower(platform, case, dtype):
   backward = _export(platform, CASES[case], dtype, with_backward=True)
   # forward (recomputed for the residuals) + the dK/dV and dQ kernels.
   assert backward.count(CUSTOM_CALL[platform]) >= 3
+
+
+# Mosaic compiles (libtpu_compile.py): the riskiest index maps (scalar-prefetched visit lists,
+# per-head kinds, 2-D segment ranges, in-tile division of chunked masks) at realistic sizes.
+COMPILE_CASES = {
+    "mha_causal_8k": dict(shape=(1, 8192, 8192, 8, 8, 128), is_causal=True),
+    "gqa_window_sinks_32k": dict(shape=(1, 32768, 32768, 8, 2, 128), is_causal=True,
+                                 mask_kwargs=dict(local_window_size=1024, num_sink_tokens=4)),
+    "per_head_windows_gqa": CASES["per_head_windows_gqa"],
+    "chunked_segments_q_shorter": CASES["chunked_segments_q_shorter"],
+    "gqa_segments_soft_cap": CASES["gqa_segments_soft_cap"],
+}
+
+
+def tpu_programs(case):
+  """For libtpu_compile: forward and backward of ``case`` in bfloat16, the forward in
+  float32."""
+  case = COMPILE_CASES[case]
+  return [("bf16_forward", *_program(case, jnp.bfloat16, with_backward=False)),
+          ("bf16_backward", *_program(case, jnp.bfloat16, with_backward=True)),
+          ("f32_forward", *_program(case, jnp.float32, with_backward=False))]
+
+
+@pytest.mark.slow
+@requires_libtpu
+def test_tpu_kernels_compile_with_mosaic():
+  compiled = compile_programs("test_flash_attention_lowering", COMPILE_CASES, timeout=1800)
+  assert len(compiled) == len(TOPOLOGIES) * len(COMPILE_CASES) * 3, compiled
