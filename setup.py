@@ -18,6 +18,10 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     # Plots written by the experiments (length extrapolation).
     "matplotlib>=3.8,<4",
+    # Hugging Face checkpoints and tokenizers, read without torch (lclm.hf, lclm.data).
+    "safetensors>=0.4.3,<1",
+    "tokenizers>=0.19,<1",
+    "sentencepiece>=0.2,<0.3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -25,6 +29,13 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0,<10",
         "pytest-xdist>=3.5,<4",
         "hypothesis>=6.100,<7",
+    ],
+    # The peer of lclm.hf's parity tests (transformers on CPU). torch is pinned to the CPU
+    # build that lies on the CI machines for Python 3.11; other Pythons skip those tests
+    # rather than download a multi-GB CUDA build (install torch yourself to run them).
+    "hf": [
+        "transformers>=4.56,<6",
+        "torch==2.13.0; python_version == '3.11'",
     ],
     "notebooks": [
         "jupyter>=1.0,<2",

@@ -66,12 +66,14 @@ class Attention(nnx.Module):
   anything in between that divides ``num_heads`` is grouped-query attention: query head
   ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
 
-  Per call: bias-free projections q [features -> num_heads x head_dim] and k, v
-  [features -> num_kv_heads x head_dim]; with ``use_qk_norm`` an :class:`RMSNorm` over
-  head_dim (one scale shared by all heads) on q and on k; RoPE on q and k unless
-  ``rope_theta`` is None (NoPE), with the options of :class:`layers.rotary.RotaryEmbedding`
-  (scaling, per-head bases, partial rotary, layout); :func:`pallas_kernels.flash_attention`
-  with scale ``head_dim ** -0.5``; the output projection [num_heads x head_dim -> features].
+  Per call: projections q [features -> num_heads x head_dim] and k, v
+  [features -> num_kv_heads x head_dim] (bias-free unless ``qkv_bias``); with
+  ``use_qk_norm`` an :class:`RMSNorm` over head_dim (one scale shared by all heads) on q and
+  on k; RoPE on q and k unless ``rope_theta`` is None (NoPE), with the options of
+  :class:`layers.rotary.RotaryEmbedding` (scaling, per-head bases, partial rotary, layout);
+  :func:`pallas_kernels.flash_attention` with scale ``attention_scale`` (default
+  ``head_dim ** -0.5``); the output projection [num_heads x head_dim -> features] (bias-free
+  unless ``output_bias``).
 
   Training-free length extension (``position_extension``): Self-Extend or LM-Infinite
   replace the single kernel call by their two flash passes merged through the log-sum-exp
@@ -87,7 +89,8 @@ class Attention(nnx.Module):
   cap; sinks, chunks, ``mask``, S²-Attn and position extensions raise a ValueError.
 
   Logical axes of the kernels: q ("embed", "heads", "head_dim"), k and v ("embed",
-  "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); QK-norm scales ("head_dim",).
+  "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); biases drop the "embed" axis of
+  their kernel; QK-norm scales ("head_dim",).
 
   Args:
     features: model dimension of the input and output.
@@ -95,6 +98,13 @@ class Attention(nnx.Module):
     num_kv_heads: number of key/value heads; default ``num_heads``.
     head_dim: size of each head; default ``features // num_heads``.
     use_qk_norm: RMS-normalise each query and key head vector before RoPE.
+    qk_norm_eps: epsilon of the QK-norms.
+    qk_norm_scale_offset: ``scale_offset`` of the QK-norms (1.0: Gemma 3's ``1 + weight``).
+    qkv_bias: biases on the q, k and v projections (Qwen2; Llama's ``attention_bias``).
+    output_bias: a bias on the output projection (Llama's ``attention_bias``).
+    attention_scale: the softmax scale of the logits; default ``head_dim ** -0.5`` (Gemma:
+      ``query_pre_attn_scalar ** -0.5``). Applied to the queries, so every path (flash,
+      decode, cached prefill, soft cap) sees the same logits.
     rope_theta: RoPE base, a list of one base per query head (HARPE; query heads of one
       GQA group must share a base), or None for no position encoding (NoPE).
     rope_scaling: None or a Hugging Face ``rope_scaling`` dict (``rope_type`` linear, ntk,
@@ -137,6 +147,9 @@ class Attention(nnx.Module):
 
   def __init__(self, features: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_qk_norm: bool = False,
+               qk_norm_eps: float = 1e-6, qk_norm_scale_offset: float = 0.0,
+               qkv_bias: bool = False, output_bias: bool = False,
+               attention_scale: float | None = None,
                rope_theta: float | Sequence[float] | None = 10000.0,
                rope_scaling: Mapping[str, Any] | None = None,
                partial_rotary_factor: float = 1.0, rope_layout: str = "half",
@@ -166,6 +179,11 @@ class Attention(nnx.Module):
       head_dim = features // num_heads
     if head_dim <= 0:
       raise ValueError(f"Attention: head_dim must be positive, got {head_dim}.")
+    if attention_scale is not None and not (isinstance(attention_scale, (int, float)) and
+                                            not isinstance(attention_scale, bool) and
+                                            attention_scale > 0):
+      raise ValueError(f"Attention: attention_scale must be a positive number or None (the "
+                       f"default head_dim ** -0.5), got {attention_scale!r}.")
     if rope_theta is not None and head_dim % 2:
       raise ValueError(f"Attention: RoPE needs an even head_dim, got head_dim={head_dim}.")
     if rope_theta is None:
@@ -187,6 +205,9 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
+    # Queries are multiplied by this, so that the kernels' head_dim ** -0.5 gives the scale.
+    self.query_multiplier = (None if attention_scale is None else
+                             float(attention_scale) * head_dim ** 0.5)
     self.rope_theta = tuple(rope_theta) if isinstance(rope_theta, (list, tuple)) else rope_theta
     self.is_causal = is_causal
     self.logits_soft_cap = logits_soft_cap
@@ -197,23 +218,26 @@ class Attention(nnx.Module):
     self._set_position_extension(position_extension)
     self._check_context_parallelism(context_parallelism())
 
-    def projection(in_features, out_features, axis, logical_axes):
+    def projection(in_features, out_features, axis, logical_axes, use_bias=False):
       kernel_init = with_logical_axes(nnx.initializers.lecun_normal(), logical_axes)
-      return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=False,
-                               kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+      in_rank = 1 if isinstance(in_features, int) else len(in_features)
+      bias_init = with_logical_axes(nnx.initializers.zeros_init(), logical_axes[in_rank:])
+      return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias,
+                               kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
     self.q_proj = projection(features, (num_heads, head_dim), -1,
-                             ("embed", "heads", "head_dim"))
+                             ("embed", "heads", "head_dim"), qkv_bias)
     self.k_proj = projection(features, (num_kv_heads, head_dim), -1,
-                             ("embed", "kv_heads", "head_dim"))
+                             ("embed", "kv_heads", "head_dim"), qkv_bias)
     self.v_proj = projection(features, (num_kv_heads, head_dim), -1,
-                             ("embed", "kv_heads", "head_dim"))
+                             ("embed", "kv_heads", "head_dim"), qkv_bias)
     self.o_proj = projection((num_heads, head_dim), features, (-2, -1),
-                             ("heads", "head_dim", "embed"))
+                             ("heads", "head_dim", "embed"), output_bias)
     if use_qk_norm:
-      self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype, logical_axis="head_dim")
-      self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype, logical_axis="head_dim")
+      self.q_norm, self.k_norm = (
+          RMSNorm(head_dim, eps=qk_norm_eps, scale_offset=qk_norm_scale_offset,
+                  param_dtype=param_dtype, logical_axis="head_dim") for _ in range(2))
     else:
       self.q_norm = self.k_norm = None
 
@@ -405,6 +429,8 @@ class Attention(nnx.Module):
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
+    if self.query_multiplier is not None:
+      q = q * jnp.asarray(self.query_multiplier, q.dtype)
     return q, k, v
 
   def _attend_sequence(self, q, k, v, position_ids, segment_ids, *, inference=False,

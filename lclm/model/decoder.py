@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+import layers
 from layers import GatedMLP, RMSNorm, ShortConv, constrain_activation, with_logical_axes
 from lclm.model.registry import POSITION_OPTIONS, get_mixer
 
@@ -21,23 +22,47 @@ RESIDUAL_AXES = ("batch", "length", None)
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
+MLP_KINDS = ("gated", "moe", "none")
+
+
 class DecoderBlock(nnx.Module):
   """Pre-norm residual block: ``x + mixer(conv(norm(x)))``, then ``x + mlp(norm(x))``.
 
-  ``conv`` is the optional segment-aware short causal convolution (None: skipped).
+  ``conv`` is the optional segment-aware short causal convolution (None: skipped); ``mlp``
+  None makes a mixer-only block (Mamba's ``norm -> mixer``). With ``post_norms`` (Gemma 2
+  and 3) the mixer's and the MLP's outputs are normalised again before the residual add:
+  ``x + post_norm(mixer(norm(x)))``.
   """
 
-  def __init__(self, features: int, mixer: nnx.Module, *, mlp_hidden_features: int,
-               mlp_activation: str, short_conv_size: int, norm_eps: float, dtype,
-               param_dtype, rngs: nnx.Rngs):
-    self.mixer_norm = RMSNorm(features, eps=norm_eps, param_dtype=param_dtype)
+  def __init__(self, features: int, mixer: nnx.Module, mlp: nnx.Module | None, *,
+               short_conv_size: int, norm_eps: float, norm_scale_offset: float = 0.0,
+               post_norms: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
+    def norm():
+      return RMSNorm(features, eps=norm_eps, scale_offset=norm_scale_offset,
+                     param_dtype=param_dtype)
+
+    self.mixer_norm = norm()
     self.short_conv = (
         ShortConv(features, short_conv_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if short_conv_size else None)
     self.mixer = mixer
-    self.mlp_norm = RMSNorm(features, eps=norm_eps, param_dtype=param_dtype)
-    self.mlp = GatedMLP(features, mlp_hidden_features, activation=mlp_activation, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+    self.post_mixer_norm = norm() if post_norms else None
+    self.mlp_norm = None if mlp is None else norm()
+    self.mlp = mlp
+    self.post_mlp_norm = norm() if post_norms and mlp is not None else None
+
+  def _add_mixer(self, x, y):
+    if self.post_mixer_norm is not None:
+      y = self.post_mixer_norm(y)
+    return x + y.astype(x.dtype)
+
+  def _add_mlp(self, x):
+    if self.mlp is None:
+      return x
+    y = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      y = self.post_mlp_norm(y)
+    return x + y.astype(x.dtype)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array,
                segment_ids: jax.Array | None, cache: Mapping[str, Any] | None = None,
@@ -51,16 +76,15 @@ class DecoderBlock(nnx.Module):
     if cache is None:
       if self.short_conv is not None:
         h = self.short_conv(h, segment_ids=segment_ids)
-      x = x + self.mixer(h, position_ids=position_ids, segment_ids=segment_ids).astype(x.dtype)
-      return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+      x = self._add_mixer(x, self.mixer(h, position_ids=position_ids, segment_ids=segment_ids))
+      return self._add_mlp(x)
     new_cache = {}
     if self.short_conv is not None:
       h, new_cache["conv"] = self.short_conv(h, segment_ids=segment_ids, cache=cache["conv"],
                                              num_new_tokens=num_new_tokens)
     y, new_cache["mixer"] = self.mixer(h, position_ids=position_ids, segment_ids=segment_ids,
                                        cache=cache["mixer"], num_new_tokens=num_new_tokens)
-    x = x + y.astype(x.dtype)
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), new_cache
+    return self._add_mlp(self._add_mixer(x, y)), new_cache
 
   def init_cache(self, batch_size: int, max_length: int) -> dict[str, Any]:
     """The block's decode cache: ``{"mixer": the mixer's cache, "conv": the short
@@ -170,6 +194,16 @@ def _check_position_options(position_options, shared_mixer_options) -> dict[str,
   return dict(position_options)
 
 
+def _mlp_kinds(mlp_pattern, num_layers: int) -> tuple[str, ...]:
+  """``mlp_pattern`` as one kind per layer (a single name applies to every layer)."""
+  kinds = (mlp_pattern,) * num_layers if isinstance(mlp_pattern, str) else tuple(mlp_pattern)
+  if len(kinds) != num_layers or any(kind not in MLP_KINDS for kind in kinds):
+    raise ValueError(
+        f"DecoderLM: mlp_pattern must be one of {MLP_KINDS} or a list of them with one entry "
+        f"per layer ({num_layers}), got {mlp_pattern!r}.")
+  return kinds
+
+
 def _with_bindings(error: ValueError, sources: Mapping[str, str]) -> str:
   """The error's message plus the gin bindings that set the options it names."""
   message = str(error)
@@ -205,13 +239,28 @@ class DecoderLM(nnx.Module):
       layer that ends up NoPE (rope_theta None) ignores all but rope_theta. Any of the
       other option sets override them per mixer or per layer (Gemma 3's local and global
       bases); setting one option both here and in shared_mixer_options is an error.
-    mlp_hidden_features: hidden size of each gated MLP; default 4 * features.
+    mlp_hidden_features: hidden size of each gated MLP (and of each expert); default
+      4 * features.
     mlp_activation: "silu" (SwiGLU) or "gelu" (GeGLU).
+    mlp_pattern: the feed-forward part of each block: "gated" (:class:`layers.GatedMLP`),
+      "moe" (:class:`layers.MoEMLP` with ``moe_options``) or "none" (a mixer-only block,
+      as Mamba language models); one name for every layer, or one per layer like
+      ``layer_pattern``. Default "gated".
+    moe_options: keyword options of :class:`layers.MoEMLP` (num_experts,
+      num_experts_per_token, normalize_top_k, implementation), needed when ``mlp_pattern``
+      names "moe".
     short_conv_size: taps of the short causal depthwise convolution in front of each
       mixer (Zoology's recipe); 0 disables it.
     tie_embeddings: compute logits with the token embedding (else a separate output
       projection, logical axes ("embed", "vocab")).
     norm_eps: epsilon of every RMSNorm.
+    norm_scale_offset: ``scale_offset`` of the block and final RMSNorms (1.0: Gemma's
+      ``1 + weight``).
+    post_norms: normalise the mixer's and the MLP's outputs before each residual add (Gemma
+      2 and 3).
+    embedding_multiplier: multiplies the token embeddings before the first block (Gemma:
+      ``sqrt(features)``, rounded to the computation dtype); None: 1.
+    final_logits_soft_cap: if set, logits -> cap * tanh(logits / cap) (Gemma 2).
     dtype: computation dtype (e.g. "bfloat16" on accelerators); logits are float32 always.
     param_dtype: parameter dtype.
     rngs: randomness for the initialisers.
@@ -223,7 +272,12 @@ class DecoderLM(nnx.Module):
                layer_options: Mapping[int, Mapping[str, Any]] | None = None,
                position_options: Mapping[str, Any] | None = None,
                mlp_hidden_features: int | None = None, mlp_activation: str = "silu",
+               mlp_pattern: str | Sequence[str] = "gated",
+               moe_options: Mapping[str, Any] | None = None,
                short_conv_size: int = 0, tie_embeddings: bool = True, norm_eps: float = 1e-6,
+               norm_scale_offset: float = 0.0, post_norms: bool = False,
+               embedding_multiplier: float | None = None,
+               final_logits_soft_cap: float | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if vocab_size <= 0 or features <= 0:
       raise ValueError(
@@ -237,6 +291,18 @@ class DecoderLM(nnx.Module):
       )
     if short_conv_size < 0:
       raise ValueError(f"DecoderLM: short_conv_size must be >= 0, got {short_conv_size}.")
+    mlp_kinds = _mlp_kinds(mlp_pattern, len(layer_pattern))
+    if "moe" in mlp_kinds and not moe_options:
+      raise ValueError("DecoderLM: mlp_pattern names 'moe', which needs moe_options, e.g. "
+                       "{'num_experts': 8, 'num_experts_per_token': 2}.")
+    if moe_options and "moe" not in mlp_kinds:
+      raise ValueError(f"DecoderLM: moe_options is set but mlp_pattern {mlp_pattern!r} has no "
+                       "'moe' layer.")
+    for name, value in (("embedding_multiplier", embedding_multiplier),
+                        ("final_logits_soft_cap", final_logits_soft_cap)):
+      if value is not None and not (isinstance(value, (int, float)) and
+                                    not isinstance(value, bool) and value > 0):
+        raise ValueError(f"DecoderLM: {name} must be a positive number or None, got {value!r}.")
     mixer_options = {name: dict(options) for name, options in (mixer_options or {}).items()}
     unused = sorted(set(mixer_options) - set(layer_pattern))
     if unused:
@@ -299,6 +365,19 @@ class DecoderLM(nnx.Module):
     self.layer_pattern = tuple(layer_pattern)
     self.tie_embeddings = tie_embeddings
     self.dtype = dtype
+    self.mlp_pattern = mlp_kinds
+    self.embedding_multiplier = embedding_multiplier
+    self.final_logits_soft_cap = final_logits_soft_cap
+
+    def make_mlp(kind):
+      if kind == "none":
+        return None
+      if kind == "moe":
+        return layers.MoEMLP(features, mlp_hidden_features, activation=mlp_activation,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             **dict(moe_options))
+      return GatedMLP(features, mlp_hidden_features, activation=mlp_activation, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
 
     embedding_init = with_logical_axes(
         nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
@@ -315,12 +394,18 @@ class DecoderLM(nnx.Module):
         raise ValueError(
             f"DecoderLM: layer {index} (mixer {name!r}, options {options}): "
             f"{_with_bindings(error, sources)}") from error
+      try:
+        mlp = make_mlp(mlp_kinds[index])
+      except (TypeError, ValueError) as error:
+        raise ValueError(f"DecoderLM: layer {index} ({mlp_kinds[index]!r} MLP): {error}"
+                         ) from error
       blocks.append(DecoderBlock(
-          features, mixer, mlp_hidden_features=mlp_hidden_features,
-          mlp_activation=mlp_activation, short_conv_size=short_conv_size, norm_eps=norm_eps,
-          dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+          features, mixer, mlp, short_conv_size=short_conv_size, norm_eps=norm_eps,
+          norm_scale_offset=norm_scale_offset, post_norms=post_norms, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
-    self.final_norm = RMSNorm(features, eps=norm_eps, param_dtype=param_dtype)
+    self.final_norm = RMSNorm(features, eps=norm_eps, scale_offset=norm_scale_offset,
+                              param_dtype=param_dtype)
     if tie_embeddings:
       self.unembed = None
     else:
@@ -386,7 +471,10 @@ class DecoderLM(nnx.Module):
           f"{segment_ids.shape}.")
     if cache is not None:
       self._check_cache(cache, batch, seq, segment_ids, num_new_tokens)
-    x = constrain_activation(self.embed(tokens), RESIDUAL_AXES)
+    x = self.embed(tokens)
+    if self.embedding_multiplier is not None:
+      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+    x = constrain_activation(x, RESIDUAL_AXES)
     new_layers = []
     for index, block in enumerate(self.blocks):
       if cache is None:
@@ -402,6 +490,9 @@ class DecoderLM(nnx.Module):
       logits = jnp.einsum("btf,vf->btv", x, embedding, preferred_element_type=jnp.float32)
     else:
       logits = self.unembed(x).astype(jnp.float32)
+    if self.final_logits_soft_cap is not None:
+      cap = self.final_logits_soft_cap
+      logits = cap * jnp.tanh(logits / cap)
     logits = constrain_activation(logits, LOGITS_AXES)
     if cache is None:
       return logits

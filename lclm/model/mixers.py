@@ -15,7 +15,8 @@ a decoder caches at most ``window`` (+ sinks) tokens for the layer. (The layer's
 ``local_window_size`` keeps the kernel's convention instead: keys c - w ... c.)
 
 All three accept the common options num_heads (required), num_kv_heads, head_dim,
-use_qk_norm, rope_theta, logits_soft_cap, implementation: set them once for every layer
+use_qk_norm, qk_norm_eps, qk_norm_scale_offset, qkv_bias, output_bias, attention_scale,
+logits_soft_cap, implementation (see :class:`layers.Attention`): set them once for every layer
 with ``DecoderLM.shared_mixer_options``; and the position options (``POSITION_OPTIONS``:
 rope_theta, rope_scaling, partial_rotary_factor, rope_layout, max_position_embeddings,
 position_extension; see :class:`layers.Attention`), which ``DecoderLM.position_options``
@@ -89,18 +90,26 @@ def _position_options(factory_locals) -> dict:
   return {name: factory_locals[name] for name in POSITION_OPTIONS}
 
 
-def _layer(features, *, rngs, dtype, param_dtype, num_heads, num_kv_heads, head_dim,
-           use_qk_norm, logits_soft_cap, implementation, positions, **mask_options):
-  return Attention(features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                   use_qk_norm=use_qk_norm, is_causal=True, logits_soft_cap=logits_soft_cap,
-                   implementation=implementation, dtype=dtype, param_dtype=param_dtype,
-                   rngs=rngs, **positions, **mask_options)
+# The options of every attention flavour that go to the layer unchanged.
+_COMMON_OPTIONS = ("num_kv_heads", "head_dim", "use_qk_norm", "qk_norm_eps",
+                   "qk_norm_scale_offset", "qkv_bias", "output_bias", "attention_scale",
+                   "logits_soft_cap", "implementation")
+
+
+def _layer(features, options, *, rngs, dtype, param_dtype, num_heads, **mask_options):
+  """The Attention layer of a factory whose arguments are ``options`` (its ``locals()``)."""
+  common = {name: options[name] for name in _COMMON_OPTIONS}
+  return Attention(features, num_heads, is_causal=True, dtype=dtype, param_dtype=param_dtype,
+                   rngs=rngs, **common, **_position_options(options), **mask_options)
 
 
 @register_mixer("attention")
 def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
               num_heads: int | None = None, num_kv_heads: int | None = None,
               head_dim: int | None = None, use_qk_norm: bool = False,
+              qk_norm_eps: float = 1e-6, qk_norm_scale_offset: float = 0.0,
+              qkv_bias: bool = False, output_bias: bool = False,
+              attention_scale: float | None = None,
               rope_theta: float | Sequence[float] | None = 10000.0,
               rope_scaling: Mapping[str, Any] | None = None,
               partial_rotary_factor: float = 1.0, rope_layout: str = "half",
@@ -130,11 +139,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
     raise ValueError(
         f"mixer 'attention': option num_sink_tokens={num_sink_tokens} needs per_head_windows "
         "(sinks widen a window); for a sliding window in every head use 'local_attention'.")
-  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
-                implementation=implementation,
-                positions=_position_options(locals()), mask=mask,
+  return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads, mask=mask,
                 shifted_sparse_group_size=shifted_sparse_group_size)
 
 
@@ -143,6 +149,9 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                     window: int | None = None, num_sink_tokens: int = 0,
                     num_heads: int | None = None, num_kv_heads: int | None = None,
                     head_dim: int | None = None, use_qk_norm: bool = False,
+                    qk_norm_eps: float = 1e-6, qk_norm_scale_offset: float = 0.0,
+                    qkv_bias: bool = False, output_bias: bool = False,
+                    attention_scale: float | None = None,
                     rope_theta: float | Sequence[float] | None = 10000.0,
                     rope_scaling: Mapping[str, Any] | None = None,
                     partial_rotary_factor: float = 1.0, rope_layout: str = "half",
@@ -162,11 +171,8 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                      "sees, itself included), e.g. {'window': 16}.")
   _check_window("local_attention", "window", window)
   _check_sinks("local_attention", num_sink_tokens)
-  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
-                implementation=implementation,
-                positions=_position_options(locals()),
+  return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads,
                 local_window_size=causal_window(window), num_sink_tokens=num_sink_tokens)
 
 
@@ -174,6 +180,9 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
 def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                      num_heads: int | None = None, num_kv_heads: int | None = None,
                      head_dim: int | None = None, use_qk_norm: bool = False,
+                     qk_norm_eps: float = 1e-6, qk_norm_scale_offset: float = 0.0,
+                     qkv_bias: bool = False, output_bias: bool = False,
+                     attention_scale: float | None = None,
                      rope_theta: float | Sequence[float] | None = 1_000_000.0,
                      rope_scaling: Mapping[str, Any] | None = None,
                      partial_rotary_factor: float = 1.0, rope_layout: str = "half",
@@ -187,9 +196,6 @@ def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   ``shifted_sparse_group_size``: LongLoRA's training-time S²-Attn, as in ``"attention"``.
   """
   _require_num_heads("global_attention", num_heads)
-  return _layer(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                use_qk_norm=use_qk_norm, logits_soft_cap=logits_soft_cap,
-                implementation=implementation,
-                positions=_position_options(locals()),
+  return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                num_heads=num_heads,
                 shifted_sparse_group_size=shifted_sparse_group_size)
