@@ -5,7 +5,8 @@ import setuptools
 INSTALL_REQUIRES = [
     # Python 3.11 resolves to jax 0.10; GPU hosts commonly run jax 0.11 on Python 3.12.
     "jax>=0.10.0,<0.12",
-    "flax>=0.12.0,<0.14",
+    # nnx.capture (sown MoE auxiliary losses) arrived in 0.12.6.
+    "flax>=0.12.6,<0.14",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11.0,<0.13",
     "grain>=0.2.10,<0.3",

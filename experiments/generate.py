@@ -5,15 +5,25 @@ the continuation and the prefill and decode speeds.
     python -m experiments.generate --gin_file=configs/experiments/stuffed_mamba.gin \
         --workdir=runs/stuffed_mamba/state-16 --prompt="What is the pass key?" \
         [--max_new_tokens=64 --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 \
-         --prefill_chunk_size=1024 --stop_tokens=2]
+         --prefill_chunk_size=1024 --stop_tokens=2 --tokenizer=/path/to/hf_model_folder]
     python -m experiments.generate --workdir=runs/quickstart-... --prompt_tokens=5,130,7,141,5
 
 Without ``--gin_file`` the run's own operative configuration (``RUN_DIR/config.gin``, which
 every training run writes) is used; with it, the files and ``--gin_param`` bindings are
 parsed as ``experiments.train`` parses them (they must describe the run's model). Text
-prompts (``--prompt`` / ``--prompt_file``) need a task with a text tokenizer (passkey, text:
-the byte tokenizer, a bos token first); token-id tasks (MQAR) take ``--prompt_tokens``, a
-comma-separated list of ids, which every task accepts.
+prompts (``--prompt`` / ``--prompt_file``) need a tokenizer (the task's or ``--tokenizer``);
+token-id tasks (MQAR) take ``--prompt_tokens``, a comma-separated list of ids, which every
+task accepts.
+
+The tokenizer is the task's (``TextTask.tokenizer``: bytes or a real vocabulary; passkey:
+bytes); ``--tokenizer`` overrides it with ``byte`` or a folder / file that
+``lclm.data.tokenizer.load_tokenizer`` reads (``tokenizer.json`` or ``tokenizer.model``). A
+directory written by ``experiments.convert_hf`` has no task: its vocabulary is the
+checkpoint's and its tokenizer the copied ``WORKDIR/tokenizer`` (if the checkpoint had one). A
+text prompt starts with the tokenizer's bos token when it has one. Generation stops after any
+of the tokenizer's eos ids unless ``--stop_tokens`` names the stop ids (``--stop_tokens=``
+(empty) never stops early); token-id tasks stop only on ``--stop_tokens``. Only the model's
+parameters are restored (:func:`lclm.training.restore.restore_params`).
 
 Speeds are measured on a second call after a warm-up call with the same shapes (the first
 call compiles); the printed line says so. Exit codes: 0 done, 2 bad configuration, bad
@@ -30,9 +40,9 @@ import gin
 import numpy as np
 
 from experiments import train as train_main
-from lclm.data.tokenizer import ByteTokenizer
+from lclm.data import tokenizer as tokenizer_lib
 
-# Tasks whose tokens are bytes (lclm.tasks: PasskeyTask, TextTask); others are raw ids.
+# Tasks whose tokens are bytes when the task object names no tokenizer of its own.
 _BYTE_TASKS = ("passkey", "text")
 
 
@@ -40,13 +50,55 @@ class PromptError(ValueError):
   """The prompt cannot be encoded for this run."""
 
 
-def tokenizer_for(task):
-  """The task's tokenizer: ByteTokenizer for byte-level tasks, None for token-id tasks."""
-  return ByteTokenizer() if getattr(task, "name", None) in _BYTE_TASKS else None
+def tokenizer_for(task, name: str | None = None):
+  """The tokenizer of the prompt: ``load_tokenizer(name)`` when a name (``--tokenizer``) is
+  given, else the task's ``tokenizer`` (None for token-id tasks such as MQAR)."""
+  if name is not None:
+    try:
+      return tokenizer_lib.load_tokenizer(name)
+    except (FileNotFoundError, ValueError) as error:
+      raise PromptError(f"--tokenizer: {error}") from None
+  if hasattr(task, "tokenizer"):
+    return task.tokenizer
+  return tokenizer_lib.ByteTokenizer() if getattr(task, "name", None) in _BYTE_TASKS else None
 
 
-def _build_task():
-  ref = gin.query_parameter("train.task")
+def stop_ids(stop_tokens: str | None, tokenizer, vocab_size: int) -> tuple[int, ...]:
+  """The ids after which a row stops: ``--stop_tokens`` when given (comma-separated; empty
+  for none), else the tokenizer's eos ids that lie in the model's vocabulary."""
+  if stop_tokens is None:
+    eos = getattr(tokenizer, "eos_ids", ()) if tokenizer is not None else ()
+    return tuple(int(t) for t in eos if 0 <= t < vocab_size)
+  try:
+    return tuple(int(t) for t in stop_tokens.split(",") if t.strip())
+  except ValueError:
+    raise PromptError(f"--stop_tokens must be comma-separated integer ids, got "
+                      f"{stop_tokens!r}.") from None
+
+
+class ConvertedModel:
+  """The "task" of a run directory written by ``experiments.convert_hf``: no data, the
+  checkpoint's vocabulary (``HF_VOCAB_SIZE``) and its tokenizer (``WORKDIR/tokenizer``)."""
+
+  name = "pretrained"
+
+  def __init__(self, workdir: str, vocab_size: int):
+    self.vocab_size = vocab_size
+    folder = os.path.join(workdir, "tokenizer")
+    has_files = any(os.path.isfile(os.path.join(folder, n))
+                    for n in ("tokenizer.json", "tokenizer.model"))
+    self.tokenizer = tokenizer_lib.load_tokenizer(folder) if has_files else None
+
+
+def _build_task(workdir: str):
+  try:
+    ref = gin.query_parameter("train.task")
+  except ValueError:  # No task bound: a converted checkpoint (experiments.convert_hf)?
+    try:
+      return ConvertedModel(workdir, int(gin.query_parameter("%HF_VOCAB_SIZE")))
+    except ValueError:
+      raise train_main.ConfigError("the configuration binds no train.task (and is not a "
+                                   "converted checkpoint's, which sets HF_VOCAB_SIZE).") from None
   if isinstance(ref, gin.config.ConfigurableReference):
     return ref.configurable.wrapper()
   raise train_main.ConfigError(f"train.task must be bound to a task class such as @MqarTask, "
@@ -79,14 +131,20 @@ def encode_prompt(args, tokenizer, vocab_size: int) -> np.ndarray:
       raise PromptError(f"--prompt_file: {error}") from None
   else:
     text = args.prompt
-  return tokenizer.encode(text, add_bos=True).astype(np.int32)
+  ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None).astype(np.int32)
+  if not ids.size:
+    raise PromptError("the prompt is empty (no token).")
+  if ids.max() >= vocab_size:
+    raise PromptError(f"the tokenizer {tokenizer!r} gives ids up to {ids.max()}, outside the "
+                      f"model's vocabulary [0, {vocab_size}); use the run's tokenizer.")
+  return ids
 
 
 def _parser():
   parser = train_main.gin_argument_parser("python -m experiments.generate",
                                           __doc__.split("\n")[0])
   prompt = parser.add_mutually_exclusive_group(required=True)
-  prompt.add_argument("--prompt", help="prompt text (byte-level tasks)")
+  prompt.add_argument("--prompt", help="prompt text (tasks with a tokenizer, or --tokenizer)")
   prompt.add_argument("--prompt_file", help="file holding the prompt text (UTF-8)")
   prompt.add_argument("--prompt_tokens", help="prompt as comma-separated token ids, e.g. 1,2,3")
   parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -95,8 +153,12 @@ def _parser():
   parser.add_argument("--top_p", type=float, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--prefill_chunk_size", type=int, default=None)
-  parser.add_argument("--stop_tokens", default="",
-                      help="comma-separated ids after which a row stops (e.g. 2: eos)")
+  parser.add_argument("--stop_tokens", default=None,
+                      help="comma-separated ids after which a row stops (default: the "
+                      "tokenizer's eos ids; empty: none)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="'byte' or a folder / file with tokenizer.json or tokenizer.model "
+                      "(default: the task's tokenizer)")
   return parser
 
 
@@ -112,11 +174,10 @@ def main(argv=None) -> int:
     gin_files = [own]
   try:
     train_main.parse_gin(gin_files, args.gin_param)
-    task = _build_task()
-    total_steps = int(gin.query_parameter("train.total_steps"))
-    tokenizer = tokenizer_for(task)
+    task = _build_task(args.workdir)
+    tokenizer = tokenizer_for(task, args.tokenizer)
     prompt = encode_prompt(args, tokenizer, task.vocab_size)
-    stops = tuple(int(t) for t in args.stop_tokens.split(",") if t.strip())
+    stops = stop_ids(args.stop_tokens, tokenizer, task.vocab_size)
   except (train_main.ConfigError, PromptError, ValueError, TypeError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
@@ -134,11 +195,13 @@ def main(argv=None) -> int:
   from lclm.training import checkpointing, restore
 
   try:
-    step, model = restore.restore_trained_model(
-        args.workdir, lambda: DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(0)),
-        total_steps=total_steps)
+    step, model = restore.restore_params(
+        args.workdir, lambda: DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(0)))
   except (FileNotFoundError, checkpointing.UnreadableCheckpointsError) as error:
     print(f"error: no usable checkpoint: {error}", file=sys.stderr)
+    return 2
+  except ValueError as error:  # The configured model does not match the checkpoint.
+    print(f"error: {error}", file=sys.stderr)
     return 2
   model.eval()
   # On CPU jax cannot reuse the donated cache buffers; harmless, and noise for a user.
@@ -161,7 +224,8 @@ def main(argv=None) -> int:
         f"{prompt.size} tokens")
   if tokenizer is not None:
     print(f"prompt: {tokenizer.decode(prompt)!r}")
-    print(f"generated: {tokenizer.decode(tokens)!r}")
+    # Ids past the tokenizer's vocabulary (a larger embedding) have no text.
+    print(f"generated: {tokenizer.decode(tokens[tokens < tokenizer.vocab_size])!r}")
   print(f"generated tokens: {','.join(str(int(t)) for t in tokens)}")
   print(f"prefill {times.prefill_tokens_per_second:,.1f} tokens/s ({times.prompt_tokens} "
         f"tokens in {times.prefill_seconds * 1e3:.1f} ms), decode "

@@ -17,6 +17,7 @@ from flax import nnx
 
 from layers.decoding import check_decode_arguments, last_valid
 from layers.initializers import torch_linear_init
+from layers.norms import RMSNorm
 from layers.partitioning import shard_kernel, with_logical_axes
 from pallas_kernels._common import dispatch
 from pallas_kernels.selective_scan import selective_scan
@@ -77,12 +78,13 @@ class Mamba(nnx.Module):
 
   Per token (features -> features):
 
-    x_in, z = in_proj(x)                       2 x d_inner, no bias
-    x_c = silu(causal depthwise conv1d(x_in))  d_conv taps per channel, with bias
+    x_in, z = in_proj(x)                       2 x d_inner (bias if use_bias)
+    x_c = silu(causal depthwise conv1d(x_in))  d_conv taps per channel (bias if use_conv_bias)
     dt_low, B, C = x_proj(x_c)                 dt_rank, d_state, d_state (no bias)
+    dt_low, B, C = rms(dt_low), rms(B), rms(C) only with dt_bc_norm (Jamba's dt/b/c_layernorm)
     delta = dt_proj(dt_low)                    d_inner; its bias is the scan's delta_bias
     y = selective_scan(x_c, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
-    out = out_proj(y)                          d_inner -> features, no bias
+    out = out_proj(y)                          d_inner -> features (bias if use_bias)
 
   with A = -exp(A_log) [d_inner, d_state]. Initialisation as Mamba's reference code:
   A_log = log(1 ... d_state) in every channel (S4D-real, A = -(1 ... d_state)); D = 1;
@@ -102,7 +104,8 @@ class Mamba(nnx.Module):
   Logical axes: in_proj ("embed", None, "ssm_inner") (x and z halves), conv kernel
   ("conv_width", "ssm_inner"), conv bias, dt bias and D ("ssm_inner",), x_proj
   ("ssm_inner", None), dt_proj (None, "ssm_inner"), A_log ("ssm_inner", "ssm_state"),
-  out_proj ("ssm_inner", "embed").
+  out_proj ("ssm_inner", "embed"); with use_bias in_proj_bias (None, "ssm_inner") and
+  out_proj_bias ("embed",); with dt_bc_norm the scales of dt_norm, B_norm, C_norm (None,).
 
   Args:
     features: model dimension.
@@ -112,6 +115,12 @@ class Mamba(nnx.Module):
     dt_rank: rank of the dt projection; "auto" is ceil(features / 16).
     dt_min, dt_max: range of the initial dt; dt_init_floor: its floor; dt_scale: scale of
       dt_proj's kernel initialisation.
+    use_bias: biases on in_proj ([2, d_inner]) and out_proj ([features]), zero-initialised
+      (Hugging Face ``MambaConfig.use_bias``; the reference has none).
+    use_conv_bias: a bias on the convolution ([d_inner]; the reference's default).
+    dt_bc_norm: RMS-normalise dt_low, B and C (each over its own last axis, learnable scale
+      initialised to 1) right after x_proj, as Jamba's Mamba layers do.
+    dt_bc_norm_eps: epsilon of those three norms.
     implementation, chunk_size: passed to :func:`pallas_kernels.selective_scan`.
     dtype: computation dtype (None: the input's); the scan's state stays float32.
     param_dtype: dtype of the projection and convolution parameters (A_log, D and dt_bias
@@ -121,9 +130,11 @@ class Mamba(nnx.Module):
 
   def __init__(self, features: int, *, expand: int = 2, d_state: int = 16, d_conv: int = 4,
                dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
-               dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-               implementation: str | None = None, chunk_size: int | None = None,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dt_init_floor: float = 1e-4, dt_scale: float = 1.0, use_bias: bool = False,
+               use_conv_bias: bool = True, dt_bc_norm: bool = False,
+               dt_bc_norm_eps: float = 1e-6, implementation: str | None = None,
+               chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     _check_positive_int("features", features)
     _check_positive_int("expand", expand)
     _check_positive_int("d_state", d_state)
@@ -140,6 +151,14 @@ class Mamba(nnx.Module):
         raise ValueError(f"Mamba: option {name} must be a positive number, got {value!r}.")
     if dt_min > dt_max:
       raise ValueError(f"Mamba: option dt_min ({dt_min}) must not exceed dt_max ({dt_max}).")
+    for name, value in (("use_bias", use_bias), ("use_conv_bias", use_conv_bias),
+                        ("dt_bc_norm", dt_bc_norm)):
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Mamba: option {name} must be a bool, got {value!r}.")
+    if isinstance(dt_bc_norm_eps, bool) or not isinstance(dt_bc_norm_eps, (int, float)) or not (
+        0 < dt_bc_norm_eps < math.inf):
+      raise ValueError(f"Mamba: option dt_bc_norm_eps must be a positive number, got "
+                       f"{dt_bc_norm_eps!r}.")
     if implementation not in dispatch.IMPLEMENTATIONS:
       raise ValueError(f"Mamba: option implementation must be one of "
                        f"{dispatch.IMPLEMENTATIONS}, got {implementation!r}.")
@@ -161,7 +180,10 @@ class Mamba(nnx.Module):
     conv_bound = d_conv ** -0.5
     self.conv_kernel = param(_symmetric_uniform(conv_bound), (d_conv, d_inner),
                              ("conv_width", "ssm_inner"))
-    self.conv_bias = param(_symmetric_uniform(conv_bound), (d_inner,), ("ssm_inner",))
+    self.in_proj_bias = (param(nnx.initializers.zeros_init(), (2, d_inner), (None, "ssm_inner"))
+                         if use_bias else None)
+    self.conv_bias = (param(_symmetric_uniform(conv_bound), (d_inner,), ("ssm_inner",))
+                      if use_conv_bias else None)
     self.x_proj = param(torch_linear_init(), (d_inner, dt_rank + 2 * d_state),
                         ("ssm_inner", None))
     self.dt_proj = param(_symmetric_uniform(dt_rank ** -0.5 * dt_scale), (dt_rank, d_inner),
@@ -183,6 +205,14 @@ class Mamba(nnx.Module):
     self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"), f32)
     self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",), f32)
     self.out_proj = param(torch_linear_init(), (d_inner, features), ("ssm_inner", "embed"))
+    self.out_proj_bias = (param(nnx.initializers.zeros_init(), (features,), ("embed",))
+                          if use_bias else None)
+    if dt_bc_norm:
+      norm = lambda size: RMSNorm(size, eps=dt_bc_norm_eps, param_dtype=param_dtype,
+                                  logical_axis=None)
+      self.dt_norm, self.B_norm, self.C_norm = norm(dt_rank), norm(d_state), norm(d_state)
+    else:
+      self.dt_norm = self.B_norm = self.C_norm = None
 
   def init_state(self, batch_size: int) -> MambaState:
     """The zero state for ``batch_size`` rows (float32)."""
@@ -196,7 +226,9 @@ class Mamba(nnx.Module):
     ext = jnp.concatenate([conv_state.astype(dtype), x], axis=1)  # [b, k - 1 + seq, d]
     ext_runs = jnp.concatenate([jnp.zeros((b, k - 1), jnp.int32), runs], axis=1)
     kernel = self.conv_kernel[...].astype(dtype)
-    out = x * kernel[0] + self.conv_bias[...].astype(dtype)
+    out = x * kernel[0]
+    if self.conv_bias is not None:
+      out = out + self.conv_bias[...].astype(dtype)
     for lag in range(1, k):
       past = jax.lax.slice_in_dim(ext, k - 1 - lag, k - 1 - lag + seq, axis=1)
       past_runs = jax.lax.slice_in_dim(ext_runs, k - 1 - lag, k - 1 - lag + seq, axis=1)
@@ -265,6 +297,8 @@ class Mamba(nnx.Module):
     dtype = x.dtype if self.dtype is None else self.dtype
     x = x.astype(dtype)
     xz = jnp.einsum("btf,fkd->btkd", x, self.in_proj[...].astype(dtype))
+    if self.in_proj_bias is not None:
+      xz = xz + self.in_proj_bias[...].astype(dtype)
     x_in, z = xz[:, :, 0], xz[:, :, 1]
     runs = _segment_runs(segment_ids, b, seq)
     x_conv, conv_state = self._conv(x_in, state.conv, runs, dtype)
@@ -276,6 +310,8 @@ class Mamba(nnx.Module):
     x_dbl = x_conv @ self.x_proj[...].astype(dtype)
     r, n = self.dt_rank, self.d_state
     dt_low, B, C = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
+    if self.dt_norm is not None:
+      dt_low, B, C = self.dt_norm(dt_low), self.B_norm(B), self.C_norm(C)
     delta = dt_low @ self.dt_proj[...].astype(dtype)
     # Parameters and the state enter the scan in float32 at least (float64 stays float64).
     f32 = lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32))
@@ -312,6 +348,8 @@ class Mamba(nnx.Module):
           out_axes=_TOKENS_AXES)
       ssm_state = jnp.swapaxes(ssm_state, 1, 2)
     out = y @ self.out_proj[...].astype(dtype)
+    if self.out_proj_bias is not None:
+      out = out + self.out_proj_bias[...].astype(dtype)
     if cache is not None:
       new = MambaState(conv=conv_state, ssm=ssm_state)
       if n_new is not None:  # Rows without new tokens keep their cache exactly.

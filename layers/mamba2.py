@@ -70,7 +70,8 @@ class Mamba2(nnx.Module):
 
   Logical axes: in_proj ("embed", "ssm_in_proj"); conv kernel ("conv_width",
   "ssm_conv_channels"), conv bias ("ssm_conv_channels",); A_log, D, dt_bias ("ssm_heads",);
-  norm scale ("ssm_inner",); out_proj ("ssm_inner", "embed").
+  norm scale ("ssm_inner",); out_proj ("ssm_inner", "embed"); with use_bias the in_proj bias
+  ("ssm_in_proj",) and the out_proj bias ("embed",).
 
   Args:
     features: model width.
@@ -83,6 +84,9 @@ class Mamba2(nnx.Module):
     dt_min, dt_max, dt_init_floor: the range of the initial step sizes.
     A_init_range: (low, high) with 0 < low <= high: A = -U(low, high) at initialisation.
     norm_eps: epsilon of the gated RMSNorm.
+    use_bias: biases on in_proj and out_proj, zero-initialised (Hugging Face
+      ``Mamba2Config.use_bias``; the reference's default has none).
+    use_conv_bias: a bias on the convolution (the reference's default).
     implementation: SSD implementation (None, "pallas", "interpret", "xla", "reference").
     dtype: computation dtype; None keeps the input dtype.
     param_dtype: dtype of the projection and convolution parameters.
@@ -93,6 +97,7 @@ class Mamba2(nnx.Module):
                n_groups: int = 1, d_conv: int = 4, chunk_size: int | None = None,
                dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                A_init_range: tuple[float, float] = (1.0, 16.0), norm_eps: float = 1e-5,
+               use_bias: bool = False, use_conv_bias: bool = True,
                implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     for name, value in (("features", features), ("expand", expand), ("head_dim", head_dim),
@@ -120,6 +125,9 @@ class Mamba2(nnx.Module):
         or not 0 < A_init_range[0] <= A_init_range[1]):
       raise ValueError(f"Mamba2: A_init_range must be (low, high) with 0 < low <= high, got "
                        f"{A_init_range!r}.")
+    for name, value in (("use_bias", use_bias), ("use_conv_bias", use_conv_bias)):
+      if not isinstance(value, bool):
+        raise ValueError(f"Mamba2: {name} must be a bool, got {value!r}.")
     if implementation not in dispatch.IMPLEMENTATIONS:
       raise ValueError(f"Mamba2: implementation must be one of {dispatch.IMPLEMENTATIONS}, "
                        f"got {implementation!r}.")
@@ -131,16 +139,19 @@ class Mamba2(nnx.Module):
     self.dtype = dtype
 
     self.in_proj = nnx.Linear(
-        features, 2 * d_inner + 2 * n_groups * d_state + heads, use_bias=False,
-        kernel_init=_torch_linear_init(("embed", "ssm_in_proj")), dtype=dtype,
+        features, 2 * d_inner + 2 * n_groups * d_state + heads, use_bias=use_bias,
+        kernel_init=_torch_linear_init(("embed", "ssm_in_proj")),
+        bias_init=with_logical_axes(nnx.initializers.zeros_init(), ("ssm_in_proj",)),
+        dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     bound = 1.0 / math.sqrt(d_conv)
     uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
     self.conv_kernel = nnx.Param(
         uniform(rngs.params(), (d_conv, self.conv_channels), param_dtype),
         **logical_axes_metadata(("conv_width", "ssm_conv_channels")))
-    self.conv_bias = nnx.Param(uniform(rngs.params(), (self.conv_channels,), param_dtype),
-                               **logical_axes_metadata(("ssm_conv_channels",)))
+    self.conv_bias = (nnx.Param(uniform(rngs.params(), (self.conv_channels,), param_dtype),
+                                **logical_axes_metadata(("ssm_conv_channels",)))
+                      if use_conv_bias else None)
     # dt = exp(U(log dt_min, log dt_max)), floored; dt_bias = softplus^-1(dt).
     u = jax.random.uniform(rngs.params(), (heads,), jnp.float32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -154,8 +165,10 @@ class Mamba2(nnx.Module):
     self.norm_scale = nnx.Param(jnp.ones((d_inner,), param_dtype),
                                 **logical_axes_metadata(("ssm_inner",)))
     self.out_proj = nnx.Linear(
-        d_inner, features, use_bias=False,
-        kernel_init=_torch_linear_init(("ssm_inner", "embed")), dtype=dtype,
+        d_inner, features, use_bias=use_bias,
+        kernel_init=_torch_linear_init(("ssm_inner", "embed")),
+        bias_init=with_logical_axes(nnx.initializers.zeros_init(), ("embed",)),
+        dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
 
   def init_state(self, batch_size: int):
@@ -201,7 +214,8 @@ class Mamba2(nnx.Module):
         same = ext_runs[:, width - lag:width - lag + seq] == runs
         past = jnp.where(same[..., None], past, 0)
       out = out + past * kernel[lag]
-    out = out + self.conv_bias[...].astype(dtype)
+    if self.conv_bias is not None:
+      out = out + self.conv_bias[...].astype(dtype)
     new_state = ext[:, ext.shape[1] - width:]
     if runs is not None and width:
       last_run = ext_runs[:, -1:]

@@ -1,9 +1,11 @@
 """Training tasks: where batches come from and how the held-out evaluation is built.
 
-A task is gin-configurable and offers ``name``, ``vocab_size``, ``seq_len``,
-``train_iterator(batch_size, seed)`` (a checkpointable Grain iterator of batches in the
-format of :mod:`lclm.data.pipeline`) and ``eval_batches(seq_len, batch_size, num_examples)``
-(held-out batches at any length, for evaluation at the training length and beyond).
+A task is gin-configurable and offers ``name``, ``vocab_size``, ``seq_len``, ``tokenizer``
+(the :class:`lclm.data.tokenizer.Tokenizer` of a text task's inputs; None for token-id tasks
+such as MQAR), ``train_iterator(batch_size, seed)`` (a checkpointable Grain iterator of
+batches in the format of :mod:`lclm.data.pipeline`) and ``eval_batches(seq_len, batch_size,
+num_examples)`` (held-out batches at any length, for evaluation at the training length and
+beyond).
 
 Every task takes an optional ``position_transform`` (gin: ``MqarTask.position_transform =
 @PoSE()``; see :mod:`lclm.data.position_augmentation`) applied to its *training* batches only;
@@ -17,7 +19,7 @@ import dataclasses
 import gin
 
 from lclm.data import mqar, passkey, pipeline, synthetic_source, text
-from lclm.data.tokenizer import ByteTokenizer
+from lclm.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
 @gin.configurable
@@ -37,6 +39,7 @@ class MqarTask:
   """
 
   name = "mqar"
+  tokenizer = None  # Token ids, no text.
 
   def __init__(self, seq_len: int = gin.REQUIRED, *, vocab_size: int = 8192,
                num_kv_pairs: int = 8, num_queries: int | None = None, gap_alpha: float = 0.99,
@@ -66,16 +69,22 @@ class MqarTask:
 class PasskeyTask:
   """Passkey retrieval: a random key hidden at a random depth in filler, asked for at the end.
 
-  Byte-level tokens (vocabulary 259).
+  Byte-level tokens (vocabulary 259). ``vocab_size`` (the model's vocabulary) defaults to
+  259; a larger one fits a pretrained model's embedding (the extra ids never occur).
   """
 
   name = "passkey"
 
   def __init__(self, seq_len: int = gin.REQUIRED, *, num_digits: int = 5, seed: int = 0,
-               position_transform=None):
+               position_transform=None, vocab_size: int | None = None):
     self.seq_len = seq_len
     self.position_transform = position_transform
-    self.vocab_size = ByteTokenizer().vocab_size
+    self.tokenizer = ByteTokenizer()
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                   or vocab_size < self.tokenizer.vocab_size):
+      raise ValueError(f"PasskeyTask.vocab_size={vocab_size!r} must be an int >= "
+                       f"{self.tokenizer.vocab_size} (the byte tokens), or None.")
+    self.vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size
     self.seed = seed
     self.config = passkey.PasskeyConfig(seq_len=seq_len, num_digits=num_digits)
 
@@ -98,11 +107,19 @@ class PasskeyTask:
 
 @gin.configurable
 class TextTask:
-  """Byte-level language modelling on local text files (a glob) or a TFDS text dataset.
+  """Language modelling on local text files (a glob) or a TFDS text dataset.
 
   Documents are packed into rows of ``seq_len`` with segment ids and position restarts.
   Exactly one of ``train_files`` / ``tfds_name`` is given; evaluation reads ``eval_files``
   or the TFDS ``eval_split``.
+
+  ``tokenizer`` (gin: ``TextTask.tokenizer = "/path/to/model_folder"``): None or ``"byte"``
+  for the byte tokenizer (the default), or a folder / file that
+  :func:`lclm.data.tokenizer.load_tokenizer` reads (a Hugging Face ``tokenizer.json`` or a
+  SentencePiece ``tokenizer.model``). Every document is framed with the tokenizer's bos and
+  eos (those it has). ``vocab_size`` (the model's vocabulary) defaults to the tokenizer's; a
+  pretrained model's embedding may be larger (e.g. 128256 rows for a smaller tokenizer), so it
+  may be set to any value not below the tokenizer's.
   """
 
   name = "text"
@@ -110,12 +127,19 @@ class TextTask:
   def __init__(self, seq_len: int = gin.REQUIRED, *, train_files: str | None = None,
                eval_files: str | None = None, tfds_name: str | None = None,
                tfds_feature: str = "text", eval_split: str = "validation", seed: int = 0,
-               position_transform=None):
+               position_transform=None, tokenizer: str | None = None,
+               vocab_size: int | None = None):
     if (train_files is None) == (tfds_name is None):
       raise ValueError("TextTask: give exactly one of train_files (a glob of local text "
                        "files) and tfds_name (a TFDS text dataset).")
     self.seq_len = seq_len
-    self.vocab_size = ByteTokenizer().vocab_size
+    self.tokenizer = load_tokenizer(tokenizer)
+    if vocab_size is not None and (not isinstance(vocab_size, int)
+                                   or vocab_size < self.tokenizer.vocab_size):
+      raise ValueError(f"TextTask.vocab_size={vocab_size!r} must be an int >= the tokenizer's "
+                       f"vocabulary ({self.tokenizer.vocab_size}, {self.tokenizer!r}); or None "
+                       "to use the tokenizer's.")
+    self.vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size
     self.seed = seed
     self.position_transform = position_transform
     self._train_files, self._eval_files = train_files, eval_files or train_files
@@ -124,8 +148,9 @@ class TextTask:
   def _source(self, train: bool):
     if self._tfds_name is not None:
       return text.tfds_text_source(self._tfds_name, split="train" if train else self._eval_split,
-                                   feature=self._feature)
-    return text.text_file_source(self._train_files if train else self._eval_files)
+                                   feature=self._feature, tokenizer=self.tokenizer)
+    return text.text_file_source(self._train_files if train else self._eval_files,
+                                 tokenizer=self.tokenizer)
 
   def train_iterator(self, batch_size: int, seed: int):
     return pipeline.make_train_iterator(self._source(True), batch_size=batch_size,

@@ -1,6 +1,8 @@
-"""Language-modelling sources from text: local files or any TFDS text dataset, byte-tokenized.
+"""Language-modelling sources from text: local files or any TFDS text dataset, tokenized.
 
-Each document becomes one example ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``loss_mask`` all
+The tokenizer is any :class:`lclm.data.tokenizer.Tokenizer` (default the byte tokenizer; a
+Hugging Face ``tokenizer.json`` or a SentencePiece model through ``load_tokenizer``). Each
+document becomes one example ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``loss_mask`` all
 ones, where ``ids`` is the document's tokens with bos/eos added. Documents may be longer than the
 training length: the pipeline cuts them into pieces (``make_train_iterator(split_long=True)``).
 """
@@ -17,23 +19,30 @@ from lclm.data import tokenizer as tokenizer_lib
 
 
 class TokenizedTextSource:
-  """A Grain ``RandomAccessDataSource`` of byte-tokenized documents.
+  """A Grain ``RandomAccessDataSource`` of tokenized documents.
 
   Args:
     texts: random-access sequence of documents (``str`` or UTF-8 ``bytes``).
-    tokenizer: defaults to ``ByteTokenizer()``.
-    add_bos, add_eos: frame every document with bos / eos.
+    tokenizer: any :class:`~lclm.data.tokenizer.Tokenizer`; defaults to ``ByteTokenizer()``.
+    add_bos, add_eos: frame every document with bos / eos. None (default): when the tokenizer
+      has that token (every lclm tokenizer has both except some real vocabularies, e.g. Qwen's
+      has no bos); True with a tokenizer that lacks it is a ValueError.
 
   ``source[i]`` is ``{"inputs", "targets": int32 [n - 1], "loss_mask": uint8 [n - 1]}`` for a
   document of ``n`` tokens.
   """
 
-  def __init__(self, texts: Sequence[Any], *, tokenizer: tokenizer_lib.ByteTokenizer | None = None,
-               add_bos: bool = True, add_eos: bool = True):
+  def __init__(self, texts: Sequence[Any], *, tokenizer: tokenizer_lib.Tokenizer | None = None,
+               add_bos: bool | None = None, add_eos: bool | None = None):
     self.texts = texts
-    self.tokenizer = tokenizer or tokenizer_lib.ByteTokenizer()
-    self.add_bos = add_bos
-    self.add_eos = add_eos
+    self.tokenizer = tokenizer if tokenizer is not None else tokenizer_lib.ByteTokenizer()
+    for name, asked, special in (("add_bos", add_bos, self.tokenizer.bos_id),
+                                 ("add_eos", add_eos, self.tokenizer.eos_id)):
+      if asked and special is None:
+        raise ValueError(f"TokenizedTextSource: {name}=True but the tokenizer {self.tokenizer!r} "
+                         f"has no such token; pass {name}=None or False.")
+    self.add_bos = self.tokenizer.bos_id is not None if add_bos is None else add_bos
+    self.add_eos = self.tokenizer.eos_id is not None if add_eos is None else add_eos
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -48,11 +57,11 @@ class TokenizedTextSource:
 
 
 def text_file_source(pattern: str, *, document_separator: str | None = None,
-                     tokenizer: tokenizer_lib.ByteTokenizer | None = None) -> TokenizedTextSource:
+                     tokenizer: tokenizer_lib.Tokenizer | None = None) -> TokenizedTextSource:
   """Documents from the files matching the glob ``pattern`` (sorted by path), held in memory.
 
   ``document_separator=None`` makes each file one document; ``"\\n"`` makes each line one,
-  ``"\\n\\n"`` each paragraph. Empty documents are dropped.
+  ``"\\n\\n"`` each paragraph. Empty documents are dropped. ``tokenizer``: default bytes.
   """
   paths = sorted(glob_lib.glob(pattern, recursive=True))
   if not paths:
@@ -85,7 +94,7 @@ class _FeatureColumn:
 
 def tfds_text_source(name: str, *, split: str = "train", feature: str = "text",
                      data_dir: str | None = None, download: bool = False,
-                     tokenizer: tokenizer_lib.ByteTokenizer | None = None) -> TokenizedTextSource:
+                     tokenizer: tokenizer_lib.Tokenizer | None = None) -> TokenizedTextSource:
   """Documents from the text ``feature`` of the TFDS dataset ``name`` (e.g. ``"lm1b"``).
 
   Reads the dataset's array_record files through ``tfds.data_source`` (no TensorFlow). With

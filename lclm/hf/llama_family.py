@@ -19,7 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from layers import Attention, GatedMLP
-from lclm.hf.pretrained import Architecture, UnsupportedConfigError, register_architecture
+from lclm.hf.mapping import attention_params, fail as _fail, linear_in as _linear_in, require
+from lclm.hf.pretrained import Architecture, register_architecture
 from lclm.model.decoder import DecoderLM
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu",
@@ -27,11 +28,6 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu",
 _GEMMA = ("gemma2", "gemma3_text")
 # The rope scaling types of transformers that lclm's rope_frequencies implements.
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
-
-
-def _fail(model_type, field, value, expected):
-  raise UnsupportedConfigError(f"config.json ({model_type}): {field} = {value!r} is not "
-                               f"supported; lclm reads {expected}.")
 
 
 def _head_dim(config) -> int:
@@ -157,11 +153,6 @@ def decoder_options(config: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- weights
 
 
-def _linear_in(weight):
-  """HF weight [out, in] -> [in, out]."""
-  return np.asarray(weight).T
-
-
 def load_params(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]):
   """{DecoderLM parameter path: array} of a Llama-family checkpoint."""
   model_type = config["model_type"]
@@ -179,24 +170,12 @@ def load_params(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]):
   for i in range(n_layers):
     src, dst = f"{prefix}layers.{i}.", ("blocks", i)
     attn = src + "self_attn."
+    qkv = None
     if model_type == "phi3":
-      qkv = tensors[attn + "qkv_proj.weight"]
-      q, k, v = np.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=0)
-    else:
-      q, k, v = (tensors[attn + f"{n}_proj.weight"] for n in "qkv")
-    for name, weight, h in (("q_proj", q, heads), ("k_proj", k, kv_heads),
-                            ("v_proj", v, kv_heads)):
-      params[dst + ("mixer", name, "kernel")] = _linear_in(weight).reshape(d, h, head_dim)
-      if attn + f"{name}.bias" in tensors:
-        params[dst + ("mixer", name, "bias")] = tensors[attn + f"{name}.bias"].reshape(
-            h, head_dim)
-    params[dst + ("mixer", "o_proj", "kernel")] = _linear_in(
-        tensors[attn + "o_proj.weight"]).reshape(heads, head_dim, d)
-    if attn + "o_proj.bias" in tensors:
-      params[dst + ("mixer", "o_proj", "bias")] = tensors[attn + "o_proj.bias"]
-    if attn + "q_norm.weight" in tensors:
-      params[dst + ("mixer", "q_norm", "scale")] = tensors[attn + "q_norm.weight"]
-      params[dst + ("mixer", "k_norm", "scale")] = tensors[attn + "k_norm.weight"]
+      qkv = np.split(np.asarray(tensors[attn + "qkv_proj.weight"]),
+                     [heads * head_dim, (heads + kv_heads) * head_dim], axis=0)
+    params.update(attention_params(tensors, attn, dst, features=d, heads=heads,
+                                   kv_heads=kv_heads, head_dim=head_dim, qkv=qkv))
     params[dst + ("mixer_norm", "scale")] = tensors[src + "input_layernorm.weight"]
     if gemma:
       params[dst + ("post_mixer_norm", "scale")] = tensors[src + "post_attention_layernorm.weight"]
@@ -219,59 +198,54 @@ def load_params(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]):
 # ------------------------------------------------------------------------------- export
 
 
-def _require(condition, what):
-  if not condition:
-    raise UnsupportedConfigError(f"save_pretrained: {what}")
-
-
 def _export_config(model: DecoderLM, model_type: str) -> dict[str, Any]:
   """The Hugging Face config of a model that ``model_type`` expresses exactly."""
   names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
            "qwen2": "Qwen2ForCausalLM"}
-  _require(not model.final_logits_soft_cap and not model.embedding_multiplier,
+  require(not model.final_logits_soft_cap and not model.embedding_multiplier,
            f"{model_type} has no final logit soft cap or embedding multiplier.")
   blocks = list(model.blocks)
   windows, eps, mlp_sizes, first = set(), set(), set(), None
   for index, block in enumerate(blocks):
     mixer, mlp = block.mixer, block.mlp
     where = f"layer {index}"
-    _require(isinstance(mixer, Attention), f"{where}: {model_type} layers are attention, got "
+    require(isinstance(mixer, Attention), f"{where}: {model_type} layers are attention, got "
              f"{type(mixer).__name__}.")
-    _require(isinstance(mlp, GatedMLP) and mlp.activation == "silu",
+    require(isinstance(mlp, GatedMLP) and mlp.activation == "silu",
              f"{where}: {model_type} needs a SwiGLU MLP (mlp_pattern 'gated', silu).")
-    _require(block.short_conv is None and block.post_mixer_norm is None,
+    require(block.short_conv is None and block.post_mixer_norm is None,
              f"{where}: {model_type} has no short convolution or post norms.")
-    _require(block.mixer_norm.scale_offset == 0 and mixer.q_norm is None,
+    require(block.mixer_norm.scale_offset == 0 and mixer.q_norm is None,
              f"{where}: {model_type} has plain RMSNorms and no QK-norm.")
-    _require(mixer.rotary is not None and mixer.position_extension is None and
+    require(mixer.rotary is not None and mixer.position_extension is None and
              mixer.logits_soft_cap is None and mixer.query_multiplier is None and
              mixer.mask is None and not mixer.num_sink_tokens and mixer.chunk_size is None,
              f"{where}: {model_type} attention is RoPE attention without soft cap, custom "
              "scale, masks, sinks or position extensions.")
     rotary = mixer.rotary
-    _require(len(set(rotary.thetas)) == 1 and rotary.layout == "half" and
+    require(len(set(rotary.thetas)) == 1 and rotary.layout == "half" and
              rotary.partial_rotary_factor == 1.0,
              f"{where}: {model_type} takes one rope_theta, rope_layout 'half' and full rotary.")
     signature = (mixer.num_heads, mixer.num_kv_heads, mixer.head_dim, rotary.thetas[0],
                  rotary.scaling, rotary.max_position_embeddings,
                  mixer.q_proj.use_bias, mixer.o_proj.use_bias)
-    _require(first is None or signature == first,
+    require(first is None or signature == first,
              f"{where}: every layer must share heads, RoPE and biases ({model_type}).")
     first = signature
     windows.add(None if mixer.local_window_size is None else mixer.local_window_size)
     eps.update((block.mixer_norm.eps, block.mlp_norm.eps))
     mlp_sizes.add(mlp.gate.kernel[...].shape[1])
   eps.add(model.final_norm.eps)
-  _require(len(eps) == 1 and len(mlp_sizes) == 1, "one norm eps and one MLP size for all layers.")
+  require(len(eps) == 1 and len(mlp_sizes) == 1, "one norm eps and one MLP size for all layers.")
   heads, kv_heads, head_dim, theta, scaling, max_positions, qkv_bias, o_bias = first
   if model_type == "qwen2":
-    _require(qkv_bias and not o_bias, "qwen2 has q/k/v biases and no output bias.")
+    require(qkv_bias and not o_bias, "qwen2 has q/k/v biases and no output bias.")
   else:
-    _require(qkv_bias == o_bias, f"{model_type} has biases on all of q, k, v, o or none.")
-    _require(model_type == "llama" or not qkv_bias, f"{model_type} has no attention biases.")
+    require(qkv_bias == o_bias, f"{model_type} has biases on all of q, k, v, o or none.")
+    require(model_type == "llama" or not qkv_bias, f"{model_type} has no attention biases.")
   sliding = None
   if windows != {None}:
-    _require(model_type == "mistral" and len(windows) == 1,
+    require(model_type == "mistral" and len(windows) == 1,
              f"sliding windows: {model_type} has none; a sliding window in every layer is "
              "mistral.")
     left = windows.pop()

@@ -73,11 +73,7 @@ def architectures() -> dict[str, Architecture]:
 
 def _import_builtin():
   # pylint: disable=import-outside-toplevel,unused-import
-  from lclm.hf import llama_family  # noqa: F401
-  try:
-    from lclm.hf import mamba_family  # noqa: F401
-  except ImportError:
-    pass
+  from lclm.hf import llama_family, mamba_family  # noqa: F401
 
 
 def architecture_of(config: Mapping[str, Any]) -> Architecture:
@@ -105,7 +101,11 @@ def model_options(config: Mapping[str, Any], *, dtype: Any = None) -> dict[str, 
   """The DecoderLM keyword arguments of a Hugging Face config (all of them, defaults made
   explicit), computation and parameter dtype ``dtype`` (default the checkpoint's
   ``torch_dtype``/``dtype``, float32 if none)."""
-  options = architecture_of(config).decoder_options(config)
+  try:
+    options = architecture_of(config).decoder_options(config)
+  except KeyError as error:
+    raise UnsupportedConfigError(f"config.json ({config.get('model_type')}): the field "
+                                 f"{error.args[0]!r} is missing.") from None
   dtype = jnp.dtype(dtype or checkpoint_dtype(config))
   return {**_decoder_defaults(), **options, "dtype": dtype.name, "param_dtype": dtype.name}
 
@@ -191,8 +191,8 @@ def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None) -> D
     params = architecture.load_params(config, reader)
   except KeyError as error:
     raise ValueError(f"load_pretrained({path!r}): {error.args[0]}.") from None
-  unused = [name for name in reader.unused()
-            if not any(re.fullmatch(p, name) for p in architecture.ignored)]
+  ignored = architecture.ignored + ((r"lm_head\.weight",) if options["tie_embeddings"] else ())
+  unused = [name for name in reader.unused() if not any(re.fullmatch(p, name) for p in ignored)]
   if unused:
     raise ValueError(f"load_pretrained({path!r}): the checkpoint has tensors the "
                      f"{architecture.name!r} mapping does not use: {unused[:8]}"
@@ -239,7 +239,13 @@ def save_pretrained(model: DecoderLM, path: str, *, architecture: str,
 
 def gin_config(options: Mapping[str, Any], *, source: str = "") -> str:
   """``DecoderLM`` gin bindings for the options of :func:`model_options` (vocab_size, which
-  the task supplies, is written as a comment and as the macro ``HF_VOCAB_SIZE``)."""
+  the task supplies, is written as the macro ``HF_VOCAB_SIZE``).
+
+  The parameters are kept in float32 whatever the checkpoint's dtype (``dtype``, the
+  computation dtype, stays the checkpoint's): these bindings configure training, where
+  bfloat16 master weights would round small updates away.
+  """
+  options = {**options, "param_dtype": "float32"}
   lines = [f"# DecoderLM of the Hugging Face checkpoint {source}".rstrip(),
            f"HF_VOCAB_SIZE = {int(options['vocab_size'])}"]
   for name in sorted(options):

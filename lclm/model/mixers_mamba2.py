@@ -31,9 +31,12 @@ def _positive_number(name, value):
 def mamba2(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, expand: int = 2,
            head_dim: int = 64, d_state: int = 64, n_groups: int = 1, d_conv: int = 4,
            chunk_size: int | None = None, dt_min: float = 0.001, dt_max: float = 0.1,
-           dt_init_floor: float = 1e-4, implementation: str | None = None) -> Mamba2:
+           dt_init_floor: float = 1e-4, norm_eps: float = 1e-5, use_bias: bool = False,
+           use_conv_bias: bool = True, implementation: str | None = None) -> Mamba2:
   """Mamba-2 block (in_proj -> causal depthwise conv + SiLU -> SSD -> gated RMSNorm ->
-  out_proj); the options are those of :class:`layers.mamba2.Mamba2`.
+  out_proj); the options are those of :class:`layers.mamba2.Mamba2` (``norm_eps``: the gated
+  RMSNorm's epsilon; ``use_bias``: biases on in_proj and out_proj; ``use_conv_bias``: a bias on
+  the convolution).
 
   d_inner = expand * features must be a multiple of head_dim, and the heads
   (d_inner / head_dim) a multiple of n_groups. The module exposes ``init_state(batch)`` and
@@ -45,7 +48,8 @@ def mamba2(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, expand: int = 2
                       ("n_groups", n_groups), ("d_conv", d_conv)):
     _positive_int(name, value)
   _positive_int("chunk_size", chunk_size, allow_none=True)
-  for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
+  for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor),
+                      ("norm_eps", norm_eps)):
     _positive_number(name, value)
   if dt_min > dt_max:
     raise ValueError(f"mixer 'mamba2': option dt_min ({dt_min}) must not exceed dt_max "
@@ -62,5 +66,6 @@ def mamba2(features: int, *, rngs: nnx.Rngs, dtype, param_dtype, expand: int = 2
                      f"heads d_inner / head_dim = {d_inner // head_dim}.")
   return Mamba2(features, expand=expand, head_dim=head_dim, d_state=d_state,
                 n_groups=n_groups, d_conv=d_conv, chunk_size=chunk_size, dt_min=dt_min,
-                dt_max=dt_max, dt_init_floor=dt_init_floor, implementation=implementation,
+                dt_max=dt_max, dt_init_floor=dt_init_floor, norm_eps=norm_eps, use_bias=use_bias,
+                use_conv_bias=use_conv_bias, implementation=implementation,
                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)

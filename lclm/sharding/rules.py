@@ -29,6 +29,14 @@ DEFAULT_AXIS_RULES: AxisRules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # Mixture-of-experts weights [expert, embed, mlp]: experts split over "tensor" (expert
+    # parallelism). The devices of a tensor group hold the same tokens (batch and length
+    # split over other axes), so each routes its tokens to the experts it holds and the
+    # partial outputs meet in one all-reduce, with no all-to-all; "mlp" then finds tensor
+    # taken and stays whole, so an expert's matmuls are local. When the expert count does not
+    # divide the tensor axis, experts stay whole and "mlp" takes tensor instead. "expert"
+    # must not share mesh axes with "batch" or "length" (layers/moe.py relies on it).
+    ("expert", "tensor"),
     ("conv_width", None),
     # State-space and linear-recurrent mixers. Mamba's inner channels are independent, so
     # they split like MLP features; Mamba-2 runs its SSD kernel per batch shard and keeps

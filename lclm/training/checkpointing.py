@@ -18,6 +18,18 @@ from etils import epath
 log = logging.getLogger(__name__)
 
 
+def failure_reason(error: Exception) -> str:
+  """One line saying why a checkpoint could not be read."""
+  return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def report_unreadable(directory: str, step: int, reason: str) -> None:
+  """Warns (stdout and log) that the checkpoint of ``step`` is skipped for the one before."""
+  print(f"WARNING: checkpoint at step {step} in {directory} is corrupt or partial "
+        f"({reason}); trying the previous one.", flush=True)
+  log.warning("unreadable checkpoint at step %d: %s", step, reason)
+
+
 class UnreadableCheckpointsError(RuntimeError):
   """Checkpoints exist but none restores into the current state."""
 
@@ -67,11 +79,8 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:  # Orbax raises many types for unreadable files.
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        failures.append((step, reason))
-        print(f"WARNING: checkpoint at step {step} in {self.directory} is corrupt or partial "
-              f"({reason}); trying the previous one.", flush=True)
-        log.warning("unreadable checkpoint at step %d: %s", step, reason)
+        failures.append((step, failure_reason(error)))
+        report_unreadable(self.directory, step, failures[-1][1])
         continue
       for bad_step, _ in failures:
         self._set_aside(bad_step)

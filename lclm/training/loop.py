@@ -2,10 +2,11 @@
 
 ``train(workdir)`` builds the task, mesh, model and optimizer from gin, validates the
 combination before anything compiles, writes the operative gin config and the sharding
-plan, restores the latest readable checkpoint (model, optimizer and data-iterator state),
-trains with periodic asynchronous checkpoints, stops cleanly on SIGTERM (saving first) and
-on a non-finite loss (keeping the last good checkpoint), and evaluates at the training
-length and at multiples of it, writing ``eval.json``.
+plan, restores the latest readable checkpoint (model, optimizer and data-iterator state) or,
+in a fresh run, starts from pretrained parameters (``train.init_from``: another lclm run or a
+Hugging Face folder), trains with periodic asynchronous checkpoints, stops cleanly on SIGTERM
+(saving first) and on a non-finite loss (keeping the last good checkpoint), and evaluates at
+the training length and at multiples of it, writing ``eval.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lclm.data import pipeline
 from lclm.sharding import context
 from lclm.model import DecoderLM
 from lclm.training import (checkpointing, evaluation, generation_eval, metrics as metrics_lib,
-                           optimizer, step)
+                           optimizer, restore, step)
 from lclm.training.preemption import PreemptionGuard
 
 
@@ -74,6 +75,69 @@ def _validate(*, batch_size, grad_accum_steps, total_steps, mesh, task, eval_mul
         f"train.task must be a task such as @MqarTask, @PasskeyTask or @TextTask, got {task!r}.")
 
 
+def _init_source(init_from: str | None) -> tuple[str, str] | None:
+  """``train.init_from`` as ``("lclm", checkpoints dir)`` or ``("hf", folder)``; None when
+  unset. Raises ConfigurationError for a path that is neither."""
+  if init_from is None:
+    return None
+  path = os.fspath(init_from)
+  try:
+    directory = restore.checkpoint_directory(path)
+  except FileNotFoundError:
+    raise ConfigurationError(f"train.init_from={path!r} does not exist; give an lclm run "
+                             "directory, its checkpoints/ directory or a Hugging Face model "
+                             "folder (config.json + safetensors).") from None
+  if directory is not None:
+    return "lclm", directory
+  if (epath.Path(path) / "config.json").exists():
+    return "hf", path
+  raise ConfigurationError(f"train.init_from={path!r} is neither an lclm run directory (no "
+                           "checkpoints/), a checkpoints directory, nor a Hugging Face model "
+                           "folder (no config.json).")
+
+
+def _load_init_params(source, state, state_shardings, model_factory, tx, mesh, rules):
+  """``state`` with the parameters of ``source`` (from :func:`_init_source`) and a fresh
+  optimizer state built from them, in the state's shardings and parameter dtypes; step 0.
+
+  The model of the gin configuration must have the loaded parameter tree (names and
+  shapes); otherwise a ConfigurationError names the first differing parameter.
+  """
+  kind, path = source
+  if kind == "lclm":
+    try:
+      at_step, model = restore.restore_params(path, model_factory, mesh=mesh, rules=rules)
+    except (FileNotFoundError, ValueError) as error:
+      raise ConfigurationError(f"train.init_from={path!r}: {error}") from error
+    origin = f"the lclm checkpoint at step {at_step} in {path}"
+  else:
+    from lclm import hf  # pylint: disable=g-import-not-at-top  (imported on demand)
+    try:
+      model = hf.load_pretrained(path, mesh=mesh, rules=rules)
+    except (FileNotFoundError, ValueError) as error:
+      raise ConfigurationError(f"train.init_from={path!r}: {error}") from error
+    origin = f"the Hugging Face model in {path}"
+  params = nnx.state(model, nnx.Param)
+  mismatch = restore.param_mismatch(restore.param_shapes(state.params),
+                                    restore.param_shapes(params),
+                                    expected_name="configured model", found_name="loaded model")
+  if mismatch is not None:
+    raise ConfigurationError(
+        f"train.init_from={path!r}: the configured model does not match {origin}: {mismatch}. "
+        "Configure the model as the loaded one (sizes, layer pattern, vocabulary).")
+  # The configured tree (Variable metadata, order) with the loaded values, in its dtypes.
+  values = {tuple(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(params)}
+  flat = nnx.to_flat_state(state.params)
+  new_params = nnx.from_flat_state(
+      [(p, v.replace(values[tuple(str(k) for k in p)].astype(v.get_value().dtype)))
+       for p, v in flat])
+  new_params = jax.device_put(new_params, state_shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(new_params)
+  print(f"train.init_from: initialised the {len(flat)} parameters from {origin}; the "
+        "optimizer state is fresh and training starts at step 0", flush=True)
+  return state.replace(params=new_params, opt_state=opt_state)
+
+
 def _write(workdir, name, text):
   """Writes a small text file into the run directory (local or remote), from process 0."""
   if jax.process_index() == 0:
@@ -111,7 +175,8 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
           async_checkpoints: bool = True, eval_every: int = 0,
           eval_length_multipliers=(1, 2, 4), eval_examples: int = 512,
           eval_batch_size: int | None = None, eval_by_generation: bool = False,
-          stop_after_steps: int | None = None, progress: bool = True) -> dict:
+          stop_after_steps: int | None = None, progress: bool = True,
+          init_from: str | None = None) -> dict:
   """Trains and evaluates; returns a summary dict (also written to ``summary.json``).
 
   Args:
@@ -135,6 +200,15 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     stop_after_steps: stop (saving a checkpoint) once this step is reached, as a
       preemption would; the next run resumes. None trains to ``total_steps``.
     progress: show a progress bar.
+    init_from: None, or pretrained parameters for a fresh run: an lclm run directory (or its
+      ``checkpoints/``; the newest readable checkpoint's parameters, read with
+      :func:`lclm.training.restore.restore_params`) or a Hugging Face model folder
+      (``config.json`` + safetensors, read with ``lclm.hf.load_pretrained``). The gin-built
+      model must have the same parameter tree (names and shapes; static options such as
+      positions may differ), else a ConfigurationError names the first differing parameter.
+      The parameters are cast to the state's dtypes and placed in its shardings; the
+      optimizer state is fresh and the run starts at step 0. A run directory that already
+      has a checkpoint of its own resumes from it and ignores ``init_from`` (it says so).
   """
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   intervals = dict(log_every=log_every, checkpoint_every=checkpoint_every,
@@ -154,6 +228,9 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
     # Sequence split over the mesh's context axis: the rows must divide into its shards.
     context_plan = context.context_parallel_plan(mesh)
     context.check_sequence_length(context_plan, task.seq_len)
+    # A run that resumes ignores init_from (whose folder may be gone by then).
+    resumes = init_from is not None and restore.has_checkpoint(workdir)
+    init_source = None if resumes else _init_source(init_from)
     tx = optimizer.make_optimizer(total_steps)
 
     def model_factory():
@@ -193,6 +270,12 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int = gin.REQUIRED,
   if restored is not None:
     start, state = restored
     print(f"resumed from the checkpoint at step {start}", flush=True)
+    if init_from is not None:
+      print(f"train.init_from={init_from!r} ignored: this run resumes from its own checkpoint "
+            f"at step {start}", flush=True)
+  elif init_source is not None:
+    state = _load_init_params(init_source, state, state_shardings, model_factory, tx, mesh,
+                              rules)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   eval_batch_size = eval_batch_size or batch_size

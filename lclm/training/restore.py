@@ -1,48 +1,248 @@
-"""Loads a trained model from a run directory, possibly with other static options.
+"""Loads trained parameters from a run directory, possibly into a model with other options.
 
 A model's parameters do not depend on its position encoding (RoPE has no parameters), so a
 checkpoint trained with one position method can be evaluated with another: build the model
 with the evaluation-time options (e.g. ``DecoderLM.position_options`` of
 ``configs/positions/yarn.gin``) and restore the trained parameters into it.
+
+:func:`restore_params` reads only the ``params`` subtree of the saved train state (Orbax
+partial restore): no optimizer state is built or read, so neither the optimizer's
+configuration nor its memory matters. The same parameter tree (names and shapes) is
+required; a difference is a ValueError that names the first differing parameter.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
+from layers.partitioning import use_context_parallelism
 from lclm import sharding
-from lclm.training import checkpointing, optimizer, step
+from lclm.sharding.context import context_parallel_plan
+from lclm.training import checkpointing
+
+log = logging.getLogger(__name__)
+
+_STATE_ITEM = "state"  # The train state's item in each step folder (lclm.training.checkpointing).
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def param_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of every parameter of ``params``, in tree order.
+
+  ``params`` is an ``nnx.State`` (or any pytree) of ``nnx.Param`` / arrays /
+  ``jax.ShapeDtypeStruct`` / Orbax array metadata; a path is the tuple of its keys as strings
+  (``("blocks", "0", "mixer", "q_proj", "kernel")``), without the Variables' ``value`` key.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  shapes = {}
+  for path, leaf in leaves:
+    names = tuple(_key_name(k) for k in path)
+    if names and names[-1] == "value":
+      names = names[:-1]
+    if isinstance(leaf, nnx.Variable):
+      leaf = leaf.get_value()
+    shapes[names] = tuple(getattr(leaf, "shape", ()))
+  return shapes
+
+
+def _path_text(path: Sequence[str]) -> str:
+  return "/".join(path) or "<root>"
+
+
+def param_mismatch(expected: dict, found: dict, *, expected_name: str = "model",
+                   found_name: str = "checkpoint") -> str | None:
+  """The first difference between two :func:`param_shapes` trees, as a sentence; or None.
+
+  The first parameter of ``expected`` (in its order) that ``found`` lacks or holds with
+  another shape is named with both shapes; failing that, the first parameter only ``found``
+  holds.
+  """
+  for path, shape in expected.items():
+    if path not in found:
+      return (f"parameter {_path_text(path)!r} (shape {shape} in the {expected_name}) is not "
+              f"in the {found_name}")
+    if tuple(found[path]) != tuple(shape):
+      return (f"parameter {_path_text(path)!r} has shape {shape} in the {expected_name} but "
+              f"{tuple(found[path])} in the {found_name}")
+  for path, shape in found.items():
+    if path not in expected:
+      return (f"parameter {_path_text(path)!r} (shape {tuple(shape)} in the {found_name}) is "
+              f"not in the {expected_name}")
+  return None
+
+
+def checkpoint_directory(path: str) -> str | None:
+  """The Orbax checkpoint folder of ``path``, or None when ``path`` is not lclm's layout.
+
+  ``path`` is an lclm run directory (its ``checkpoints/``) or such a ``checkpoints/`` folder
+  itself (named so, or holding numbered step folders with a ``state`` item). Raises
+  FileNotFoundError when ``path`` does not exist.
+  """
+  root = epath.Path(os.path.abspath(path) if "://" not in str(path) else path)
+  if not root.exists():
+    raise FileNotFoundError(f"{path!r} does not exist; expected an lclm run directory (with "
+                            "checkpoints/) or its checkpoints/ directory.")
+  if not root.is_dir():
+    return None
+  if (root / "checkpoints").is_dir():
+    return str(root / "checkpoints")
+  if root.name == "checkpoints" or _steps(root):
+    return str(root)
+  return None
+
+
+def _steps(directory: epath.Path) -> list[int]:
+  """Steps saved in ``directory``: numbered folders holding the train-state item, ascending.
+
+  Orbax's temporary folders and those set aside as unreadable have other names.
+  """
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / _STATE_ITEM).is_dir())
+
+
+def has_checkpoint(path: str) -> bool:
+  """Whether ``path`` (a run or checkpoints directory, possibly absent) holds a checkpoint."""
+  if not os.path.exists(path):
+    return False
+  directory = checkpoint_directory(path)
+  return bool(directory and _steps(epath.Path(directory)))
+
+
+def checkpoint_param_shapes(path: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """:func:`param_shapes` of the newest checkpoint of ``path`` (a run or checkpoints
+  directory), read from its metadata (no array is loaded)."""
+  directory = checkpoint_directory(path)
+  steps = _steps(epath.Path(directory)) if directory else []
+  if not steps:
+    raise FileNotFoundError(f"checkpoint_param_shapes: no checkpoint in {path!r}.")
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(epath.Path(directory) / str(steps[-1]) / _STATE_ITEM).tree
+  finally:
+    handler.close()
+  if not isinstance(metadata, dict) or "params" not in metadata:
+    raise ValueError(f"checkpoint_param_shapes: the checkpoint in {directory} holds no "
+                     "'params' subtree; is it an lclm train state?")
+  return param_shapes(metadata["params"])
+
+
+def _abstract_model(model_factory: Callable[[], nnx.Module], mesh: Mesh, rules):
+  """(graphdef, abstract params with shardings) of the model, built without allocating."""
+  plan = context_parallel_plan(mesh)
+  with use_context_parallelism(plan):
+    abstract = nnx.eval_shape(model_factory)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    kinds = sorted({type(v).__name__ for _, v in nnx.to_flat_state(rest)})
+    raise ValueError("restore_params: the model may hold nnx.Param variables only (as the "
+                     f"train state does), but it also has {kinds}.")
+  shardings = sharding.named_shardings(params, mesh, rules)
+  target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+  return graphdef, target
+
+
+def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
+                   mesh: Mesh | None = None, rules: Sequence | None = None
+                   ) -> tuple[int, nnx.Module]:
+  """The parameters of the newest readable checkpoint of ``path`` in a new model.
+
+  Args:
+    path: an lclm run directory (``experiments.train --workdir``) or its ``checkpoints/``.
+    model_factory: builds the model (with its own ``nnx.Rngs``); it is only traced
+      (``nnx.eval_shape``), never initialised. Its parameter tree (names and shapes) must be
+      the checkpoint's; static options (positions, kernels, ...) may differ.
+    mesh, rules: the parameters are placed in the shardings of their logical axes on
+      ``mesh`` (default ``sharding.make_mesh()``, the gin-configured mesh) under ``rules``
+      (default ``sharding.axis_rules()``), as ``step.init_train_state`` places them.
+
+  Returns:
+    ``(step, model)``: the checkpoint's step and the model holding its parameters, cast to
+    the dtypes of the model ``model_factory`` builds.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist, is not an lclm run / checkpoints directory,
+      or holds no checkpoint.
+    ValueError: the model's parameter tree differs from the checkpoint's (the first
+      differing parameter is named with both shapes).
+    checkpointing.UnreadableCheckpointsError: checkpoints exist but none can be read (each
+      failure is reported and the previous checkpoint tried; nothing is renamed or deleted).
+  """
+  directory = checkpoint_directory(path)
+  if directory is None:
+    raise FileNotFoundError(f"restore_params: {path!r} is neither an lclm run directory (with "
+                            "checkpoints/) nor a checkpoints directory; train there first "
+                            "(experiments.train --workdir=...).")
+  steps = _steps(epath.Path(directory))
+  if not steps:
+    raise FileNotFoundError(f"restore_params: no checkpoint in {directory}.")
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  rules = sharding.axis_rules() if rules is None else rules
+  graphdef, target = _abstract_model(model_factory, mesh, rules)
+  expected = param_shapes(target)
+  handler = ocp.PyTreeCheckpointHandler()
+  failures = []
+  try:
+    for at_step in reversed(steps):
+      item = epath.Path(directory) / str(at_step) / _STATE_ITEM
+      try:
+        metadata = handler.metadata(item).tree
+      except Exception as error:  # Orbax raises many types for unreadable files.
+        failures.append((at_step, checkpointing.failure_reason(error)))
+        checkpointing.report_unreadable(directory, at_step, failures[-1][1])
+        continue
+      if not isinstance(metadata, dict) or "params" not in metadata:
+        raise ValueError(f"restore_params: the checkpoint at step {at_step} in {directory} "
+                         "holds no 'params' subtree; is it an lclm train state?")
+      mismatch = param_mismatch(expected, param_shapes(metadata["params"]))
+      if mismatch is not None:
+        raise ValueError(
+            f"restore_params: the model does not match the checkpoint at step {at_step} in "
+            f"{directory}: {mismatch}. Build the model with the run's configuration (same "
+            "sizes, layer pattern and vocabulary).")
+      wanted = {"params": target}
+      args = ocp.args.PyTreeRestore(
+          item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+          partial_restore=True)
+      try:
+        restored = handler.restore(item, args=args)
+      except Exception as error:  # Orbax raises many types for unreadable files.
+        failures.append((at_step, checkpointing.failure_reason(error)))
+        checkpointing.report_unreadable(directory, at_step, failures[-1][1])
+        continue
+      log.info("restored the parameters of step %d from %s", at_step, directory)
+      return at_step, nnx.merge(graphdef, restored["params"])
+  finally:
+    handler.close()
+  raise checkpointing.UnreadableCheckpointsError(
+      f"restore_params: none of the checkpoints in {directory} can be read (newest: step "
+      f"{failures[0][0]}: {failures[0][1]}).")
 
 
 def restore_trained_model(workdir: str, model_factory: Callable[[], nnx.Module], *,
-                          total_steps: int) -> tuple[int, nnx.Module]:
+                          total_steps: int | None = None) -> tuple[int, nnx.Module]:
   """The newest readable checkpoint of ``workdir`` as ``(step, model)``.
 
-  ``model_factory()`` builds the model whose parameters the checkpoint holds (the same
-  parameter tree; static options such as positions may differ). The gin configuration must
-  describe the run's optimizer and mesh (``total_steps`` as the run's), since the train state
-  is restored whole. Raises FileNotFoundError when the directory holds no checkpoint and
-  :class:`checkpointing.UnreadableCheckpointsError` when none restores.
+  Kept for its callers: this is :func:`restore_params` on the gin-configured mesh and axis
+  rules (only the parameters are read). ``total_steps`` is no longer needed (the optimizer
+  state is not restored) and is ignored. Raises FileNotFoundError when the directory holds
+  no checkpoint, ValueError when the model does not match it and
+  :class:`checkpointing.UnreadableCheckpointsError` when none can be read.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"restore_trained_model: {workdir} has no checkpoints/ directory; "
-                            "train there first (experiments.train --workdir=...).")
-  mesh, rules = sharding.make_mesh(), sharding.axis_rules()
-  state, _ = step.init_train_state(model_factory, optimizer.make_optimizer(total_steps), mesh,
-                                   rules)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  checkpointer = checkpointing.Checkpointer(directory, async_save=False)
-  try:
-    restored = checkpointer.restore(abstract)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"restore_trained_model: no checkpoint in {directory}.")
-  at_step, state = restored
-  return at_step, state.model()
+  del total_steps
+  return restore_params(workdir, model_factory)

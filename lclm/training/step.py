@@ -11,12 +11,20 @@ A batch is a dict of [batch, length] arrays:
 The train state keeps the model as plain pytrees: ``params`` is the ``nnx.State`` of the
 model's ``nnx.Param`` variables (their logical axes ride along as metadata, which is how
 the optimizer state inherits the parameter shardings) and ``graphdef`` the static rest.
+
+Mixture-of-experts layers (``layers.MoEMLP``) sow a load-balancing loss under the name
+"moe_aux_loss" on each call; the model runs under ``nnx.capture(..., nnx.Intermediate)``
+so that those values are collected, and the objective adds their mean over the layers
+times ``make_train_step.moe_aux_loss_weight`` (gin-configurable). Models without such
+layers sow nothing and their step is unchanged.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,6 +37,12 @@ from lclm.sharding.context import check_model, check_sequence_length, context_pa
 from lclm.sharding.partition import named_shardings
 
 Batch = dict[str, jax.Array]
+
+# The name MoE layers sow their auxiliary load-balancing loss under (layers.MoEMLP), and
+# the token sum that carries it: mean over the layers times the batch's token count.
+MOE_AUX_LOSS = "moe_aux_loss"
+_MOE_AUX_SUM = "moe_aux_sum"
+_SUM_NAMES = ("ce_sum", "correct", "num_tokens")
 
 
 class TrainState(struct.PyTreeNode):
@@ -44,29 +58,55 @@ class TrainState(struct.PyTreeNode):
     return nnx.merge(self.graphdef, self.params)
 
 
+def _moe_aux_losses(intermediates: nnx.State) -> list[jax.Array]:
+  """The float32 scalars sown as "moe_aux_loss" (one per MoE layer call), in path order."""
+  values = []
+  for path, variable in nnx.to_flat_state(intermediates):
+    if path and path[-1] == MOE_AUX_LOSS:
+      values.extend(jax.tree.leaves(variable.get_value()))  # sow keeps a tuple of calls
+  return [jnp.asarray(value, jnp.float32) for value in values]
+
+
 def _token_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-  """Masked sums over the batch: ce_sum, correct (argmax hits) and num_tokens, float32."""
-  logits = model(batch["inputs"], position_ids=batch["position_ids"],
-                 segment_ids=batch.get("segment_ids"))
+  """Masked sums over the batch: ce_sum, correct (argmax hits) and num_tokens, float32.
+
+  When MoE layers sowed auxiliary losses, also "moe_aux_sum": their mean times num_tokens,
+  so that it divides by the token count like the cross-entropy (a micro-batch's aux loss
+  then weighs as much as its tokens). The aux losses are computed over every token of the
+  batch, padding included (the layers see no mask).
+  """
+  # Capturing marks the modules: work on a copy, so that a model from outside the current
+  # trace (e.g. closed over by jax.eval_shape) can be used too.
+  model = nnx.merge(*nnx.split(model))
+  logits, intermediates = nnx.capture(model, nnx.Intermediate)(
+      batch["inputs"], position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"))
   logits = logits.astype(jnp.float32)
   mask = batch["loss_mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return {"ce_sum": jnp.sum(ce * mask), "correct": jnp.sum(hits * mask),
+  sums = {"ce_sum": jnp.sum(ce * mask), "correct": jnp.sum(hits * mask),
           "num_tokens": jnp.sum(mask)}
+  aux = _moe_aux_losses(intermediates)
+  if aux:
+    sums[_MOE_AUX_SUM] = jnp.mean(jnp.stack(aux)) * sums["num_tokens"]
+  return sums
 
 
 def _metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   denominator = jnp.maximum(sums["num_tokens"], 1.0)
-  return {"loss": sums["ce_sum"] / denominator, "accuracy": sums["correct"] / denominator,
-          "num_tokens": sums["num_tokens"]}
+  metrics = {"loss": sums["ce_sum"] / denominator, "accuracy": sums["correct"] / denominator,
+             "num_tokens": sums["num_tokens"]}
+  if _MOE_AUX_SUM in sums:
+    metrics[MOE_AUX_LOSS] = sums[_MOE_AUX_SUM] / denominator
+  return metrics
 
 
 def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked mean token cross-entropy: ``sum(mask * ce) / max(sum(mask), 1)``, float32.
 
   Returns (loss, metrics) with metrics "loss", "accuracy" (argmax over the masked
-  positions) and "num_tokens" (sum of the mask).
+  positions), "num_tokens" (sum of the mask) and, for models with MoE layers,
+  "moe_aux_loss" (mean over the layers of their load-balancing losses; not in ``loss``).
   """
   metrics = _metrics(_token_sums(model, batch))
   return metrics["loss"], metrics
@@ -128,17 +168,20 @@ def _split_micro_batches(batch: Batch, steps: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+@gin.configurable(allowlist=["moe_aux_loss_weight"])
 def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: TrainState, batch_sharding: NamedSharding,
                     grad_accum_steps: int = 1, rules: Sequence | None = None,
-                    context_parallel: dict | None = None
+                    context_parallel: dict | None = None, moe_aux_loss_weight: float = 0.01
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated.
 
   The gradient is that of the batch's masked mean cross-entropy, whatever
   ``grad_accum_steps``: micro-batches (a ``lax.scan``) accumulate the gradient of their
   summed cross-entropy and their token counts, and the sum is divided by the batch's token
-  count once, so accumulation changes memory, not the update.
+  count once, so accumulation changes memory, not the update. For a model with MoE layers
+  the objective is ``mean CE + moe_aux_loss_weight * mean over layers of the aux loss``
+  (with micro-batches, the aux losses are averaged weighted by their token counts).
 
   Args:
     optimizer_tx: the optax transformation the state was initialised with.
@@ -153,19 +196,28 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
       when the mesh's context axis is > 1; default the gin-configured
       ``lclm.sharding.context_parallelism``. The sequence length of the batch is checked
       against them when the step is traced (before it compiles).
+    moe_aux_loss_weight: weight of the MoE load-balancing loss in the objective (gin:
+      ``make_train_step.moe_aux_loss_weight``); unused by models without MoE layers.
 
   Returns:
-    The step; metrics are float32 scalars "loss", "accuracy", "num_tokens", "grad_norm".
+    The step; metrics are float32 scalars "loss" (the cross-entropy alone), "accuracy",
+    "num_tokens", "grad_norm", and "moe_aux_loss" for models with MoE layers.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
+  if (isinstance(moe_aux_loss_weight, bool) or not isinstance(moe_aux_loss_weight, numbers.Real)
+      or not moe_aux_loss_weight >= 0):
+    raise ValueError(
+        f"moe_aux_loss_weight must be a float >= 0, got {moe_aux_loss_weight!r}.")
   param_shardings = state_shardings.params
   plan = context_parallel_plan(mesh, context_parallel)
 
   def grads_and_sums(graphdef, params, batch):
     def objective(p):
       sums = _token_sums(nnx.merge(graphdef, p), batch)
-      return sums["ce_sum"], sums
+      if _MOE_AUX_SUM not in sums:
+        return sums["ce_sum"], sums
+      return sums["ce_sum"] + moe_aux_loss_weight * sums[_MOE_AUX_SUM], sums
 
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return jax.lax.with_sharding_constraint(grads, param_shardings), sums
@@ -179,15 +231,21 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
     if grad_accum_steps == 1:
       grads, sums = grads_and_sums(state.graphdef, state.params, batch)
     else:
+      has_moe = []  # whether the model sowed aux losses: known once the body is traced
+
       def accumulate(carry, micro_batch):
         micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
         grads, sums = grads_and_sums(state.graphdef, state.params, micro_batch)
+        has_moe.append(_MOE_AUX_SUM in sums)
+        sums.setdefault(_MOE_AUX_SUM, jnp.zeros((), jnp.float32))  # carry has a fixed shape
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               {name: jnp.zeros((), jnp.float32) for name in ("ce_sum", "correct", "num_tokens")})
+               {name: jnp.zeros((), jnp.float32) for name in _SUM_NAMES + (_MOE_AUX_SUM,)})
       (grads, sums), _ = jax.lax.scan(
           accumulate, zeros, _split_micro_batches(batch, grad_accum_steps))
+      if not has_moe[-1]:
+        del sums[_MOE_AUX_SUM]
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["num_tokens"], 1.0), grads)
     updates, opt_state = optimizer_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -27,6 +27,11 @@ def _mixers(files, params=()):
   return model.layer_pattern, [block.mixer for block in model.blocks]
 
 
+def model_blocks(name):
+  train_main.parse_gin([f"configs/experiments/{name}.gin"], [])
+  return list(nnx.eval_shape(lambda: DecoderLM(vocab_size=256, rngs=nnx.Rngs(0))).blocks)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_hybrid_builds_the_intended_pattern(name):
   pattern, mixers = _mixers([f"configs/experiments/{name}.gin"])
@@ -35,8 +40,14 @@ def test_hybrid_builds_the_intended_pattern(name):
     assert type(mixer) is KINDS[kind]
   attention = [m for m in mixers if isinstance(m, Attention)]
   assert len(attention) == 1
+  moe = [type(block.mlp).__name__ == "MoEMLP" for block in model_blocks(name)]
   if name == "jamba":
     assert attention[0].rotary is None  # Jamba's attention has no position encoding.
+    assert moe == [False, True] * 4  # A mixture of experts every other layer.
+  if name == "minimax01":
+    assert all(moe)
+  if name == "nemotron_h":
+    assert not any(moe)
   if name == "minimax01":
     assert attention[0].rotary.rotary_dim == attention[0].head_dim // 2
   if name == "nemotron_h":
