@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -28,13 +29,15 @@ MLP_KINDS = ("gated", "moe", "none")
 class DecoderBlock(nnx.Module):
   """Pre-norm residual block: ``x + mixer(conv(norm(x)))``, then ``x + mlp(norm(x))``.
 
-  ``conv`` is the optional segment-aware short causal convolution (None: skipped); ``mlp``
-  None makes a mixer-only block (Mamba's ``norm -> mixer``). With ``post_norms`` (Gemma 2
+  ``conv`` is the optional segment-aware short causal convolution (None: skipped);
+  ``make_mlp()`` builds the MLP (called after the convolution, which keeps the order of the
+  random initialisers), None making a mixer-only block (Mamba's ``norm -> mixer``). With ``post_norms`` (Gemma 2
   and 3) the mixer's and the MLP's outputs are normalised again before the residual add:
   ``x + post_norm(mixer(norm(x)))``.
   """
 
-  def __init__(self, features: int, mixer: nnx.Module, mlp: nnx.Module | None, *,
+  def __init__(self, features: int, mixer: nnx.Module,
+               make_mlp: Callable[[], nnx.Module | None], *,
                short_conv_size: int, norm_eps: float, norm_scale_offset: float = 0.0,
                post_norms: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
     def norm():
@@ -46,6 +49,7 @@ class DecoderBlock(nnx.Module):
         ShortConv(features, short_conv_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if short_conv_size else None)
     self.mixer = mixer
+    mlp = make_mlp()
     self.post_mixer_norm = norm() if post_norms else None
     self.mlp_norm = None if mlp is None else norm()
     self.mlp = mlp
@@ -395,14 +399,14 @@ class DecoderLM(nnx.Module):
             f"DecoderLM: layer {index} (mixer {name!r}, options {options}): "
             f"{_with_bindings(error, sources)}") from error
       try:
-        mlp = make_mlp(mlp_kinds[index])
+        blocks.append(DecoderBlock(
+            features, mixer, functools.partial(make_mlp, mlp_kinds[index]),
+            short_conv_size=short_conv_size, norm_eps=norm_eps,
+            norm_scale_offset=norm_scale_offset, post_norms=post_norms, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs))
       except (TypeError, ValueError) as error:
         raise ValueError(f"DecoderLM: layer {index} ({mlp_kinds[index]!r} MLP): {error}"
                          ) from error
-      blocks.append(DecoderBlock(
-          features, mixer, mlp, short_conv_size=short_conv_size, norm_eps=norm_eps,
-          norm_scale_offset=norm_scale_offset, post_norms=post_norms, dtype=dtype,
-          param_dtype=param_dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(features, eps=norm_eps, scale_offset=norm_scale_offset,
                               param_dtype=param_dtype)
