@@ -42,7 +42,11 @@ def target_platform(platform: str, *, device_kind: str | None = None):
       if platform == "gpu" and (device_kind or _normalise(jax.default_backend()) != "gpu"):
         device = jax.sharding.AbstractDevice(
             device_kind=device_kind or "NVIDIA H100", num_cores=None, platform="gpu")
-        mesh = jax.sharding.AbstractMesh((1,), ("_target",), abstract_device=device)
+        # Auto axis: jax >= 0.11 makes an AbstractMesh's axes Explicit by default, which
+        # would give every traced value a sharding over this stand-in mesh.
+        mesh = jax.sharding.AbstractMesh((1,), ("_target",),
+                                         axis_types=(jax.sharding.AxisType.Auto,),
+                                         abstract_device=device)
         stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
       yield
   finally:

@@ -75,7 +75,11 @@ def lowering_mesh(platform: str, axis_sizes, axis_names, *, device_kind: str | N
   if platform == "gpu":
     device = jax.sharding.AbstractDevice(device_kind=device_kind or "NVIDIA H100",
                                          num_cores=None, platform="gpu")
+  # Auto axes, as a shard_map mesh is (jax >= 0.11 makes an AbstractMesh's axes Explicit
+  # by default: the unsharded arguments of the exported function would then not match the
+  # shard_map's in_specs).
   mesh = jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names),
+                                   axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names),
                                    abstract_device=device)
   # The platform switch of dispatch.target_platform, without its one-device mesh.
   token = dispatch._TARGET_PLATFORM.set(platform)
