@@ -4,7 +4,7 @@
     lclm.hf.save_pretrained(model, "out/", architecture="llama")      # transformers loads it
 
 Architectures read: Llama (rope types default, linear, dynamic, yarn, longrope, llama3),
-Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 (text) and the Mamba family; written: Llama,
+Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 (text) and the Mamba family; written: Llama,
 Mistral, Qwen2 and Mamba-2 (:func:`architectures` tells which export).
 """
 

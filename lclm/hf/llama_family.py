@@ -1,9 +1,11 @@
-"""Llama-like Hugging Face decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 (text).
+"""Llama-like Hugging Face decoders: Llama, Mistral, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2,
+Gemma 3 (text).
 
 All are pre-norm attention + gated-MLP decoders; they differ in biases (Qwen2), QK-norm
 (Qwen3, Gemma 3), fused projections (Phi-3), sliding-window layers (Mistral, Phi-3, Gemma,
 Qwen with ``use_sliding_window``), per-layer RoPE (Gemma 3's local base) and Gemma's norms
-and scalings. Sliding-window layers become ``"local_attention"`` (window counted as Hugging
+and scalings; Mixtral's MLPs are mixtures of experts (:class:`layers.MoEMLP`, top-k weights
+renormalised). Sliding-window layers become ``"local_attention"`` (window counted as Hugging
 Face's ``sliding_window``: the query and the ``window - 1`` tokens before it), full layers
 ``"attention"``.
 
@@ -142,6 +144,10 @@ def decoder_options(config: Mapping[str, Any]) -> dict[str, Any]:
       mlp_hidden_features=config["intermediate_size"], mlp_activation=_ACTIVATIONS[activation],
       tie_embeddings=bool(config.get("tie_word_embeddings", gemma)),
       norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+  if model_type == "mixtral":
+    options.update(mlp_pattern="moe", moe_options={
+        "num_experts": int(config["num_local_experts"]),
+        "num_experts_per_token": int(config["num_experts_per_tok"]), "normalize_top_k": True})
   if gemma:
     options.update(norm_scale_offset=1.0, post_norms=True,
                    embedding_multiplier=float(config["hidden_size"]) ** 0.5)
@@ -185,6 +191,10 @@ def load_params(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]):
     else:
       params[dst + ("mlp_norm", "scale")] = tensors[src + "post_attention_layernorm.weight"]
     mlp = src + "mlp."
+    if model_type == "mixtral":
+      params.update(_mixtral_experts(tensors, src + "block_sparse_moe.", dst,
+                                     config["num_local_experts"]))
+      continue
     if model_type == "phi3":
       gate, up = np.split(tensors[mlp + "gate_up_proj.weight"], 2, axis=0)
     else:
@@ -192,6 +202,17 @@ def load_params(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]):
     params[dst + ("mlp", "gate", "kernel")] = _linear_in(gate)
     params[dst + ("mlp", "up", "kernel")] = _linear_in(up)
     params[dst + ("mlp", "down", "kernel")] = _linear_in(tensors[mlp + "down_proj.weight"])
+  return params
+
+
+def _mixtral_experts(tensors, prefix: str, dst: tuple, num_experts: int) -> dict:
+  """Router and experts of one Mixtral block: ``gate.weight`` [E, features] and per expert
+  ``experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down), as transformers writes them."""
+  params = {dst + ("mlp", "router", "kernel"): _linear_in(tensors[prefix + "gate.weight"])}
+  for name, hf_name in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+    params[dst + ("mlp", name)] = np.stack(
+        [_linear_in(tensors[prefix + f"experts.{e}.{hf_name}.weight"])
+         for e in range(num_experts)])
   return params
 
 
@@ -309,8 +330,8 @@ for _name, _types in (("llama", ("llama",)), ("mistral", ("mistral",)), ("qwen2"
       name=_name, model_types=_types, decoder_options=decoder_options, load_params=load_params,
       ignored=_IGNORED, export_config=lambda model, _t=_name: _export_config(model, _t),
       export_params=_export_params))
-for _name, _types in (("qwen3", ("qwen3",)), ("phi3", ("phi3",)), ("gemma2", ("gemma2",)),
-                      ("gemma3", ("gemma3_text",))):
+for _name, _types in (("mixtral", ("mixtral",)), ("qwen3", ("qwen3",)), ("phi3", ("phi3",)),
+                      ("gemma2", ("gemma2",)), ("gemma3", ("gemma3_text",))):
   register_architecture(Architecture(
       name=_name, model_types=_types, decoder_options=decoder_options, load_params=load_params,
       ignored=_IGNORED))

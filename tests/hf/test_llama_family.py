@@ -39,6 +39,8 @@ def _configs():
       "llama_linear_tied": t.LlamaConfig(**_SMALL, tie_word_embeddings=True,
                                          rope_scaling={"rope_type": "linear", "factor": 2.0}),
       "mistral": t.MistralConfig(**_SMALL, sliding_window=5),
+      "mixtral_sliding": t.MixtralConfig(**_SMALL, sliding_window=6, num_local_experts=4,
+                                         num_experts_per_tok=2),
       "qwen2": t.Qwen2Config(**_SMALL, tie_word_embeddings=True),
       "qwen3": t.Qwen3Config(**{**_SMALL, "num_hidden_layers": 1}, head_dim=16),
       "phi3_longrope": t.Phi3Config(
