@@ -30,7 +30,6 @@ target format cannot express.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -41,10 +40,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def _parser():
-  parser = argparse.ArgumentParser(prog="python -m experiments.convert_hf",
-                                   description=__doc__.split("\n")[0])
+  from experiments import train as train_main  # pylint: disable=import-outside-toplevel
+
+  # --gin_file / --gin_param (--to_hf: the run's model, default WORKDIR/config.gin), --workdir.
+  parser = train_main.gin_argument_parser("python -m experiments.convert_hf",
+                                          __doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True, help="Hugging Face checkpoint folder")
-  parser.add_argument("--workdir", required=True, help="lclm run directory")
   parser.add_argument("--to_hf", action="store_true", help="lclm -> Hugging Face")
   parser.add_argument("--dtype", default=None,
                       help="parameter dtype (default: the checkpoint's / the model's)")
@@ -54,8 +55,6 @@ def _parser():
   parser.add_argument("--tokenizer_dir", default=None,
                       help="--to_hf: folder whose tokenizer files go beside the weights "
                            "(default WORKDIR/tokenizer when it exists)")
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_param", action="append", default=[])
   return parser
 
 

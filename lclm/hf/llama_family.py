@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from layers import Attention, GatedMLP
-from lclm.hf.mapping import attention_params, fail as _fail, linear_in as _linear_in, require
+from lclm.hf.mapping import (attention_params, fail as _fail, head_tensors,
+                             linear_in as _linear_in, require)
 from lclm.hf.pretrained import Architecture, register_architecture
 from lclm.model.decoder import DecoderLM
 
@@ -301,10 +302,8 @@ def _export_config(model: DecoderLM, model_type: str) -> dict[str, Any]:
 
 def _export_params(config: Mapping[str, Any], params) -> dict[str, np.ndarray]:
   d = config["hidden_size"]
-  tensors = {"model.embed_tokens.weight": params[("embed", "embedding")],
-             "model.norm.weight": params[("final_norm", "scale")]}
-  if not config["tie_word_embeddings"]:
-    tensors["lm_head.weight"] = params[("unembed", "kernel")].T
+  tensors = head_tensors(params, embedding="model.embed_tokens.weight",
+                         final_norm="model.norm.weight", tied=config["tie_word_embeddings"])
   for i in range(config["num_hidden_layers"]):
     src, dst = ("blocks", i), f"model.layers.{i}."
     for name in ("q_proj", "k_proj", "v_proj"):

@@ -35,7 +35,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from layers import Mamba2
-from lclm.hf.mapping import attention_params, fail as _fail, linear_in as _linear_in, require
+from lclm.hf.mapping import (attention_params, fail as _fail, head_tensors,
+                             linear_in as _linear_in, require)
 from lclm.hf.pretrained import Architecture, register_architecture
 from lclm.model.decoder import DecoderLM
 
@@ -306,10 +307,8 @@ def mamba2_export_config(model: DecoderLM) -> dict[str, Any]:
 
 def mamba2_export_params(config: Mapping[str, Any], params) -> dict[str, np.ndarray]:
   """{HF tensor name: array} of a DecoderLM whose config :func:`mamba2_export_config` gave."""
-  tensors = {"backbone.embeddings.weight": params[("embed", "embedding")],
-             "backbone.norm_f.weight": params[("final_norm", "scale")]}
-  if not config["tie_word_embeddings"]:
-    tensors["lm_head.weight"] = params[("unembed", "kernel")].T
+  tensors = head_tensors(params, embedding="backbone.embeddings.weight",
+                         final_norm="backbone.norm_f.weight", tied=config["tie_word_embeddings"])
   for i in range(config["num_hidden_layers"]):
     src, dst = ("blocks", i), f"backbone.layers.{i}."
     mixer, out = src + ("mixer",), dst + "mixer."

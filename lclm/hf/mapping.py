@@ -54,3 +54,13 @@ def attention_params(tensors: Mapping[str, np.ndarray], prefix: str, dst: tuple,
     params[dst + ("mixer", "q_norm", "scale")] = tensors[prefix + "q_norm.weight"]
     params[dst + ("mixer", "k_norm", "scale")] = tensors[prefix + "k_norm.weight"]
   return params
+
+
+def head_tensors(params, *, embedding: str, final_norm: str, tied: bool) -> dict:
+  """The embedding, final norm and (untied) ``lm_head.weight`` tensors of an export, named
+  ``embedding`` and ``final_norm``."""
+  tensors = {embedding: params[("embed", "embedding")],
+             final_norm: params[("final_norm", "scale")]}
+  if not tied:
+    tensors["lm_head.weight"] = params[("unembed", "kernel")].T
+  return tensors

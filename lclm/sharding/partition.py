@@ -64,16 +64,16 @@ def named_shardings(tree: Any, mesh: Mesh, rules: Sequence | None = None) -> Any
   return jax.tree.map(sharding, tree, is_leaf=_is_variable)
 
 
+def key_name(key) -> str:
+  """The name of one pytree path entry (a dict key, an attribute or a sequence index)."""
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
 def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return "/".join(key_name(key) for key in path)
 
 
 def _format_axes(entry) -> str:

@@ -26,18 +26,12 @@ from jax.sharding import Mesh
 from layers.partitioning import use_context_parallelism
 from lclm import sharding
 from lclm.sharding.context import context_parallel_plan
+from lclm.sharding.partition import key_name
 from lclm.training import checkpointing
 
 log = logging.getLogger(__name__)
 
 _STATE_ITEM = "state"  # The train state's item in each step folder (lclm.training.checkpointing).
-
-
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
 
 
 def param_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -51,7 +45,7 @@ def param_shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
       params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
   shapes = {}
   for path, leaf in leaves:
-    names = tuple(_key_name(k) for k in path)
+    names = tuple(key_name(k) for k in path)
     if names and names[-1] == "value":
       names = names[:-1]
     if isinstance(leaf, nnx.Variable):
