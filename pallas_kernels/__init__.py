@@ -14,9 +14,10 @@ from pallas_kernels.ring_attention import (context_parallel_attention, ring_atte
                                           ring_attention_reference)
 from pallas_kernels.selective_scan import selective_scan, selective_scan_reference
 from pallas_kernels.ssd import ssd, ssd_reference
+from pallas_kernels.titans_memory import titans_memory, titans_memory_reference
 
 __all__ = ["context_parallel_attention", "decode_attention", "decode_attention_reference",
            "flash_attention", "flash_attention_reference",
            "lightning_attention", "lightning_attention_reference", "masks", "ring_attention",
            "ring_attention_reference", "selective_scan", "selective_scan_reference", "ssd",
-           "ssd_reference"]
+           "ssd_reference", "titans_memory", "titans_memory_reference"]
