@@ -330,6 +330,7 @@ KERNEL_BENCHMARKS: dict[str, Callable[[Settings], list[Row]]] = {
     "ssd": _lazy("bench_ssd", "bench_ssd"),
     "lightning_attention": _lazy("bench_lightning_attention", "bench_lightning_attention"),
     "decode_attention": _lazy("bench_decode_attention", "bench_decode_attention"),
+    "titans_memory": _lazy("bench_titans_memory", "bench_titans_memory"),
 }
 
 

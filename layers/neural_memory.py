@@ -84,7 +84,8 @@ class NeuralMemory(nnx.Module):
 
     q, k, v   = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))   short depthwise
                 convolutions over the sequence; q and k L2-normalised
-    theta_t   = sigmoid(s_theta * (x W_theta) + b_theta)     learning rate, per token and head
+    theta_t   = max_lr * sigmoid(s_theta * (x W_theta) + b_theta)   learning rate, per token
+                                                                       and head
     eta_t     = sigmoid(s_eta * (x W_eta) + b_eta)           momentum
     alpha_t   = sigmoid(s_alpha * (x W_alpha) + b_alpha)     forgetting
     o         = titans_memory(q, k, v, theta, eta, alpha)    M trained online on
@@ -95,11 +96,16 @@ class NeuralMemory(nnx.Module):
   matrices with SiLU between them and hidden width ``hidden_multiple * head_dim``; its initial
   weights are learnable parameters (shared by every row), its momentum starts at zero. The
   gates' scales s (per head, initialised to 1) and biases b (initialised so that each gate
-  starts at ``lr_init``, ``momentum_init``, ``decay_init``) are learnable.
+  starts at ``lr_init``, ``momentum_init``, ``decay_init``) are learnable. The learning rate
+  is capped at ``max_lr``: online gradient descent with momentum on an MLP diverges when
+  theta / (1 - eta) outgrows the memory's curvature (measured with eta = 0.9 and random unit
+  keys, chunks of 16, 2K tokens: the linear memory holds up to theta = 0.1 and diverges at
+  0.3; the 2-layer memory holds at 0.03 and diverges at 0.1), hence the defaults 0.1 (linear)
+  and 0.02 (MLP).
 
   Training runs the chunked kernel (chunks of ``chunk_size`` tokens from the row's first
   token). A carried state (:meth:`init_state`, ``state=``/``return_state=``: the memory and
-  the convolution windows) continues a row whose previous pieces were whole chunks; a decode cache (:meth:`init_cache`) holds the
+  the convolution windows) continues a row exactly, whatever the lengths of the pieces; a decode cache (:meth:`init_cache`) holds the
   memory, its momentum, the weights at the current chunk's start and the tokens seen, and
   decodes token by token with the same rule (any number of new tokens per call).
 
@@ -118,7 +124,10 @@ class NeuralMemory(nnx.Module):
     hidden_multiple: hidden width of an MLP memory, in units of head_dim.
     chunk_size: tokens per chunk of the memory rule (gradients at the chunk-start memory).
     conv_size: taps of the short convolutions on q, k, v (0: none).
-    lr_init, momentum_init, decay_init: initial values of the gates, in (0, 1).
+    max_lr: the largest learning rate theta, in (0, 1]; None: 0.1 for the linear memory,
+      0.02 for an MLP memory.
+    lr_init: initial theta, in (0, max_lr); None: max_lr / 2.
+    momentum_init, decay_init: initial eta and alpha, in (0, 1).
     output_gate: multiply the memory's read by sigmoid(x W_g).
     output_norm: RMS-normalise each head's read (learnable [head_dim] scale).
     implementation: the kernel's: None, "pallas", "interpret", "xla", "reference".
@@ -129,7 +138,8 @@ class NeuralMemory(nnx.Module):
 
   def __init__(self, features: int, num_heads: int, *, head_dim: int | None = None,
                depth: int = 2, hidden_multiple: int = 2, chunk_size: int = 16,
-               conv_size: int = 4, lr_init: float = 0.1, momentum_init: float = 0.9,
+               conv_size: int = 4, max_lr: float | None = None,
+               lr_init: float | None = None, momentum_init: float = 0.9,
                decay_init: float = 0.01, output_gate: bool = True, output_norm: bool = True,
                implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -146,8 +156,18 @@ class NeuralMemory(nnx.Module):
       head_dim = features // num_heads
     if not _is_int(head_dim) or head_dim <= 0:
       raise ValueError(f"NeuralMemory: head_dim must be a positive int, got {head_dim!r}.")
-    for name, value in (("lr_init", lr_init), ("momentum_init", momentum_init),
-                        ("decay_init", decay_init)):
+    if max_lr is None:
+      max_lr = 0.1 if depth == 1 else 0.02
+    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr <= 1:
+      raise ValueError(f"NeuralMemory: max_lr must be a number in (0, 1], got {max_lr!r}.")
+    if lr_init is None:
+      lr_init = max_lr / 2
+    if isinstance(lr_init, bool) or not isinstance(lr_init, (int, float)) or not (
+        0 < lr_init < max_lr):
+      raise ValueError(f"NeuralMemory: lr_init must be a number in (0, max_lr={max_lr}), got "
+                       f"{lr_init!r}.")
+    self.max_lr = float(max_lr)
+    for name, value in (("momentum_init", momentum_init), ("decay_init", decay_init)):
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"NeuralMemory: {name} must be a number in (0, 1), got {value!r}.")
     self.features, self.num_heads, self.head_dim = features, num_heads, head_dim
@@ -180,7 +200,7 @@ class NeuralMemory(nnx.Module):
     gate = lambda init: projection(features, num_heads, -1, ("embed", "heads"), use_bias=True,
                                    bias_axes=("heads",), bias_value=_logit(init))
     self.lr_proj, self.momentum_proj, self.decay_proj = (
-        gate(lr_init), gate(momentum_init), gate(decay_init))
+        gate(lr_init / max_lr), gate(momentum_init), gate(decay_init))
     self.gate_scales = nnx.Param(jnp.ones((3, num_heads), param_dtype),
                                  **logical_axes_metadata((None, "heads")))
     dims = (head_dim,) + (hidden_multiple * head_dim,) * (depth - 1) + (head_dim,)
@@ -220,13 +240,14 @@ class NeuralMemory(nnx.Module):
     return (q, k, v), (tuple(new_cache) if conv_cache is not None and new_cache else None)
 
   def gates(self, x):
-    """theta, eta, alpha: float32 [batch, seq, heads] in (0, 1)."""
+    """theta in (0, max_lr), eta and alpha in (0, 1): float32 [batch, seq, heads]."""
     scales = self.gate_scales[...].astype(jnp.float32)
     out = []
     for i, proj in enumerate((self.lr_proj, self.momentum_proj, self.decay_proj)):
       kernel = proj.kernel[...].astype(jnp.float32)
       logits = jnp.einsum("btf,fh->bth", x.astype(jnp.float32), kernel) * scales[i]
       out.append(jax.nn.sigmoid(logits + proj.bias[...].astype(jnp.float32)))
+    out[0] = self.max_lr * out[0]
     return tuple(out)
 
   def initial_memory(self, batch_size: int) -> MemoryState:
@@ -245,16 +266,37 @@ class NeuralMemory(nnx.Module):
     q = jnp.swapaxes(q.astype(jnp.float32), 1, 2)  # [b, h, t, d]
     return jnp.swapaxes(memory_apply(weights, q), 1, 2)
 
-  def remember(self, q, k, v, gates, state: MemoryState):
-    """Writes k -> v into the memory chunk by chunk and reads it at q (after each token's own
-    write); returns o [batch, seq, heads, head_dim] float32 and the new state. ``state``
-    must sit at a chunk boundary (its position a multiple of chunk_size)."""
-    o, (w, s) = memory_kernel(q, k, v, *gates, state.weights, state.moments,
-                              chunk_size=self.chunk_size, implementation=self.implementation)
-    t = q.shape[1]
-    # The chunk-start weights of a trailing partial chunk are not formed by the kernel; the
-    # state is exact for continuing at a chunk boundary (t a multiple of chunk_size).
-    return o.astype(jnp.float32), MemoryState(w, s, w, state.position + t)
+  def remember(self, q, k, v, gates, state: MemoryState, *, aligned: bool = False):
+    """Writes k -> v into the memory and reads it at q after each token's own write; returns
+    o [batch, seq, heads, head_dim] float32 and the new state, exact for any length.
+
+    From a chunk boundary the chunked kernel runs (the whole chunks, then a ragged tail from
+    their state, which is the new state's chunk start); a state inside a chunk (decoding
+    left it there) continues token by token. ``aligned=True`` promises a chunk boundary
+    (e.g. the initial memory) and skips the check.
+    """
+    chunk, t = self.chunk_size, q.shape[1]
+    whole = t // chunk * chunk
+
+    def chunked(state):
+      cut = lambda a, lo, hi: a[:, lo:hi]
+      outs, weights, moments, start = [], state.weights, state.moments, state.weights
+      for lo, hi in ((0, whole), (whole, t)):
+        if hi == lo:
+          continue
+        o, (weights, moments) = memory_kernel(
+            *(cut(a, lo, hi) for a in (q, k, v, *gates)), weights, moments,
+            chunk_size=chunk, implementation=self.implementation)
+        outs.append(o.astype(jnp.float32))
+        if lo == 0 and hi < t:
+          start = weights
+      start = weights if whole == t else start
+      return jnp.concatenate(outs, 1), MemoryState(weights, moments, start, state.position + t)
+
+    if aligned:
+      return chunked(state)
+    at_boundary = jnp.all(state.position % chunk == 0)
+    return jax.lax.cond(at_boundary, chunked, lambda st: self.step(q, k, v, gates, st), state)
 
   def step(self, q, k, v, gates, state: MemoryState, valid=None):
     """Token by token (any position): q, k, v [batch, seq, heads, head_dim]; ``valid`` bool
@@ -305,14 +347,14 @@ class NeuralMemory(nnx.Module):
     return self.init_state(batch_size)
 
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, state: MemoryState | None = None,
+               segment_ids: jax.Array | None = None, state: MemoryCache | None = None,
                return_state: bool = False, cache: MemoryCache | None = None,
                num_new_tokens: jax.Array | None = None):
     """x [batch, seq, features] -> [batch, seq, features] (and the new state or cache).
 
     ``position_ids`` is ignored (the memory's chunks count tokens from the row's start).
     ``state``: a :class:`MemoryCache` (:meth:`init_state`, or returned by an earlier call
-    with ``return_state``) to continue from; pieces must be whole chunks.
+    with ``return_state``, or a decode cache) to continue from: pieces of any length.
     Decoding: ``cache`` from :meth:`init_cache`; returns ``(y, new_cache)``;
     ``num_new_tokens`` (int [batch] or None) marks right padding that leaves it untouched.
     """
@@ -334,7 +376,7 @@ class NeuralMemory(nnx.Module):
       return self.finish(o, x), MemoryCache(memory, conv)
     if state is None and not return_state:
       (q, k, v), _ = self.project(x, segment_ids=segment_ids)
-      o, _ = self.remember(q, k, v, gates, self.initial_memory(x.shape[0]))
+      o, _ = self.remember(q, k, v, gates, self.initial_memory(x.shape[0]), aligned=True)
       return self.finish(o, x)
     if segment_ids is not None:
       raise ValueError("NeuralMemory: segment_ids cannot be combined with a carried state "

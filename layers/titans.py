@@ -68,6 +68,7 @@ class _WindowedMemory(nnx.Module):
       raise ValueError(f"{self.layer_name}: num_persistent_tokens must be a non-negative int, got "
                        f"{num_persistent_tokens!r}.")
     self.features = features
+    self.dtype = dtype
     self.num_persistent_tokens = num_persistent_tokens
     self.persistent = (_persistent_param(num_persistent_tokens, features, param_dtype, rngs)
                        if num_persistent_tokens else None)
@@ -96,9 +97,22 @@ class _WindowedMemory(nnx.Module):
     return (jnp.concatenate([p, x], axis=1), jnp.concatenate([prefix_pos, position_ids], 1),
             segment_ids)
 
-  def combine(self, x, *, position_ids, segment_ids, attention_cache=None, memory_cache=None,
-              num_new_tokens=None):
+  def combine(self, x, *, position_ids, segment_ids=None, cache=None, num_new_tokens=None):
+    """The layer on [persistent | x] (or on new tokens with a cache): (y, new cache)."""
     raise NotImplementedError
+
+  # The attention's KV cache (lclm.model.kv_cache_size reads these).
+  @property
+  def num_kv_heads(self) -> int:
+    return self.attention.num_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.attention.head_dim
+
+  def kv_cache_tokens(self, seq_len: int) -> tuple[int, ...]:
+    """Tokens each key/value head keeps: the window's and the persistent tokens."""
+    return self.attention.kv_cache_tokens(seq_len + self.num_persistent_tokens)
 
   def init_cache(self, batch_size: int, max_length: int) -> _WindowedMemoryCache:
     """Both caches, with the persistent tokens already read (by the attention and the
@@ -108,7 +122,9 @@ class _WindowedMemory(nnx.Module):
                                  self.memory.init_cache(batch_size))
     if not n:
       return cache
-    p = jnp.broadcast_to(self.persistent[...], (batch_size, n, self.features))
+    # In the dtype the model's activations have, as in training (``_with_persistent``).
+    dtype = self.persistent[...].dtype if self.dtype is None else self.dtype
+    p = jnp.broadcast_to(self.persistent[...].astype(dtype), (batch_size, n, self.features))
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch_size, n))
     _, cache = self.combine(p, position_ids=pos, cache=cache)
     return cache
@@ -210,7 +226,8 @@ class MemoryAsContext(nnx.Module):
   orders the segment). segment_size must be a multiple of the memory's chunk_size, so that
   the memory's chunks line up with the row's tokens in training and decoding alike.
 
-  Packed rows (``segment_ids``) are not separated: train on one example per row.
+  Packed rows (``segment_ids``): the attention and the convolutions stay inside their
+  segment, but the memory is not reset at segment boundaries: train on one example per row.
   """
 
   def __init__(self, features: int, num_heads: int, *, segment_size: int = 64,
@@ -278,19 +295,23 @@ class MemoryAsContext(nnx.Module):
     dtype = q.dtype if self.dtype is None else self.dtype
     return self.o_proj(out.astype(dtype))
 
-  def attend(self, x, h):
-    """Step 2 for a whole segment: x, h [b, s, features] -> y [b, s, features]."""
+  def attend(self, x, h, segment_ids=None):
+    """Step 2 for a whole segment: x, h [b, s, features] -> y [b, s, features]; with
+    ``segment_ids`` [b, s] a token sees the retrieved and input tokens of its own packed
+    segment only (the persistent tokens always)."""
     b, s, _ = x.shape
     pk, pv = self._persistent_kv(b, x.dtype)
     keys = [self.k_proj(h), self.k_proj(x)]
     values = [self.v_proj(h), self.v_proj(x)]
-    causal = jnp.tril(jnp.ones((s, s), bool))
+    causal = jnp.tril(jnp.ones((s, s), bool))[None]
+    if segment_ids is not None:
+      causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
     visible = [causal, causal]
     if pk is not None:
       keys, values = [pk] + keys, [pv] + values
-      visible = [jnp.ones((s, self.num_persistent_tokens), bool)] + visible
+      visible = [jnp.ones((causal.shape[0], s, self.num_persistent_tokens), bool)] + visible
     return self._attend(self.q_proj(x), jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
-                        jnp.concatenate(visible, 1)[None])
+                        jnp.concatenate(visible, -1))
 
   def output(self, y, o):
     """Step 4: y * sigmoid(o), o the updated memory's read in model space."""
@@ -325,18 +346,30 @@ class MemoryAsContext(nnx.Module):
 
     def body(carry, inputs):
       state, conv = carry
-      x_seg, q_seg = inputs
+      x_seg, q_seg, seg = inputs
       h = self.retrieve(state.weights, q_seg, x_seg)                       # 1. retrieve
-      y = self.attend(x_seg, h)                                           # 2. attend
+      y = self.attend(x_seg, h, seg)                                      # 2. attend
       (q, k, v), conv = memory.project(y, conv_cache=conv)                # 3. update ...
-      o, state = memory.remember(q, k, v, memory.gates(y), state)
+      o, state = memory.remember(q, k, v, memory.gates(y), state, aligned=True)
       out = self.output(y, memory.finish(o, y))                           # 4. ... and read
       return (state, conv), out
 
-    _, out = jax.lax.scan(body, (memory.initial_memory(b), conv0), (segments(xp), segments(q_ret)))
+    seg = jnp.ones((b, t_pad), jnp.int32) if seg is None else seg
+    _, out = jax.lax.scan(body, (memory.initial_memory(b), conv0),
+                          (segments(xp), segments(q_ret), segments(seg)))
     return jnp.moveaxis(out, 0, 1).reshape(b, t_pad, f)[:, :t]
 
   # ---------------------------------------------------------------------------- decoding
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads
+
+  def kv_cache_tokens(self, seq_len: int) -> tuple[int, ...]:
+    """Tokens each head keeps: one segment of retrieved and one of input tokens (the
+    persistent tokens' keys are recomputed from the parameters)."""
+    del seq_len
+    return (2 * self.segment_size,) * self.num_heads
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> MACCache:
     """The decode cache (:class:`MACCache`): the initial memory, empty windows and segment

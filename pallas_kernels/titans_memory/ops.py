@@ -153,10 +153,12 @@ def titans_memory(q, k, v, lr, momentum, decay, *, chunk_size=None, initial_stat
   Args:
     q, k: [batch, seq, heads, d_k]; v: [batch, seq, heads, d_v]; one dtype.
     lr, momentum, decay: theta, eta, alpha [batch, seq, heads], in [0, 1] (any float
-      dtype; used in float32). Gates of exactly 0 are taken as the smallest normal float.
+      dtype; used in float32). The decays run in log space: a momentum or 1 - decay of
+      exactly 0 is taken as the smallest normal float (lr 0 is exact). Values outside
+      [0, 1] are not checked (they are data).
     chunk_size: tokens per chunk; None: 64. It is part of the rule, so no backend changes
       it: "xla" and "reference" take any positive size; the Pallas kernels tile multiples
-      of 8 (TPU) or powers of two >= 16 (GPU); other sizes run "xla" under None and are a
+      of 8 up to 256 (TPU) or powers of two from 16 to 128 (GPU); other sizes run "xla" under None and are a
       ValueError under "pallas"/"interpret".
     initial_state: (M, S) before the first token, or None (linear memory at zero).
       Linear: M, S each [batch, heads, d_k, d_v]. MLP: M, S each a tuple

@@ -13,6 +13,30 @@ import jax.numpy as jnp
 from pallas_kernels.titans_memory.reference import memory_apply, memory_loss
 
 
+def _check(weights, moments, start, q, k, v, gates, chunk_start):
+  op = "titans_memory_step"
+  if not (isinstance(weights, tuple) and isinstance(moments, tuple)
+          and isinstance(start, tuple) and weights and
+          len(weights) == len(moments) == len(start)):
+    raise ValueError(f"{op}: weights, moments and start must be tuples of the same length "
+                     "(one [batch, heads, d_in, d_out] array per memory layer).")
+  for group in (moments, start):
+    for w, other in zip(weights, group):
+      if tuple(other.shape) != tuple(w.shape):
+        raise ValueError(f"{op}: moments and start must have the shapes of weights, got "
+                         f"{tuple(other.shape)} for {tuple(w.shape)}.")
+  b, h, d_k = weights[0].shape[:3]
+  d_v = weights[-1].shape[3]
+  for name, a, want in (("q", q, (b, h, d_k)), ("k", k, (b, h, d_k)), ("v", v, (b, h, d_v)),
+                        ("chunk_start", chunk_start, (b,))):
+    if tuple(a.shape) != want:
+      raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(a.shape)}.")
+  for g in gates:
+    if tuple(g.shape) != (b, h):
+      raise ValueError(f"{op}: lr, momentum and decay must have shape {(b, h)}, got "
+                       f"{tuple(g.shape)}.")
+
+
 def titans_memory_step(weights, moments, start, q, k, v, lr, momentum, decay, chunk_start):
   """One token of the rule for every (batch, head).
 
@@ -27,6 +51,7 @@ def titans_memory_step(weights, moments, start, q, k, v, lr, momentum, decay, ch
     o [batch, heads, d_v] (the new memory read at q) and the new (weights, moments, start),
     in the dtype of ``weights``.
   """
+  _check(weights, moments, start, q, k, v, (lr, momentum, decay), chunk_start)
   dtype = weights[0].dtype
   cast = lambda a: a.astype(dtype)
   opens = chunk_start[:, None, None, None]

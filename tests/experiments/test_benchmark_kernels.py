@@ -56,7 +56,8 @@ def test_benchmark_skips_runs_over_the_memory_budget(tmp_path):
 def test_every_kernel_is_registered_and_runs(tmp_path):
   """The recurrent cores' entries (defined in their own modules) run through the driver."""
   assert set(benchmark_kernels.KERNEL_BENCHMARKS) == {
-      "flash_attention", "selective_scan", "ssd", "lightning_attention", "decode_attention"}
+      "flash_attention", "selective_scan", "ssd", "lightning_attention", "decode_attention",
+      "titans_memory"}
   rows = _run_benchmark(tmp_path, "--modes", "fwd", kernels="ssd,lightning_attention")["rows"]
   for kernel in ("ssd", "lightning_attention"):
     mine = [r for r in rows if r["kernel"] == kernel]

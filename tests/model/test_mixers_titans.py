@@ -49,6 +49,7 @@ def test_generation_matches_the_full_forward_pass(model):
   np.testing.assert_allclose(logits, expected, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~20 s of compilation; the training test of memory_retrieval trains MAG
 def test_every_parameter_gets_a_finite_gradient(model):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 10)), jnp.int32)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
