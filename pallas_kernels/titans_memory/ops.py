@@ -5,14 +5,19 @@ The Pallas backends (``tpu.py``, ``gpu.py``) run the linear memory (one matrix p
 they consume (theta, and the per-token log gates log(1 - alpha) and log eta, whose
 cumulative sums the kernels form per chunk), transposes, pads, calls them under a
 ``jax.custom_vjp`` and slices the padding off again. The gates' conversion is differentiated
-by XLA outside the kernels. MLP memories (and float64) run the chunked XLA path (``xla.py``),
-differentiated by autodiff of a checkpointed scan over chunks.
+by XLA outside the kernels. The 2-layer MLP memory (the paper's deep memory) has TPU kernels
+of its own (``tpu_mlp.py``, a second custom VJP, ``_mlp_core``, around them), run on TPU and
+under implementation="interpret" off GPU; on GPU it runs the XLA path (the GPU kernels run
+the linear memory only). Deeper MLP memories, 2-layer memories too large for the TPU
+kernels' VMEM (``tpu_mlp.size_problem``) or with an empty layer, and float64 run the chunked
+XLA path (``xla.py``), differentiated by autodiff of a checkpointed scan over chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from types import ModuleType
 
 import jax
@@ -71,6 +76,39 @@ def _linear_core_bwd(config, residuals, cotangents):
 _linear_core.defvjp(_linear_core_fwd, _linear_core_bwd)
 
 
+def _mlp_module() -> ModuleType:
+  """The TPU kernels of the 2-layer MLP memory (imported at call time, as the backends)."""
+  return importlib.import_module(f"{__package__}.tpu_mlp")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _mlp_core(q, k, v, theta, log_keep, log_eta, w1, w2, s1, s2, config: _Config):
+  """The 2-layer MLP kernels (TPU only) on [b, h, t, .] arrays and [b, h, t] float32 gates;
+  returns o and the final (W1, W2, S1, S2)."""
+  o, final, _ = _mlp_module().titans_mlp_forward(
+      q, k, v, theta, log_keep, log_eta, w1, w2, s1, s2, return_states=False,
+      **config.kernel_kwargs())
+  return o, final
+
+
+def _mlp_core_fwd(q, k, v, theta, log_keep, log_eta, w1, w2, s1, s2, config):
+  o, final, states = _mlp_module().titans_mlp_forward(
+      q, k, v, theta, log_keep, log_eta, w1, w2, s1, s2, return_states=True,
+      **config.kernel_kwargs())
+  return (o, final), (q, k, v, theta, log_keep, log_eta, states)
+
+
+def _mlp_core_bwd(config, residuals, cotangents):
+  q, k, v, theta, log_keep, log_eta, states = residuals
+  d_o, d_final = cotangents
+  dq, dk, dv, d_theta, d_lk, d_le, d_init = _mlp_module().titans_mlp_backward(
+      q, k, v, theta, log_keep, log_eta, states, d_o, d_final, **config.kernel_kwargs())
+  return (dq, dk, dv, d_theta, d_lk, d_le, *d_init)
+
+
+_mlp_core.defvjp(_mlp_core_fwd, _mlp_core_bwd)
+
+
 def _check_state(initial_state, b, h, d_k, d_v):
   """The (M, S) structure: two arrays [b, h, d_k, d_v], or two equal-length tuples of
   [b, h, d_{l-1}, d_l] chaining d_k to d_v. Returns the depth."""
@@ -124,12 +162,19 @@ def _validate(q, k, v, lr, momentum, decay, initial_state, chunk_size):
   return _check_state(initial_state, b, h, d_k, v.shape[3])
 
 
-def _pallas_unsupported(backend, cdt, depth, chunk):
-  """Why the Pallas kernels of ``backend`` cannot run this call, or None."""
+def _pallas_unsupported(backend, cdt, depth, chunk, dims):
+  """Why the Pallas kernels of ``backend`` cannot run this call, or None. ``dims``: the
+  layer widths (d_k, d_1, ..., d_v)."""
   if cdt == jnp.float64:
     return "float64 inputs"
-  if depth > 1:
-    return f"an MLP memory (depth {depth}); they run the linear memory"
+  if depth > 2:
+    return (f"an MLP memory of depth {depth} (they run the linear memory and, on TPU, the "
+            "2-layer MLP)")
+  if depth == 2:
+    if backend != "tpu":
+      return ("a 2-layer MLP memory on GPU (the GPU kernels run the linear memory; the TPU "
+              "kernels, also under implementation='interpret' off GPU, run the MLP)")
+    return _mlp_module().size_problem(*dims) or _mlp_module().chunk_size_problem(chunk)
   return _backend_module(backend).chunk_size_problem(chunk)
 
 
@@ -158,15 +203,18 @@ def titans_memory(q, k, v, lr, momentum, decay, *, chunk_size=None, initial_stat
       [0, 1] are not checked (they are data).
     chunk_size: tokens per chunk; None: 64. It is part of the rule, so no backend changes
       it: "xla" and "reference" take any positive size; the Pallas kernels tile multiples
-      of 8 up to 256 (TPU) or powers of two from 16 to 128 (GPU); other sizes run "xla" under None and are a
-      ValueError under "pallas"/"interpret".
+      of 8 up to 256 (TPU; up to 128 for the 2-layer MLP memory) or powers of two from 16
+      to 128 (GPU); other sizes run "xla" under None and are a ValueError under
+      "pallas"/"interpret".
     initial_state: (M, S) before the first token, or None (linear memory at zero).
       Linear: M, S each [batch, heads, d_k, d_v]. MLP: M, S each a tuple
       (W_1 [batch, heads, d_k, d_1], ..., W_L [batch, heads, d_{L-1}, d_v]).
     return_final_state: also return (M, S) after the last token.
-    implementation: None (compiled Pallas on TPU/GPU for the linear memory, "xla" for MLP
-      memories, float64 and CPU), "pallas", "interpret" (the TPU kernels in the Pallas
-      interpreter), "xla" or "reference".
+    implementation: None (compiled Pallas on TPU/GPU for the linear memory and on TPU for
+      the 2-layer MLP memory with d_k, d_v <= 128 and d_h <= 256; "xla" for deeper MLP
+      memories, the 2-layer one on GPU or beyond those sizes,
+      float64 and CPU), "pallas", "interpret" (the TPU kernels in the Pallas interpreter),
+      "xla" or "reference".
 
   Returns:
     o [batch, seq, heads, d_v] in q's dtype; with ``return_final_state`` also (M, S) in the
@@ -177,15 +225,20 @@ def titans_memory(q, k, v, lr, momentum, decay, *, chunk_size=None, initial_stat
   platform = dispatch.platform_of(q, k, v)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
   cdt = compute_dtype(q)
+  dims = (q.shape[3], v.shape[3])  # the layer widths d_k, d_1, ..., d_v
+  if initial_state is not None:
+    dims = (q.shape[3],) + tuple(w.shape[3] for w in as_weight_tuple(initial_state[0]))
   if impl in ("pallas", "interpret"):
     backend = dispatch.pallas_backend(platform)
-    unsupported = _pallas_unsupported(backend, cdt, depth, chunk)
+    unsupported = _pallas_unsupported(backend, cdt, depth, chunk, dims)
     if unsupported and implementation is not None:
       raise ValueError(f"{OP}: the Pallas kernels cannot run {unsupported}; use "
                        f"implementation='xla' or 'reference' (or None, which picks 'xla' for "
                        f"it), got implementation={impl!r}.")
     if unsupported:
       impl = "xla"
+  if depth == 2 and 0 in dims and impl in ("pallas", "interpret"):
+    impl = "xla"  # an empty layer: nothing for the kernels to tile (the XLA path is exact)
   if impl == "reference":
     return titans_memory_reference(q, k, v, lr, momentum, decay, chunk_size=chunk,
                                    initial_state=initial_state,
@@ -216,10 +269,15 @@ def titans_memory(q, k, v, lr, momentum, decay, *, chunk_size=None, initial_stat
       config = _Config(backend=backend, chunk_size=chunk, seq_len=t,
                        interpret=(impl == "interpret"))
       # Padded tokens: lr 0 and log gates 0; the kernels take the final state at token t-1.
-      o, (m, s) = _linear_core(pad(heads_major(q)), pad(heads_major(k)), pad(heads_major(v)),
-                               pad(theta), pad(log_keep), pad(log_eta), weights[0],
-                               moments[0], config)
-      o, final = o[:, :, :t], ((m,), (s,))
+      inputs = (pad(heads_major(q)), pad(heads_major(k)), pad(heads_major(v)), pad(theta),
+                pad(log_keep), pad(log_eta))
+      if depth == 2:
+        o, (w1, w2, s1, s2) = _mlp_core(*inputs, *weights, *moments, config)
+        final = ((w1, w2), (s1, s2))
+      else:
+        o, (m, s) = _linear_core(*inputs, weights[0], moments[0], config)
+        final = ((m,), (s,))
+      o = o[:, :, :t]
     o = jnp.moveaxis(o, 1, 2).astype(q.dtype)
   if not return_final_state:
     return o
