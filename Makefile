@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode length-extrapolation state-capacity install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode length-extrapolation state-capacity memory-retrieval install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ length-extrapolation: $(STAMP)
 state-capacity: $(STAMP)
 	$(BIN)/python -m experiments.state_capacity \
 	    --gin_file=configs/experiments/stuffed_mamba.gin --workdir=runs/stuffed_mamba
+
+memory-retrieval: $(STAMP)
+	$(BIN)/python -m experiments.memory_retrieval \
+	    --gin_file=configs/experiments/memory_retrieval.gin --workdir=runs/memory_retrieval
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -99,52 +99,11 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     held = [n for n in sorted(accuracy) if accuracy[n] >= settings.threshold]
     results["capacity"][str(size)] = max(held) if held else None
     if settings.generation_exact_match:
-      exact = _exact_match_by_generation(run_dir, sorted(accuracy))
+      exact = sweeps.exact_match_by_generation(run_dir, sorted(accuracy))["exact_match"]
       results.setdefault("exact_match", {})[str(size)] = {str(n): exact[n] for n in sorted(exact)}
   results["seconds"] = time.perf_counter() - started
   write_outputs(workdir, results)
   return results
-
-
-def _exact_match_by_generation(run_dir: str, lengths: Sequence[int]) -> dict[int, float]:
-  """Exact match of the generated key per length, for the trained run in ``run_dir`` (the
-  gin configuration of that run must be parsed); reuses ``generation_eval.json``."""
-  from flax import nnx
-
-  from lclm.model import DecoderLM
-  from lclm.training import generation_eval, restore
-
-  def binding(name, default=None):
-    try:
-      return gin.query_parameter(name)
-    except ValueError:  # Not bound: train's default.
-      return default
-
-  examples = int(binding("train.eval_examples", 512))
-  batch_size = binding("train.eval_batch_size") or binding("train.batch_size")
-  with open(os.path.join(run_dir, "summary.json")) as f:
-    step = json.load(f).get("step")
-  path = os.path.join(run_dir, "generation_eval.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if (saved.get("examples"), saved.get("step")) == (examples, step) and set(
-        saved["exact_match"]) >= {str(n) for n in lengths}:
-      return {int(n): saved["exact_match"][str(n)] for n in lengths}
-  task = gin.query_parameter("train.task").configurable.wrapper()
-  _, model = restore.restore_trained_model(
-      run_dir, lambda: DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(0)),
-      total_steps=int(gin.query_parameter("train.total_steps")))
-  model.eval()
-  batches = {n: task.eval_batches(n, int(batch_size), examples) for n in lengths}
-  counts = generation_eval.evaluate_lengths_by_generation(model, batches)
-  exact = {n: c.exact_match for n, c in counts.items()}
-  with open(path, "w") as f:
-    json.dump({"step": step, "examples": examples,
-               "exact_match": {str(n): a for n, a in exact.items()},
-               "token_accuracy": {str(n): c.token_accuracy for n, c in counts.items()}},
-              f, indent=2)
-  return exact
 
 
 def format_table(results: dict) -> str:
