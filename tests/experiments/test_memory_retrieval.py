@@ -32,6 +32,7 @@ def _main(workdir, *params):
                   *[f"--gin_param={p}" for p in (*TINY, *params)]])
 
 
+@pytest.mark.slow  # ~60-100 s on 2 cores (two trainings, generation at two lengths)
 def test_trains_each_architecture_and_scores_it(tmp_path, capsys):
   assert _main(tmp_path) == 0
   results = json.loads((tmp_path / "results.json").read_text())
