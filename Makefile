@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode length-extrapolation state-capacity memory-retrieval install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode benchmark-remat benchmark-cross-entropy fit-check length-extrapolation state-capacity memory-retrieval install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,22 @@ DECODE_OUT ?= benchmarks/results/decode_cpu.json
 benchmark-decode: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_decode \
 	    $(if $(DECODE_MAX_TIMED),--max_timed_length $(DECODE_MAX_TIMED)) --out $(DECODE_OUT)
+
+# Compiled peak memory of the train step by remat policy, scanned and not (32 layers x 4K
+# tokens, compile only; 2-core CPU: ~10 min).
+benchmark-remat: $(STAMP)
+	$(BIN)/python -m experiments.bench_remat --scan both --json benchmarks/results/remat_cpu.json
+
+# Compiled memory of the full-logits loss vs the chunked cross-entropy (128K vocab x 8K tokens).
+benchmark-cross-entropy: $(STAMP)
+	$(BIN)/python -m experiments.bench_cross_entropy
+
+# Does a gin config's train step fit a TPU topology? Compile-only through libtpu
+# (LCLM_LIBTPU_PATH or `pip install libtpu`): make fit-check GIN=... TOPOLOGY=v5e:4x4
+GIN ?= configs/experiments/quickstart.gin
+TOPOLOGY ?= v5e:2x2
+fit-check: $(STAMP)
+	$(BIN)/python -m experiments.fit_check --gin_file=$(GIN) --topology=$(TOPOLOGY)
 
 # Train at length 64 with several position methods, evaluate at 64 ... 1024 (2-core CPU: ~30 min).
 length-extrapolation: $(STAMP)

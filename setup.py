@@ -30,6 +30,8 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0,<10",
         "pytest-xdist>=3.5,<4",
         "hypothesis>=6.100,<7",
+        # tests/training/test_remote_workdir.py fakes gs:// with fsspec's memory filesystem.
+        "fsspec>=2024.2.0,<2027",
     ],
     # The peer of lclm.hf's parity tests (transformers on CPU). torch is pinned to the CPU
     # build that lies on the CI machines for Python 3.11; other Pythons skip those tests
@@ -43,6 +45,15 @@ EXTRAS_REQUIRE = {
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
     "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+    # gs:// run directories. etils.epath (metrics, eval.json, configs, Orbax's metadata)
+    # reaches GCS through fsspec's gcsfs; Orbax lists and deletes checkpoint steps of
+    # gs:// paths with google-cloud-storage (its array data goes through tensorstore's own
+    # GCS driver, built in). TensorBoard event files go through epath too
+    # (lclm.training.metrics), so tensorboardX's google-cloud-storage writer is not used.
+    "gcs": [
+        "gcsfs>=2024.2.0,<2027",
+        "google-cloud-storage>=2.18,<4",
+    ],
 }
 
 setuptools.setup(

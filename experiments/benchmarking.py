@@ -21,6 +21,8 @@ from collections.abc import Callable
 import jax
 import jaxlib
 
+from lclm import provenance
+
 MIB = 2 ** 20
 
 
@@ -135,14 +137,20 @@ def forward_and_backward(forward):
 
 
 def describe_environment(device=None) -> dict:
-  """Device, software versions and host: the metadata every benchmark result carries."""
+  """Device, software versions and host: the metadata every benchmark result carries.
+
+  ``"provenance"`` holds :func:`lclm.provenance.collect` without a gin configuration
+  (benchmarks have none): the git commit and whether the tree was dirty, flax's version,
+  the process count and the UTC time besides what the flat keys say.
+  """
   device = device or jax.devices()[0]
   return dict(
       platform=device.platform, device_kind=device.device_kind,
       device_count=jax.device_count(), jax_version=jax.__version__,
       jaxlib_version=jaxlib.__version__, python_version=platform.python_version(),
       host_cpu_count=os.cpu_count(),
-      host_memory_available_gib=round(_host_memory_bytes() / 2 ** 30, 1))
+      host_memory_available_gib=round(_host_memory_bytes() / 2 ** 30, 1),
+      provenance=provenance.collect(include_gin=False))
 
 
 @dataclasses.dataclass

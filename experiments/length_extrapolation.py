@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Callable, Sequence
 
 import gin
 import jax
+from etils import epath
 from flax import nnx
 
 from experiments import sweeps, train as train_main
@@ -178,15 +178,15 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
   train_length = int(gin.query_parameter("%SEQ_LEN"))
   task_name = _task_reference().selector
   max_multiple = max(settings.multipliers)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   results = {"train_length": train_length, "multipliers": list(settings.multipliers),
              "task": task_name, "results": {}}
   started = time.perf_counter()
   for train_name, eval_names in settings.runs.items():
     files, bindings = _train_config(train_name, train_length, max_multiple, task_name)
-    run_dir = os.path.join(workdir, f"train-{train_name}")
+    run_dir = str(epath.Path(workdir) / f"train-{train_name}")
     train_main.parse_gin([*gin_files, *files], [*gin_params, *bindings])
-    if not sweeps.completed(run_dir):
+    if not sweeps.prepare_run(run_dir, exclude=("LengthExtrapolation",)):
       print(f"== training {train_name} at length {train_length}", flush=True)
       summary = loop.train(workdir=run_dir)
       if summary["status"] != "completed":
@@ -259,7 +259,7 @@ def plot(results: dict, path: str) -> None:
   axes[1].legend(fontsize=7, loc="upper left")
   fig.suptitle(f"Length extrapolation: trained at {results['train_length']} tokens")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")  # path: a file name or a binary file object.
   plt.close(fig)
 
 

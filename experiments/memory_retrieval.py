@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Sequence
 
 import gin
 import numpy as np
+from etils import epath
 
 from experiments import sweeps, train as train_main
 from lclm.training import loop
@@ -205,12 +205,10 @@ def _hits_by_distance(run_dir: str, lengths: Sequence[int]) -> list[tuple[int | 
 
   examples = int(sweeps.binding("train.eval_examples", 512))
   batch_size = int(sweeps.binding("train.eval_batch_size") or sweeps.binding("train.batch_size"))
-  with open(os.path.join(run_dir, "summary.json")) as f:
-    step = json.load(f).get("step")
-  path = os.path.join(run_dir, "distance_eval.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  step = json.loads((epath.Path(run_dir) / "summary.json").read_text()).get("step")
+  path = epath.Path(run_dir) / "distance_eval.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
     if (saved["step"], saved["examples"]) == (step, examples) and set(saved["hits"]) >= {
         str(n) for n in lengths}:
       return [tuple(h) for n in lengths for h in saved["hits"][str(n)]]
@@ -237,8 +235,7 @@ def _hits_by_distance(run_dir: str, lengths: Sequence[int]) -> list[tuple[int | 
       for row, distance, _ in needle_distances(batch):
         ok = bool((predicted[row][mask[row]] == batch["targets"][row][mask[row]]).all())
         hits[str(n)].append((distance, ok))
-  with open(path, "w") as f:
-    json.dump({"step": step, "examples": examples, "hits": hits}, f)
+  path.write_text(json.dumps({"step": step, "examples": examples, "hits": hits}))
   return [h for n in lengths for h in hits[str(n)]]
 
 
@@ -261,7 +258,7 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     train_length = task.seq_len
     parameters[name] = _parameter_count(name, task)
   lengths = [train_length * m for m in settings.multipliers]
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   results = {"train_length": train_length, "multipliers": list(settings.multipliers),
              "architectures": {n: list(e) for n, e in settings.architectures.items()},
              "parameters": parameters, "accuracy": {}, "final_loss": {}, "train_seconds": {}}
@@ -269,17 +266,16 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     results.update(exact_match={}, generation_examples=None, generation_seconds={})
   started = time.perf_counter()
   for name in settings.architectures:
-    run_dir = os.path.join(workdir, name)
+    run_dir = str(epath.Path(workdir) / name)
     _parse(settings, name, gin_files, gin_params)
-    if not sweeps.completed(run_dir):
+    if not sweeps.prepare_run(run_dir, exclude=("MemoryRetrieval",)):
       print(f"== training {name} ({parameters[name]:,} parameters)", flush=True)
       summary = loop.train(workdir=run_dir)
       if summary["status"] != "completed":
         raise RuntimeError(f"training {name} did not complete: {summary['status']}")
-    with open(os.path.join(run_dir, "summary.json")) as f:
-      summary = json.load(f)
-    with open(os.path.join(run_dir, "eval.json")) as f:
-      accuracy = {int(n): a for n, a in json.load(f)["accuracy"].items()}
+    summary = json.loads((epath.Path(run_dir) / "summary.json").read_text())
+    report = json.loads((epath.Path(run_dir) / "eval.json").read_text())
+    accuracy = {int(n): a for n, a in report["accuracy"].items()}
     missing = sorted(set(lengths) - set(accuracy))
     if missing:
       raise RuntimeError(f"{run_dir} was evaluated at {sorted(accuracy)}, not at {missing}: "
@@ -377,7 +373,7 @@ def plot(results: dict, path: str) -> None:
   axes[0][0].set_ylabel("passkey retrieval")
   axes[0][-1].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")  # path: a file name or a binary file object.
   plt.close(fig)
 
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Sequence
 
 import gin
+from etils import epath
 
 from experiments import sweeps, train as train_main
 from lclm.training import loop
@@ -79,22 +79,22 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
     raise loop.ConfigurationError(
         f"StateCapacity.state_macro = {settings.state_macro!r} is not a macro of the gin "
         "configuration (e.g. MAMBA2_D_STATE from configs/mixers/mamba2.gin).") from None
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   results = {"state_macro": settings.state_macro, "threshold": settings.threshold,
              "train_length": int(gin.query_parameter("%SEQ_LEN")), "accuracy": {},
              "capacity": {}}
   started = time.perf_counter()
   for size in settings.state_sizes:
-    run_dir = os.path.join(workdir, f"state-{size}")
+    run_dir = str(epath.Path(workdir) / f"state-{size}")
     train_main.parse_gin(gin_files, [*gin_params, f"{settings.state_macro} = {size}"])
-    if not sweeps.completed(run_dir):
+    if not sweeps.prepare_run(run_dir, exclude=("StateCapacity",)):
       print(f"== training with {settings.state_macro} = {size}", flush=True)
       summary = loop.train(workdir=run_dir)
       if summary["status"] != "completed":
         raise RuntimeError(f"training with state size {size} did not complete: "
                            f"{summary['status']}")
-    with open(os.path.join(run_dir, "eval.json")) as f:
-      accuracy = {int(n): a for n, a in json.load(f)["accuracy"].items()}
+    report = json.loads((epath.Path(run_dir) / "eval.json").read_text())
+    accuracy = {int(n): a for n, a in report["accuracy"].items()}
     results["accuracy"][str(size)] = {str(n): accuracy[n] for n in sorted(accuracy)}
     held = [n for n in sorted(accuracy) if accuracy[n] >= settings.threshold]
     results["capacity"][str(size)] = max(held) if held else None
@@ -152,7 +152,7 @@ def plot(results: dict, path: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")  # path: a file name or a binary file object.
   plt.close(fig)
 
 

@@ -391,6 +391,44 @@ class Attention(nnx.Module):
       tokens.append(_union_length(intervals, 0, seq_len))
     return tuple(tokens)
 
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of the attention core at ``seq_len`` (beyond the q, k, v, o
+    projections): ``{"attention": 2 * 2 * head_dim * sum over query heads of the keys a
+    query sees on average}`` (q.k and p.v, 2 FLOPs per multiply-add; softmax not counted).
+
+    The keys seen are counted exactly from the training mask (causal: (T + 1) / 2; a
+    window w: min(w, ...) plus sinks; chunks; per-head windows; S²-Attn unless
+    ``deterministic``), one query row at a time from the mask's interval view. Segments of
+    packed rows are not known here: this is the count of one sequence of ``seq_len``.
+    """
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"Attention.core_flops_per_token: seq_len must be a positive int, got "
+                       f"{seq_len!r}.")
+    t = int(seq_len)
+    if self.position_extension is not None:
+      mask = self._inference_mask
+    else:
+      mask = masks.make_mask(is_causal=self.is_causal, local_window_size=self.local_window_size,
+                             num_sink_tokens=self.num_sink_tokens, chunk_size=self.chunk_size,
+                             mask=self._kernel_mask())
+    head_masks = mask.masks if isinstance(mask, masks.PerHeadMask) else (mask,)
+    rows = np.arange(t, dtype=np.int64)
+    keys_per_head = []
+    for head_mask in dict.fromkeys(head_masks):  # each distinct mask once
+      visit, _ = head_mask.key_intervals(rows, rows + 1)  # exact for single-query runs
+      lo = np.stack([np.clip(a, 0, t) for a, _ in visit])
+      hi = np.maximum(np.stack([np.clip(b, 0, t) for _, b in visit]), lo)
+      order = np.argsort(lo, axis=0)
+      lo, hi = np.take_along_axis(lo, order, 0), np.take_along_axis(hi, order, 0)
+      covered, end = np.zeros(t, np.int64), np.zeros(t, np.int64)
+      for a, b in zip(lo, hi):  # union length of the row's intervals
+        start = np.maximum(a, end)
+        covered += np.maximum(b - start, 0)
+        end = np.maximum(end, b)
+      keys_per_head.append((head_masks.count(head_mask), covered.mean()))
+    per_query_head = sum(n * keys for n, keys in keys_per_head) / len(head_masks)
+    return {"attention": 4.0 * self.num_heads * self.head_dim * float(per_query_head)}
+
   def __call__(self, x: jax.Array, *, position_ids: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: AttentionCache | None = None,
                num_new_tokens: jax.Array | None = None):

@@ -142,8 +142,11 @@ class LightningAttention(nnx.Module):
     self.v_proj = projection(features, heads, -1, ("embed", "heads", "head_dim"))
     self.gate_proj = projection(features, heads, -1, ("embed", "heads", "head_dim"))
     self.o_proj = projection(heads, features, (-2, -1), ("heads", "head_dim", "embed"))
+    # A norm scale (2-D only because it is per head): exempt from weight decay. The decay
+    # λ is a constant of the layer, not a parameter.
     self.norm_scale = nnx.Param(jnp.ones(heads, param_dtype),
-                                **logical_axes_metadata(("heads", "head_dim")))
+                                **logical_axes_metadata(("heads", "head_dim"),
+                                                        weight_decay=False))
 
   def init_state(self, batch_size: int) -> jax.Array:
     """The zero state: float32 [batch_size, num_heads, head_dim, head_dim]."""
@@ -237,6 +240,18 @@ class LightningAttention(nnx.Module):
     if return_state:
       return y, final
     return y
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of the chunked linear attention beyond the projections (2
+    per multiply-add; decays, norm and gate not counted), chunk C = min(chunk_size or 64,
+    seq_len), per head of dimension D: intra-chunk q.k and its product with v over the
+    (C + 1) / 2 earlier positions of the chunk on average, 2 D (C + 1); the state's read
+    q S and update kᵀ v, 2 D² each. Returned as ``{"recurrent": ...}``."""
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"LightningAttention.core_flops_per_token: seq_len must be a positive "
+                       f"int, got {seq_len!r}.")
+    chunk, d = min(self.chunk_size or 64, int(seq_len)), self.head_dim
+    return {"recurrent": float(self.num_heads * (2 * d * (chunk + 1) + 4 * d * d))}
 
   def _state_after(self, state, k, v, n_new, compute):
     """S_n = λ^n S_0 + Σ_{t<n} λ^(n-1-t) k_tᵀ v_t per row (n = n_new[b]), in ``compute``.

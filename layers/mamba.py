@@ -171,8 +171,9 @@ class Mamba(nnx.Module):
     self.implementation, self.chunk_size = implementation, chunk_size
     self.dtype = dtype
 
-    def param(init, shape, axes, dtype=param_dtype):
-      return nnx.Param(with_logical_axes(init, axes)(rngs.params(), shape, dtype))
+    def param(init, shape, axes, dtype=param_dtype, weight_decay=True):
+      return nnx.Param(with_logical_axes(init, axes, weight_decay=weight_decay)(
+          rngs.params(), shape, dtype))
 
     # [features, 2, d_inner]: fan_in = features, as the reference's Linear(features, 2 d_inner).
     self.in_proj = param(torch_linear_init(in_axis=0, out_axis=(1, 2)), (features, 2, d_inner),
@@ -195,15 +196,18 @@ class Mamba(nnx.Module):
       return inverse_softplus(dt).astype(dtype)
 
     f32 = jnp.float32  # A_log, D and dt_bias: float32 whatever param_dtype (see above).
-    self.dt_bias = param(dt_bias_init, (d_inner,), ("ssm_inner",), f32)
+    # A_log, D and dt_bias are exempt from weight decay (as the reference's _no_weight_decay).
+    self.dt_bias = param(dt_bias_init, (d_inner,), ("ssm_inner",), f32, weight_decay=False)
 
     def a_log_init(key, shape, dtype):
       del key
       return jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1, dtype=jnp.float32),
                                       shape)).astype(dtype)
 
-    self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"), f32)
-    self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",), f32)
+    self.A_log = param(a_log_init, (d_inner, d_state), ("ssm_inner", "ssm_state"), f32,
+                       weight_decay=False)
+    self.D = param(nnx.initializers.ones_init(), (d_inner,), ("ssm_inner",), f32,
+                   weight_decay=False)
     self.out_proj = param(torch_linear_init(), (d_inner, features), ("ssm_inner", "embed"))
     self.out_proj_bias = (param(nnx.initializers.zeros_init(), (features,), ("embed",))
                           if use_bias else None)
@@ -246,6 +250,23 @@ class Mamba(nnx.Module):
     """
     del max_length
     return self.init_state(batch_size)
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token (2 per multiply-add), the same at every ``seq_len``:
+
+    * "matmul": in_proj, x_proj, dt_proj and out_proj, which this layer keeps as raw
+      arrays (not ``nnx.Linear`` modules, so generic counters do not see them);
+    * "recurrent": the selective scan, 9 d_inner d_state (discretisation, state update,
+      read; Mamba's own count) + 2 d_inner (the D skip and the z gate);
+    * "conv": the depthwise convolution, 2 d_conv d_inner.
+    """
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"Mamba.core_flops_per_token: seq_len must be a positive int, got "
+                       f"{seq_len!r}.")
+    d, n, r, f = self.d_inner, self.d_state, self.dt_rank, self.features
+    projections = f * 2 * d + d * (r + 2 * n) + r * d + d * f
+    return {"matmul": 2.0 * projections, "recurrent": 9.0 * d * n + 2.0 * d,
+            "conv": 2.0 * self.d_conv * d}
 
   def _check_state(self, state, batch: int, what: str) -> MambaState:
     """``state`` as a :class:`MambaState` after checking its shapes against ``batch``."""

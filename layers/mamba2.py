@@ -156,12 +156,15 @@ class Mamba2(nnx.Module):
     u = jax.random.uniform(rngs.params(), (heads,), jnp.float32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, dt_init_floor)
+    # dt_bias, A_log and D are exempt from weight decay (as the reference's _no_weight_decay).
     self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)),
-                             **logical_axes_metadata(("ssm_heads",)))
+                             **logical_axes_metadata(("ssm_heads",), weight_decay=False))
     a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, A_init_range[0],
                            A_init_range[1])
-    self.A_log = nnx.Param(jnp.log(a), **logical_axes_metadata(("ssm_heads",)))
-    self.D = nnx.Param(jnp.ones((heads,), jnp.float32), **logical_axes_metadata(("ssm_heads",)))
+    self.A_log = nnx.Param(jnp.log(a), **logical_axes_metadata(("ssm_heads",),
+                                                               weight_decay=False))
+    self.D = nnx.Param(jnp.ones((heads,), jnp.float32),
+                       **logical_axes_metadata(("ssm_heads",), weight_decay=False))
     self.norm_scale = nnx.Param(jnp.ones((d_inner,), param_dtype),
                                 **logical_axes_metadata(("ssm_inner",)))
     self.out_proj = nnx.Linear(
@@ -182,6 +185,24 @@ class Mamba2(nnx.Module):
     ignored: the state has constant size whatever the length."""
     del max_length
     return self.init_state(batch_size)
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token beyond in_proj / out_proj, at ``seq_len`` (2 per
+    multiply-add; gates, norm and decays not counted), with chunk L = min(chunk_size or 64,
+    seq_len), G groups, H heads of P channels, N states:
+
+    * "recurrent", the chunked SSD: intra-chunk C Bᵀ (per group) and its product with x
+      over the (L + 1) / 2 earlier positions of the chunk on average, (G N + H P)(L + 1);
+      chunk states (Bᵀ x) and their read (C h), 2 H P N each;
+    * "conv": the depthwise convolution, 2 d_conv (d_inner + 2 G N).
+    """
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"Mamba2.core_flops_per_token: seq_len must be a positive int, got "
+                       f"{seq_len!r}.")
+    chunk = min(self.chunk_size or 64, seq_len)
+    gn, hp = self.n_groups * self.d_state, self.heads * self.head_dim
+    scan = (gn + hp) * (chunk + 1) + 4 * hp * self.d_state
+    return {"recurrent": float(scan), "conv": 2.0 * self.d_conv * self.conv_channels}
 
   def _check_state(self, state, batch, what="state"):
     expected = jax.tree.map(lambda a: a.shape, self.init_state(batch))

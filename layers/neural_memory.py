@@ -181,7 +181,7 @@ class NeuralMemory(nnx.Module):
       extra = {}
       if use_bias:
         extra = dict(use_bias=True, bias_init=with_logical_axes(
-            nnx.initializers.constant(bias_value), bias_axes))
+            nnx.initializers.constant(bias_value), bias_axes, weight_decay=False))
       else:
         extra = dict(use_bias=False)
       return nnx.LinearGeneral(in_features, out_features, axis=axis, kernel_init=kernel_init,
@@ -201,8 +201,9 @@ class NeuralMemory(nnx.Module):
                                    bias_axes=("heads",), bias_value=_logit(init))
     self.lr_proj, self.momentum_proj, self.decay_proj = (
         gate(lr_init / max_lr), gate(momentum_init), gate(decay_init))
+    # Gate scales and biases are exempt from weight decay (it would drag every gate to 1/2).
     self.gate_scales = nnx.Param(jnp.ones((3, num_heads), param_dtype),
-                                 **logical_axes_metadata((None, "heads")))
+                                 **logical_axes_metadata((None, "heads"), weight_decay=False))
     dims = (head_dim,) + (hidden_multiple * head_dim,) * (depth - 1) + (head_dim,)
     init_keys = jax.random.split(rngs.params(), depth)
     self.initial_weights = nnx.List([
@@ -216,6 +217,25 @@ class NeuralMemory(nnx.Module):
     self.out_gate = projection(features, heads, -1, ("embed", "heads", "head_dim")) \
         if output_gate else None
     self.o_proj = projection(heads, features, (-2, -1), ("heads", "head_dim", "embed"))
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of the memory's chunked rule beyond the projections and
+    convolutions (2 per multiply-add; gates and elementwise work not counted), chunk
+    C = min(chunk_size, seq_len). Per head, with the memory's matrices d_{l-1} x d_l of
+    P = sum_l d_{l-1} d_l weights (P_1 the first's): keys through the chunk-start memory
+    2P, errors backpropagated 2(P - P_1), queries through W^0 and S^0 4P, the intra-chunk
+    products over the (C + 1) / 2 earlier keys (C + 1) sum_l (d_{l-1} + d_l), and the
+    chunk's writes into the weights and the momentum 4P: in all
+    12P - 2P_1 + (C + 1) sum_l (d_{l-1} + d_l). Returned as ``{"recurrent": ...}``."""
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"NeuralMemory.core_flops_per_token: seq_len must be a positive int, "
+                       f"got {seq_len!r}.")
+    chunk = min(self.chunk_size, int(seq_len))
+    dims = [tuple(w.get_value().shape[1:]) for w in self.initial_weights]
+    weights = sum(a * b for a, b in dims)
+    reads = sum(a + b for a, b in dims)
+    per_head = 12 * weights - 2 * dims[0][0] * dims[0][1] + (chunk + 1) * reads
+    return {"recurrent": float(self.num_heads * per_head)}
 
   # ------------------------------------------------------------------ pieces (also for MAC)
 

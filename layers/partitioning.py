@@ -23,6 +23,7 @@ Logical names used by the layers:
   heads      query heads                 kv_heads  key/value heads
   head_dim   features of one head        mlp       hidden features of the MLP
   conv_width taps of a short convolution
+  layers     stacked layers of a scanned model (lclm.model.layer_stack)
   batch      rows of a batch (activations) length   tokens of a row (activations)
   ssm_inner  inner channels of an SSM    ssm_state state size of an SSM channel / head
   ssm_heads  Mamba-2 heads               ssm_in_proj Mamba-2's fused in-projection outputs
@@ -51,19 +52,34 @@ _ACTIVATION_CONSTRAINT: contextvars.ContextVar[ActivationConstraint | None] = (
     contextvars.ContextVar("activation_constraint", default=None))
 
 
-def with_logical_axes(initializer: Callable[..., Any],
-                      axes: tuple[str | None, ...]) -> Callable[..., Any]:
+# Metadata flag of a parameter that weight decay must leave alone (a recurrence's decay
+# rates, step sizes, skip gains, gate scales ...): ``weight_decay=False`` on its Variable.
+WEIGHT_DECAY_KEY = "weight_decay"
+
+
+def with_logical_axes(initializer: Callable[..., Any], axes: tuple[str | None, ...], *,
+                      weight_decay: bool = True) -> Callable[..., Any]:
   """Wraps an initializer so the variable it fills carries the logical ``axes``.
 
   ``axes`` has one entry per dimension of the initialised array; None leaves that
-  dimension unnamed (never sharded).
+  dimension unnamed (never sharded). ``weight_decay=False`` marks the parameter exempt
+  from the optimizer's weight decay (:func:`decays_weights`).
   """
-  return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False)
+  extra = {} if weight_decay else {WEIGHT_DECAY_KEY: False}
+  return nnx.with_partitioning(initializer, tuple(axes), eager_sharding=False, **extra)
 
 
-def logical_axes_metadata(axes: tuple[str | None, ...]) -> dict[str, Any]:
-  """Keyword metadata for ``nnx.Param(value, **logical_axes_metadata(axes))``."""
-  return {LOGICAL_AXES_KEY: tuple(axes), "eager_sharding": False}
+def logical_axes_metadata(axes: tuple[str | None, ...], *,
+                          weight_decay: bool = True) -> dict[str, Any]:
+  """Keyword metadata for ``nnx.Param(value, **logical_axes_metadata(axes))``;
+  ``weight_decay=False`` marks the parameter exempt from weight decay."""
+  extra = {} if weight_decay else {WEIGHT_DECAY_KEY: False}
+  return {LOGICAL_AXES_KEY: tuple(axes), "eager_sharding": False, **extra}
+
+
+def decays_weights(variable: nnx.Variable) -> bool:
+  """False if a layer marked ``variable`` exempt from weight decay, else True."""
+  return variable.get_metadata().get(WEIGHT_DECAY_KEY, True) is not False
 
 
 def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:

@@ -157,8 +157,9 @@ class S4D(nnx.Module):
     self.dtype = dtype
     h, n = features, state_size // 2
 
-    def param(init_fn, shape, axes):
-      return nnx.Param(with_logical_axes(init_fn, axes)(rngs.params(), shape, param_dtype))
+    def param(init_fn, shape, axes, weight_decay=True):
+      return nnx.Param(with_logical_axes(init_fn, axes, weight_decay=weight_decay)(
+          rngs.params(), shape, param_dtype))
 
     def log_dt_init(key, shape, dtype):
       lo, hi = math.log(dt_min), math.log(dt_max)
@@ -170,14 +171,19 @@ class S4D(nnx.Module):
     def complex_normal(key, shape, dtype):  # torch.randn(cfloat): variance 1/2 per part
       return jax.random.normal(key, shape, dtype) * math.sqrt(0.5)
 
-    self.log_dt = param(log_dt_init, (h,), ("ssm_inner",))
-    self.log_A_real = param(constant(math.log(0.5)), (h, n), ("ssm_inner", "ssm_state"))
+    # The discretisation (log Δ, A, B) and the skip D are exempt from weight decay (the
+    # reference trains log Δ and A with weight_decay 0): decay would pull A to -1 + 0i and
+    # Δ to 1, whatever the data. C, the read-out, is a weight like any projection.
+    self.log_dt = param(log_dt_init, (h,), ("ssm_inner",), weight_decay=False)
+    self.log_A_real = param(constant(math.log(0.5)), (h, n), ("ssm_inner", "ssm_state"),
+                            weight_decay=False)
     self.A_imag = param(constant(s4d_imag_init(init, state_size)), (h, n),
-                        ("ssm_inner", "ssm_state"))
-    self.B = param(constant(np.array([1.0, 0.0])), (h, n, 2), ("ssm_inner", "ssm_state", None))
+                        ("ssm_inner", "ssm_state"), weight_decay=False)
+    self.B = param(constant(np.array([1.0, 0.0])), (h, n, 2), ("ssm_inner", "ssm_state", None),
+                   weight_decay=False)
     channels = 2 if bidirectional else 1
     self.C = param(complex_normal, (channels, h, n, 2), (None, "ssm_inner", "ssm_state", None))
-    self.D = param(jax.nn.initializers.normal(1.0), (h,), ("ssm_inner",))
+    self.D = param(jax.nn.initializers.normal(1.0), (h,), ("ssm_inner",), weight_decay=False)
     self.out_proj = nnx.LinearGeneral(
         h, (2, h), use_bias=True, dtype=dtype, param_dtype=param_dtype,
         kernel_init=with_logical_axes(nnx.initializers.lecun_normal(), ("ssm_inner", None,
@@ -196,6 +202,19 @@ class S4D(nnx.Module):
     dt_a = dt[:, None].astype(cdtype) * a
     b_bar = (jnp.exp(dt_a) - 1.0) / a * _complex(self.B[...].astype(real_dtype))
     return dt_a, b_bar, _complex(self.C[...].astype(real_dtype))
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of the SSM beyond the output linear, counted on the
+    recurrence whatever path runs (FFT convolution or scan), the same at every
+    ``seq_len``: per channel and complex state, 8 for h = Ā h + B̄ u (a complex
+    multiply-add) and 4 for the read 2 Re(C h); 2 per channel for D u; twice the state
+    work when bidirectional. Returned as ``{"recurrent": ...}``."""
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"S4D.core_flops_per_token: seq_len must be a positive int, got "
+                       f"{seq_len!r}.")
+    directions = 2 if self.bidirectional else 1
+    states = self.features * (self.state_size // 2)
+    return {"recurrent": float(directions * 12 * states + 2 * self.features)}
 
   def kernel(self, length: int, real_dtype=jnp.float32) -> jax.Array:
     """The convolution kernels [channels, H, length]: K_l = 2 Re(Σ_n C_n B̄_n Ā_n^l), by a

@@ -40,7 +40,8 @@ def _check_x(layer, x, features):
 
 
 def _persistent_param(num_tokens, features, param_dtype, rngs):
-  init = with_logical_axes(nnx.initializers.normal(0.02), (None, "embed"))
+  # Learned tokens, like embeddings: exempt from weight decay.
+  init = with_logical_axes(nnx.initializers.normal(0.02), (None, "embed"), weight_decay=False)
   return nnx.Param(init(rngs.params(), (num_tokens, features), param_dtype))
 
 
@@ -113,6 +114,22 @@ class _WindowedMemory(nnx.Module):
   def kv_cache_tokens(self, seq_len: int) -> tuple[int, ...]:
     """Tokens each key/value head keeps: the window's and the persistent tokens."""
     return self.attention.kv_cache_tokens(seq_len + self.num_persistent_tokens)
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per input token of the attention's and the memory's cores
+    (their ``core_flops_per_token``) over the seq_len + persistent tokens they process,
+    by part ({"attention": ..., "recurrent": ...}). The projections of the persistent
+    tokens are not counted."""
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"{self.layer_name}.core_flops_per_token: seq_len must be a positive "
+                       f"int, got {seq_len!r}.")
+    total = int(seq_len) + self.num_persistent_tokens
+    parts = {}
+    for core in (self.attention.core_flops_per_token(total),
+                 self.memory.core_flops_per_token(total)):
+      for name, value in core.items():
+        parts[name] = parts.get(name, 0.0) + value * total / seq_len
+    return parts
 
   def init_cache(self, batch_size: int, max_length: int) -> _WindowedMemoryCache:
     """Both caches, with the persistent tokens already read (by the attention and the
@@ -370,6 +387,37 @@ class MemoryAsContext(nnx.Module):
     persistent tokens' keys are recomputed from the parameters)."""
     del seq_len
     return (2 * self.segment_size,) * self.num_heads
+
+  def core_flops_per_token(self, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token (2 per multiply-add) beyond one pass of each projection
+    and convolution module over the tokens, the sequence padded to whole segments of S:
+
+    * "recurrent": the memory's chunked write and read of the attention output
+      (``NeuralMemory.core_flops_per_token``) and the retrieval read of the segment-start
+      memory, 2 P per memory head (P weights);
+    * "attention": 2 * 2 * heads * head_dim * (persistent + S + 1) (the persistent
+      tokens, and causally (S + 1) / 2 retrieved and (S + 1) / 2 input tokens on average);
+    * "matmul": what runs twice: k, v of the retrieved tokens; the memory's q, k, v
+      projections of the input (retrieval queries) and its output path (gate, o_proj);
+    * "conv": the memory's q, k, v convolutions on the input.
+    """
+    if not _is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"MemoryAsContext.core_flops_per_token: seq_len must be a positive "
+                       f"int, got {seq_len!r}.")
+    s, memory, f = self.segment_size, self.memory, self.features
+    padded = -(-int(seq_len) // s) * s
+    width = memory.num_heads * memory.head_dim
+    weights = sum(w.get_value().shape[1] * w.get_value().shape[2]
+                  for w in memory.initial_weights)
+    recurrent = (memory.core_flops_per_token(s)["recurrent"]
+                 + 2 * memory.num_heads * weights)
+    attention = 4 * self.num_heads * self.head_dim * (self.num_persistent_tokens + s + 1)
+    matmul = (2 * 2 * f * self.num_heads * self.head_dim + 3 * 2 * f * width
+              + 2 * width * f + (2 * f * width if memory.out_gate is not None else 0))
+    conv = 3 * 2 * memory.conv_size * width
+    scale = padded / seq_len
+    return {"recurrent": recurrent * scale, "attention": attention * scale,
+            "matmul": matmul * scale, "conv": conv * scale}
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> MACCache:
     """The decode cache (:class:`MACCache`): the initial memory, empty windows and segment

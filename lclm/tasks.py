@@ -2,10 +2,11 @@
 
 A task is gin-configurable and offers ``name``, ``vocab_size``, ``seq_len``, ``tokenizer``
 (the :class:`lclm.data.tokenizer.Tokenizer` of a text task's inputs; None for token-id tasks
-such as MQAR), ``train_iterator(batch_size, seed)`` (a checkpointable Grain iterator of
-batches in the format of :mod:`lclm.data.pipeline`) and ``eval_batches(seq_len, batch_size,
-num_examples)`` (held-out batches at any length, for evaluation at the training length and
-beyond).
+such as MQAR), ``train_iterator(batch_size, seed, seq_len=None)`` (a checkpointable Grain
+iterator of batches in the format of :mod:`lclm.data.pipeline`, at ``seq_len`` tokens per row,
+default the task's ``seq_len``: progressive length stages ask for other lengths) and
+``eval_batches(seq_len, batch_size, num_examples)`` (held-out batches at any length, for
+evaluation at the training length and beyond).
 
 Every task takes an optional ``position_transform`` (gin: ``MqarTask.position_transform =
 @PoSE()``; see :mod:`lclm.data.position_augmentation`) applied to its *training* batches only;
@@ -17,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 
 import gin
+import numpy as np
 
-from lclm.data import mqar, passkey, pipeline, synthetic_source, text
-from lclm.data.tokenizer import ByteTokenizer, load_tokenizer
+from lclm.data import mixture, mqar, passkey, pipeline, synthetic_source, text
+from lclm.data.tokenizer import NUM_SPECIAL_IDS, ByteTokenizer, load_tokenizer
 
 
 @gin.configurable
@@ -52,9 +54,11 @@ class MqarTask:
                                   num_kv_pairs=num_kv_pairs, num_queries=num_queries,
                                   gap_alpha=gap_alpha, random_non_queries=random_non_queries)
 
-  def train_iterator(self, batch_size: int, seed: int):
+  def train_iterator(self, batch_size: int, seed: int, seq_len: int | None = None):
+    config = self.config if seq_len is None else dataclasses.replace(self.config,
+                                                                      seq_len=seq_len)
     source = synthetic_source.SyntheticBatchSource(
-        mqar.make_mqar_batch, self.config, batch_size=batch_size, seed=self.seed + seed)
+        mqar.make_mqar_batch, config, batch_size=batch_size, seed=self.seed + seed)
     return pipeline.make_batch_iterator(source, position_transform=self.position_transform)
 
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
@@ -93,9 +97,10 @@ class PasskeyTask:
     return synthetic_source.SyntheticSource(passkey.make_passkey_example, config,
                                             seed=self.seed, split=split)
 
-  def train_iterator(self, batch_size: int, seed: int):
-    return pipeline.make_train_iterator(self._source(self.seq_len, "train"),
-                                        batch_size=batch_size, seq_len=self.seq_len,
+  def train_iterator(self, batch_size: int, seed: int, seq_len: int | None = None):
+    seq_len = self.seq_len if seq_len is None else seq_len
+    return pipeline.make_train_iterator(self._source(seq_len, "train"),
+                                        batch_size=batch_size, seq_len=seq_len,
                                         seed=self.seed + seed, pack=False,
                                         position_transform=self.position_transform)
 
@@ -107,11 +112,20 @@ class PasskeyTask:
 
 @gin.configurable
 class TextTask:
-  """Language modelling on local text files (a glob) or a TFDS text dataset.
+  """Language modelling on local text files (globs) or a TFDS text dataset.
 
   Documents are packed into rows of ``seq_len`` with segment ids and position restarts.
-  Exactly one of ``train_files`` / ``tfds_name`` is given; evaluation reads ``eval_files``
-  or the TFDS ``eval_split``.
+  Exactly one of ``train_files`` / ``tfds_name`` is given. Evaluation needs a held-out split,
+  checked at launch: ``eval_files`` (a glob) with ``train_files``, or the TFDS
+  ``eval_split``; ``eval_files="train"`` evaluates on the training files on purpose (an
+  explicit opt-in; never a silent fallback).
+
+  Mixtures (ProLong-style): ``train_files`` may be a dict ``{"books": "glob", "web":
+  "glob"}`` with ``weights`` ``{"books": 0.3, "web": 0.7}`` (default equal): every source is
+  shuffled and repeated on its own and Grain's ``MapDataset.mix`` interleaves their documents
+  in those proportions (deterministic given the seed; the iterator state checkpoints as
+  usual). ``long_document_factor=k`` with ``long_document_bytes=n`` repeats every training
+  document of at least ``n`` UTF-8 bytes ``k`` times in its source (drawn k times more often).
 
   ``tokenizer`` (gin: ``TextTask.tokenizer = "/path/to/model_folder"``): None or ``"byte"``
   for the byte tokenizer (the default), or a folder / file that
@@ -120,18 +134,50 @@ class TextTask:
   eos (those it has). ``vocab_size`` (the model's vocabulary) defaults to the tokenizer's; a
   pretrained model's embedding may be larger (e.g. 128256 rows for a smaller tokenizer), so it
   may be set to any value not below the tokenizer's.
+
+  Text evaluation (``eval_metrics = "text"``): the loop reports loss, perplexity, bits per
+  byte (with :meth:`eval_bytes`) and the loss by token position besides the accuracy.
   """
 
   name = "text"
+  eval_metrics = "text"
 
-  def __init__(self, seq_len: int = gin.REQUIRED, *, train_files: str | None = None,
+  def __init__(self, seq_len: int = gin.REQUIRED, *, train_files=None,
                eval_files: str | None = None, tfds_name: str | None = None,
                tfds_feature: str = "text", eval_split: str = "validation", seed: int = 0,
                position_transform=None, tokenizer: str | None = None,
-               vocab_size: int | None = None):
+               vocab_size: int | None = None, weights=None,
+               long_document_bytes: int | None = None, long_document_factor: int = 1):
     if (train_files is None) == (tfds_name is None):
       raise ValueError("TextTask: give exactly one of train_files (a glob of local text "
-                       "files) and tfds_name (a TFDS text dataset).")
+                       "files, or a dict name -> glob for a mixture) and tfds_name (a TFDS "
+                       "text dataset).")
+    if train_files is not None:
+      if isinstance(train_files, str):
+        if weights is not None:
+          raise ValueError("TextTask.weights needs train_files as a dict name -> glob, got "
+                           f"the single glob {train_files!r}.")
+      elif not isinstance(train_files, dict) or not train_files or not all(
+          isinstance(v, str) for v in train_files.values()):
+        raise ValueError("TextTask.train_files must be a glob or a non-empty dict name -> "
+                         f"glob, got {train_files!r}.")
+      if eval_files is None:
+        raise ValueError(
+            "TextTask: no evaluation split. Give TextTask.eval_files (a glob of held-out "
+            "text files), or eval_files = \"train\" to evaluate on the training files on "
+            "purpose.")
+    elif weights is not None or long_document_factor != 1:
+      raise ValueError("TextTask.weights and long_document_factor apply to train_files, not "
+                       "to a TFDS dataset.")
+    if isinstance(long_document_factor, bool) or not isinstance(long_document_factor, int) or (
+        long_document_factor < 1):
+      raise ValueError("TextTask.long_document_factor must be an int >= 1, got "
+                       f"{long_document_factor!r}.")
+    if long_document_factor > 1 and (not isinstance(long_document_bytes, int)
+                                     or long_document_bytes < 1):
+      raise ValueError("TextTask.long_document_bytes must be a positive int when "
+                       f"long_document_factor = {long_document_factor}, got "
+                       f"{long_document_bytes!r}.")
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(tokenizer)
     if vocab_size is not None and (not isinstance(vocab_size, int)
@@ -142,22 +188,63 @@ class TextTask:
     self.vocab_size = self.tokenizer.vocab_size if vocab_size is None else vocab_size
     self.seed = seed
     self.position_transform = position_transform
-    self._train_files, self._eval_files = train_files, eval_files or train_files
+    if isinstance(train_files, dict):
+      self._train_files = dict(train_files)
+      self.mixture_weights = mixture.normalized_weights(list(train_files), weights,
+                                                        owner="TextTask.weights")
+    else:
+      self._train_files = None if train_files is None else {"train": train_files}
+      self.mixture_weights = [1.0]
+    self._eval_files = eval_files
+    self._long = (long_document_bytes, long_document_factor)
     self._tfds_name, self._feature, self._eval_split = tfds_name, tfds_feature, eval_split
 
-  def _source(self, train: bool):
+  def _train_sources(self) -> list:
     if self._tfds_name is not None:
-      return text.tfds_text_source(self._tfds_name, split="train" if train else self._eval_split,
-                                   feature=self._feature, tokenizer=self.tokenizer)
-    return text.text_file_source(self._train_files if train else self._eval_files,
-                                 tokenizer=self.tokenizer)
+      return [text.tfds_text_source(self._tfds_name, split="train", feature=self._feature,
+                                    tokenizer=self.tokenizer)]
+    min_bytes, factor = self._long
+    return [mixture.upsample_long_documents(
+        text.text_file_source(pattern, tokenizer=self.tokenizer), min_bytes=min_bytes,
+        factor=factor) for pattern in self._train_files.values()]
 
-  def train_iterator(self, batch_size: int, seed: int):
-    return pipeline.make_train_iterator(self._source(True), batch_size=batch_size,
-                                        seq_len=self.seq_len, seed=self.seed + seed,
-                                        position_transform=self.position_transform)
+  def _eval_source(self):
+    if self._tfds_name is not None:
+      return text.tfds_text_source(self._tfds_name, split=self._eval_split,
+                                   feature=self._feature, tokenizer=self.tokenizer)
+    if self._eval_files == "train":
+      documents = [doc for pattern in self._train_files.values()
+                   for doc in text.text_file_source(pattern).texts]
+      return text.TokenizedTextSource(documents, tokenizer=self.tokenizer)
+    return text.text_file_source(self._eval_files, tokenizer=self.tokenizer)
+
+  def train_iterator(self, batch_size: int, seed: int, seq_len: int | None = None):
+    sources = self._train_sources()
+    return pipeline.make_train_iterator(
+        sources if len(sources) > 1 else sources[0], batch_size=batch_size,
+        seq_len=self.seq_len if seq_len is None else seq_len, seed=self.seed + seed,
+        position_transform=self.position_transform,
+        mixture_weights=self.mixture_weights if len(sources) > 1 else None)
 
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
-    return pipeline.make_eval_batches(self._source(False), batch_size=batch_size,
+    return pipeline.make_eval_batches(self._eval_source(), batch_size=batch_size,
                                       seq_len=seq_len, pack=True, num_examples=num_examples,
                                       long_examples="split")
+
+  def eval_bytes(self, batch) -> int:
+    """UTF-8 bytes of the text the counted targets of ``batch`` encode: each segment's
+    targets (where ``loss_mask`` is set) decoded with the tokenizer (special tokens, e.g.
+    eos, decode to nothing). The denominator of bits per byte. With the byte tokenizer:
+    exactly the number of counted non-special targets (a piece cut inside a UTF-8 character
+    still counts its bytes)."""
+    targets = np.asarray(batch["targets"])
+    mask = np.asarray(batch["loss_mask"]) > 0
+    if isinstance(self.tokenizer, ByteTokenizer):
+      return int(np.count_nonzero(mask & (targets >= NUM_SPECIAL_IDS)))
+    segments = np.asarray(batch["segment_ids"])
+    total = 0
+    for row in range(targets.shape[0]):
+      for segment in np.unique(segments[row][mask[row]]):
+        ids = targets[row][mask[row] & (segments[row] == segment)]
+        total += len(self.tokenizer.decode(ids).encode("utf-8"))
+    return total

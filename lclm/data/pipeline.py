@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from lclm.data import position_augmentation
@@ -180,11 +181,13 @@ def make_train_dataset(
     drop_remainder: bool = True, num_threads: int = 0, prefetch_batches: int = 0,
     position_transform: position_augmentation.PositionTransform | None = None,
     balanced_order: tuple[str, int] | None = None,
+    mixture_weights: list[float] | None = None,
 ) -> grain.IterDataset:
   """The training pipeline as a Grain ``IterDataset`` of batches (see the module docstring).
 
   Args:
-    source: a random-access source (``__len__``, ``__getitem__``) of example dicts.
+    source: a random-access source (``__len__``, ``__getitem__``) of example dicts; or a
+      list of them, mixed with ``mixture_weights``.
     batch_size: rows per batch on this process.
     seq_len: tokens per row.
     seed: shuffle and bin-shuffle seed, in [0, 2**32).
@@ -206,18 +209,33 @@ def make_train_dataset(
     balanced_order: ``(load_balance, num_shards)`` to emit rows in the load-balanced order
       of context parallelism (:func:`to_balanced_order`, after ``position_transform``);
       None (default): natural order.
+    mixture_weights: with a list of sources, one positive weight each: each source is
+      sharded, shuffled (seed ``seed + k`` for source k) and repeated on its own, then they
+      are interleaved by Grain's ``MapDataset.mix`` (deterministic; the realised shares of
+      examples follow the weights, before packing) ahead of the rest of the pipeline.
   """
   _check_sizes(batch_size, seq_len)
   balance = _balanced(balanced_order)
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  ds = _shard(grain.MapDataset.source(source), shard_options)
-  if len(ds) == 0:
-    raise ValueError(f"Shard {shard_options.shard_index} of {shard_options.shard_count} of a "
-                     f"source of {len(source)} examples is empty.")
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_select)
+  sources = list(source) if isinstance(source, (list, tuple)) else [source]
+  if mixture_weights is not None and len(mixture_weights) != len(sources):
+    raise ValueError(f"mixture_weights has {len(mixture_weights)} entries for "
+                     f"{len(sources)} sources; give one weight per source.")
+  if len(sources) > 1 and mixture_weights is None:
+    raise ValueError(f"{len(sources)} sources need mixture_weights (one per source).")
+  datasets = []
+  for k, one in enumerate(sources):
+    ds = _shard(grain.MapDataset.source(one), shard_options)
+    if len(ds) == 0:
+      raise ValueError(f"Shard {shard_options.shard_index} of {shard_options.shard_count} of "
+                       f"a source of {len(one)} examples is empty.")
+    if shuffle:
+      ds = ds.shuffle(seed=seed + k)  # Source k of a mixture: its own order.
+    datasets.append(ds.repeat(num_epochs))
+  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
+      datasets, [float(w) for w in mixture_weights])
+  ds = ds.map(_select)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(1, 4 * batch_size)))
   ds = _rows(ds, seq_len=seq_len, pack=pack, num_packing_bins=num_packing_bins or batch_size,
@@ -291,6 +309,31 @@ def _empty_rows(num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
           for k in BATCH_KEYS}
 
 
+def pad_batch_count(batches: list[dict[str, np.ndarray]], count: int, *, batch_size: int,
+                    seq_len: int) -> list[dict[str, np.ndarray]]:
+  """``batches`` followed by empty batches up to ``count`` batches in all.
+
+  An empty batch is ``[batch_size, seq_len]`` of zeros (``loss_mask`` 0, ``segment_ids``
+  0): it counts nothing. Raises ValueError when ``count`` is below ``len(batches)``.
+  """
+  if count < len(batches):
+    raise ValueError(f"pad_batch_count: count={count} is below the {len(batches)} batches "
+                     "given; pass the largest count of all processes.")
+  return list(batches) + [_empty_rows(batch_size, seq_len) for _ in range(count - len(batches))]
+
+
+def agreed_batch_count(local_count: int) -> int:
+  """The largest ``local_count`` of all processes (itself with one process).
+
+  A collective when ``jax.process_count() > 1``: every process must call it.
+  """
+  if jax.process_count() == 1:
+    return int(local_count)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.asarray(local_count, np.int64))
+  return int(np.max(counts))
+
+
 def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool = False,
                       num_examples: int | None = None,
                       shard_options: grain.sharding.ShardOptions | None = None,
@@ -300,8 +343,11 @@ def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool 
 
   The first ``num_examples`` examples (default: all) are read once, unshuffled; with
   ``pack=False`` each row holds one example. The last batch is completed with empty rows
-  (``loss_mask`` 0, ``segment_ids`` 0), and with one example per row (no packing, no split)
-  every process gets the same number of batches, so multi-host evaluation stays in lockstep.
+  (``loss_mask`` 0, ``segment_ids`` 0), and every process gets the same number of batches
+  (completed with empty batches), so multi-host evaluation stays in lockstep: with one
+  example per row (no packing, no split) that number follows from the shard sizes; packed
+  or split rows depend on the data, so with several jax processes the processes agree on
+  the largest count (:func:`agreed_batch_count`, a collective that every process reaches).
 
   Args:
     source: a random-access source of example dicts.
@@ -332,6 +378,7 @@ def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool 
     batches[-1] = {k: np.concatenate([batches[-1][k], pad[k]]) for k in BATCH_KEYS}
   if not pack and long_examples != "split":
     per_shard = math.ceil(total / shard_options.shard_count)
-    batches += [_empty_rows(batch_size, seq_len)
-                for _ in range(math.ceil(per_shard / batch_size) - len(batches))]
-  return batches
+    count = max(len(batches), math.ceil(per_shard / batch_size))
+  else:
+    count = agreed_batch_count(len(batches))
+  return pad_batch_count(batches, count, batch_size=batch_size, seq_len=seq_len)

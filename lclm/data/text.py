@@ -4,7 +4,7 @@ The tokenizer is any :class:`lclm.data.tokenizer.Tokenizer` (default the byte to
 Hugging Face ``tokenizer.json`` or a SentencePiece model through ``load_tokenizer``). Each
 document becomes one example ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``loss_mask`` all
 ones, where ``ids`` is the document's tokens with bos/eos added. Documents may be longer than the
-training length: the pipeline cuts them into pieces (``make_train_iterator(split_long=True)``).
+training length: the pipeline cuts them into pieces (``long_examples="split"``, the default).
 """
 
 from __future__ import annotations

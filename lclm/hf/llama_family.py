@@ -226,7 +226,7 @@ def _export_config(model: DecoderLM, model_type: str) -> dict[str, Any]:
            "qwen2": "Qwen2ForCausalLM"}
   require(not model.final_logits_soft_cap and not model.embedding_multiplier,
            f"{model_type} has no final logit soft cap or embedding multiplier.")
-  blocks = list(model.blocks)
+  blocks = model.layer_blocks()
   windows, eps, mlp_sizes, first = set(), set(), set(), None
   for index, block in enumerate(blocks):
     mixer, mlp = block.mixer, block.mlp

@@ -266,7 +266,7 @@ def mamba2_export_config(model: DecoderLM) -> dict[str, Any]:
            "norm_scale_offset must be 0 (Mamba2RMSNorm multiplies by its weight).")
   eps = {float(model.final_norm.eps)}
   first = None
-  for index, block in enumerate(model.blocks):
+  for index, block in enumerate(model.layer_blocks()):
     where = f"layer {index}"
     mixer = block.mixer
     require(isinstance(mixer, Mamba2), f"{where}: every layer must be a 'mamba2' mixer, got "
@@ -293,7 +293,7 @@ def mamba2_export_config(model: DecoderLM) -> dict[str, Any]:
   return {
       "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
       "vocab_size": int(vocab), "hidden_size": int(features),
-      "num_hidden_layers": len(model.blocks), "expand": first["d_inner"] // int(features),
+      "num_hidden_layers": model.num_layers, "expand": first["d_inner"] // int(features),
       "num_heads": first["d_inner"] // first["head_dim"], "head_dim": first["head_dim"],
       "state_size": first["d_state"], "n_groups": first["n_groups"],
       "conv_kernel": first["d_conv"], "use_bias": first["use_bias"],

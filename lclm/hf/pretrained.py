@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lclm.hf import files
+from lclm.model import layer_stack
 from lclm.model.decoder import DecoderLM
 
 ParamPath = tuple[Any, ...]
@@ -131,6 +132,8 @@ def build_model(options: Mapping[str, Any], params: Params | None = None, *, mes
     return DecoderLM(**options, rngs=nnx.Rngs(0))
   abstract = nnx.eval_shape(lambda: DecoderLM(**options, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
+  # Hugging Face weights come per layer; a scanned model takes them stacked.
+  params = layer_stack.to_layout(params, [path for path, _ in nnx.to_flat_state(state)])
   shardings = None
   if mesh is not None:
     from lclm.sharding.partition import named_shardings  # pylint: disable=import-outside-toplevel
@@ -167,7 +170,8 @@ def _dotted(path: ParamPath) -> str:
   return ".".join(str(p) for p in path)
 
 
-def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None) -> DecoderLM:
+def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None,
+                    **decoder_options) -> DecoderLM:
   """A :class:`DecoderLM` with the weights of the Hugging Face checkpoint folder ``path``.
 
   Reads ``config.json`` and the safetensors files (sharded or not; no torch import), maps
@@ -175,7 +179,8 @@ def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None) -> D
   parameters. ``dtype`` (e.g. "float32") sets the parameter and computation dtype; by
   default the checkpoint's (a bfloat16 checkpoint loads as bfloat16). With a ``mesh`` the
   parameters are placed in the shardings of their logical axes (``rules``: default
-  ``lclm.sharding.axis_rules()``).
+  ``lclm.sharding.axis_rules()``). ``decoder_options`` override DecoderLM options that
+  do not change the weights, e.g. ``scan_layers=True, remat_policy="full"``.
 
   Raises:
     FileNotFoundError: no config.json or no safetensors files.
@@ -186,6 +191,10 @@ def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None) -> D
   config = files.read_config(path)
   architecture = architecture_of(config)
   options = model_options(config, dtype=dtype)
+  unknown = sorted(set(decoder_options) - set(_decoder_defaults()))
+  if unknown:
+    raise ValueError(f"load_pretrained: {unknown} are not DecoderLM options.")
+  options.update(decoder_options)
   reader = files.TensorReader(path)
   try:
     params = architecture.load_params(config, reader)
@@ -205,9 +214,11 @@ def load_pretrained(path: str, *, dtype: Any = None, mesh=None, rules=None) -> D
 
 
 def model_params(model: nnx.Module) -> Params:
-  """{parameter path: host numpy array} of a model."""
-  return {path: np.asarray(jax.device_get(variable.get_value()))
-          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  """{parameter path: host numpy array} of a model, one ``("blocks", i, ...)`` entry per
+  layer also for a scanned model."""
+  return layer_stack.unstack_params(
+      {path: np.asarray(jax.device_get(variable.get_value()))
+       for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))})
 
 
 def save_pretrained(model: DecoderLM, path: str, *, architecture: str,

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 import layers
 from layers import GatedMLP, RMSNorm, ShortConv, constrain_activation, with_logical_axes
+from lclm.model import layer_stack
 from lclm.model.registry import POSITION_OPTIONS, get_mixer
 
 
@@ -24,6 +26,11 @@ LOGITS_AXES = ("batch", "length", "vocab")
 
 
 MLP_KINDS = ("gated", "moe", "none")
+
+
+def default_compute_dtype() -> jnp.dtype:
+  """bfloat16 on TPU and GPU (jax's default backend), float32 elsewhere."""
+  return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32)
 
 
 class DecoderBlock(nnx.Module):
@@ -56,6 +63,7 @@ class DecoderBlock(nnx.Module):
     self.post_mlp_norm = norm() if post_norms and mlp is not None else None
 
   def _add_mixer(self, x, y):
+    y = checkpoint_name(y, "mixer_out")
     if self.post_mixer_norm is not None:
       y = self.post_mixer_norm(y)
     return x + y.astype(x.dtype)
@@ -63,7 +71,7 @@ class DecoderBlock(nnx.Module):
   def _add_mlp(self, x):
     if self.mlp is None:
       return x
-    y = self.mlp(self.mlp_norm(x))
+    y = checkpoint_name(self.mlp(self.mlp_norm(x)), "mlp_out")
     if self.post_mlp_norm is not None:
       y = self.post_mlp_norm(y)
     return x + y.astype(x.dtype)
@@ -103,13 +111,25 @@ class DecoderBlock(nnx.Module):
     return cache
 
 
+def _apply_block(block, x, position_ids, segment_ids, cache, num_new_tokens):
+  """One block on x (and its cache): (x, new cache or None), residual sharding pinned."""
+  if cache is None:
+    x, new_cache = block(x, position_ids=position_ids, segment_ids=segment_ids), None
+  else:
+    x, new_cache = block(x, position_ids=position_ids, segment_ids=None, cache=cache,
+                         num_new_tokens=num_new_tokens)
+  return constrain_activation(x, RESIDUAL_AXES), new_cache
+
+
 @struct.dataclass
 class DecoderCache:
   """The decode cache of a :class:`DecoderLM`: one block cache per layer (each declared by
   its mixer) and the tokens each row holds.
 
   Attributes:
-    layers: one ``{"mixer": ..., "conv": ...}`` per layer.
+    layers: one ``{"mixer": ..., "conv": ...}`` per layer; for a model with
+      ``scan_layers=True``, one per position of the scanned period, each array stacked over
+      the periods (leading axis ``num_layers / period``), as the parameters are.
     lengths: int32 [batch], tokens absorbed by each row.
     max_length: tokens a row can hold (static).
   """
@@ -225,7 +245,11 @@ class DecoderLM(nnx.Module):
   Args:
     vocab_size: number of token ids.
     features: model dimension (residual stream).
-    layer_pattern: one registered mixer name per layer, e.g. ["attention", "attention"].
+    layer_pattern: one registered mixer name per layer, e.g. ["attention", "attention"];
+      repeated ``num_periods`` times.
+    num_periods: how many times ``layer_pattern`` (and a per-layer ``mlp_pattern``) repeat:
+      ``layer_pattern=["local_attention"] * 5 + ["attention"], num_periods=8`` is a
+      48-layer Gemma-3-style model. ``layer_options`` keys index the repeated stack.
     mixer_options: mixer name -> keyword options of its factory, shared by every layer
       using that mixer, e.g. {"attention": {"num_heads": 4, "rope_theta": 10000.0}}.
     shared_mixer_options: options given to every mixer of the pattern whose factory
@@ -265,7 +289,19 @@ class DecoderLM(nnx.Module):
     embedding_multiplier: multiplies the token embeddings before the first block (Gemma:
       ``sqrt(features)``, rounded to the computation dtype); None: 1.
     final_logits_soft_cap: if set, logits -> cap * tanh(logits / cap) (Gemma 2).
-    dtype: computation dtype (e.g. "bfloat16" on accelerators); logits are float32 always.
+    scan_layers: stack the parameters of the layers of each repeating period of the pattern
+      (the shortest period with which mixers, options and MLP kinds repeat) and run the
+      periods under ``jax.lax.scan`` (:mod:`lclm.model.layer_stack`): compile time and
+      program size stop growing with depth. Parameters live under ``scanned_blocks`` with a
+      leading "layers" axis; same initial values as the unscanned model with the same
+      ``rngs``; decode caches are stacked the same way.
+    remat_policy: rematerialisation of each block (unscanned) or period (scanned) in the
+      backward pass: "none", "full", "dots", "minimal" (keeps the q/k/v projections and
+      the mixer and MLP outputs) or "minimal_offload" (those in host memory); see
+      :data:`lclm.model.layer_stack.REMAT_POLICIES`.
+    dtype: computation dtype; None (default): bfloat16 when jax's default backend is a TPU
+      or GPU, float32 on CPU (parameters stay ``param_dtype``, float32 by default: the
+      optimizer updates float32 master weights). Logits are float32 always.
     param_dtype: parameter dtype.
     rngs: randomness for the initialisers.
   """
@@ -281,8 +317,9 @@ class DecoderLM(nnx.Module):
                short_conv_size: int = 0, tie_embeddings: bool = True, norm_eps: float = 1e-6,
                norm_scale_offset: float = 0.0, post_norms: bool = False,
                embedding_multiplier: float | None = None,
-               final_logits_soft_cap: float | None = None,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               final_logits_soft_cap: float | None = None, num_periods: int = 1,
+               scan_layers: bool = False, remat_policy: str = "none",
+               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if vocab_size <= 0 or features <= 0:
       raise ValueError(
           f"DecoderLM: vocab_size and features must be positive, got vocab_size={vocab_size} "
@@ -295,7 +332,12 @@ class DecoderLM(nnx.Module):
       )
     if short_conv_size < 0:
       raise ValueError(f"DecoderLM: short_conv_size must be >= 0, got {short_conv_size}.")
-    mlp_kinds = _mlp_kinds(mlp_pattern, len(layer_pattern))
+    if not isinstance(num_periods, (int, np.integer)) or isinstance(num_periods, bool) or (
+        num_periods < 1):
+      raise ValueError(f"DecoderLM: num_periods must be a positive int, got {num_periods!r}.")
+    layer_stack.check_remat_policy(remat_policy)
+    mlp_kinds = _mlp_kinds(mlp_pattern, len(layer_pattern)) * int(num_periods)
+    layer_pattern = tuple(layer_pattern) * int(num_periods)
     if "moe" in mlp_kinds and not moe_options:
       raise ValueError("DecoderLM: mlp_pattern names 'moe', which needs moe_options, e.g. "
                        "{'num_experts': 8, 'num_experts_per_token': 2}.")
@@ -362,7 +404,8 @@ class DecoderLM(nnx.Module):
       return options, sources
 
     mlp_hidden_features = 4 * features if mlp_hidden_features is None else mlp_hidden_features
-    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    dtype, param_dtype = jnp.dtype(default_compute_dtype() if dtype is None else dtype), \
+        jnp.dtype(param_dtype)
 
     self.vocab_size = vocab_size
     self.features = features
@@ -372,6 +415,7 @@ class DecoderLM(nnx.Module):
     self.mlp_pattern = mlp_kinds
     self.embedding_multiplier = embedding_multiplier
     self.final_logits_soft_cap = final_logits_soft_cap
+    self.remat_policy = remat_policy
 
     def make_mlp(kind):
       if kind == "none":
@@ -388,9 +432,10 @@ class DecoderLM(nnx.Module):
         ("vocab", "embed"))
     self.embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=embedding_init, rngs=rngs)
-    blocks = []
+    blocks, signatures = [], []
     for index, name in enumerate(self.layer_pattern):
       options, sources = layer_config(index, name)
+      signatures.append((name, repr(options), mlp_kinds[index]))
       try:
         mixer = factories[name](features, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                 **options)
@@ -407,7 +452,16 @@ class DecoderLM(nnx.Module):
       except (TypeError, ValueError) as error:
         raise ValueError(f"DecoderLM: layer {index} ({mlp_kinds[index]!r} MLP): {error}"
                          ) from error
-    self.blocks = nnx.List(blocks)
+    if scan_layers:
+      period = layer_stack.minimal_period(signatures)
+      self.scan_period = period
+      self.blocks = None
+      self.scanned_blocks = nnx.List(
+          [layer_stack.stack_modules(blocks[j::period]) for j in range(period)])
+    else:
+      self.scan_period = None
+      self.blocks = nnx.List(blocks)
+      self.scanned_blocks = None
     self.final_norm = RMSNorm(features, eps=norm_eps, scale_offset=norm_scale_offset,
                               param_dtype=param_dtype)
     if tie_embeddings:
@@ -431,12 +485,16 @@ class DecoderLM(nnx.Module):
         raise ValueError(f"DecoderLM.init_cache: {name} must be a positive int, got {value!r}.")
     batch_size, max_length = int(batch_size), int(max_length)
     layers = []
-    for index, (name, block) in enumerate(zip(self.layer_pattern, self.blocks)):
+    for index, (name, block) in enumerate(zip(self.layer_pattern, self.layer_blocks())):
       try:
         layers.append(block.init_cache(batch_size, max_length))
       except ValueError as error:
         raise ValueError(f"DecoderLM.init_cache: layer {index} (mixer {name!r}): {error}"
                          ) from error
+    if self.scanned_blocks is not None:
+      period = self.scan_period
+      layers = [jax.tree.map(lambda *xs: jnp.stack(xs), *layers[j::period])
+                for j in range(period)]
     return DecoderCache(layers=tuple(layers), lengths=jnp.zeros((batch_size,), jnp.int32),
                         max_length=max_length)
 
@@ -461,6 +519,145 @@ class DecoderLM(nnx.Module):
     Returns:
       float32 [batch, seq, vocab_size] (and the new cache when one is given).
     """
+    self._check_inputs(tokens, position_ids, segment_ids)
+    batch, seq = tokens.shape
+    if cache is not None:
+      self._check_cache(cache, batch, seq, segment_ids, num_new_tokens)
+    x, new_layers = self._run_blocks(tokens, position_ids, segment_ids, cache, num_new_tokens)
+    x = self.final_norm(x)
+    logits = self.logits_from_hidden(x)
+    if cache is None:
+      return logits
+    added = seq if num_new_tokens is None else jnp.clip(num_new_tokens, 0, seq)
+    return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + added)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layer_pattern)
+
+  def layer_blocks(self) -> list[DecoderBlock]:
+    """One :class:`DecoderBlock` per layer, in order. For a scanned model these are views:
+    new modules holding that layer's slice of the stacked parameters (for inspection and
+    export; training and decoding run the stacked blocks)."""
+    if self.scanned_blocks is None:
+      return list(self.blocks)
+    period = self.scan_period
+    return [layer_stack.unstack_module(self.scanned_blocks[i % period], i // period)
+            for i in range(self.num_layers)]
+
+  def _run_blocks(self, tokens, position_ids, segment_ids, cache, num_new_tokens):
+    """Embedding and blocks: the residual stream [batch, seq, features] before the final
+    norm, and the new layer caches (None without a cache)."""
+    x = self.embed(tokens)
+    if self.embedding_multiplier is not None:
+      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+    x = constrain_activation(x, RESIDUAL_AXES)
+    caches = None if cache is None else cache.layers
+    if self.scanned_blocks is not None:
+      return self._scan_blocks(x, position_ids, segment_ids, caches, num_new_tokens)
+    if self.remat_policy == "none":
+      new_layers = []
+      for index, block in enumerate(self.blocks):
+        x, layer_cache = _apply_block(block, x, position_ids, segment_ids,
+                                      None if caches is None else caches[index], num_new_tokens)
+        new_layers.append(layer_cache)
+      return x, (None if cache is None else new_layers)
+    new_layers = []
+    for index, block in enumerate(self.blocks):
+      graphdef, state, rest = nnx.split(block, nnx.Param, ...)
+      apply = layer_stack.remat(
+          functools.partial(self._apply_group, [graphdef], [rest], position_ids=position_ids,
+                            segment_ids=segment_ids, num_new_tokens=num_new_tokens),
+          self.remat_policy)
+      x, (layer_cache,), sown = apply(x, [state], None if caches is None else (caches[index],))
+      self._sow_all(sown)
+      new_layers.append(layer_cache)
+    return x, (None if cache is None else new_layers)
+
+  def _scan_blocks(self, x, position_ids, segment_ids, caches, num_new_tokens):
+    """The periods of a scanned model under ``jax.lax.scan``: x and the new caches."""
+    # Only the parameters go through the scan (the rest, e.g. nnx.capture's marks, is not
+    # stacked), block by block (an nnx.List under nnx.capture mixes int and str keys).
+    graphdefs, state, rests = zip(*(nnx.split(block, nnx.Param, ...)
+                                    for block in self.scanned_blocks))
+    apply = layer_stack.remat(
+        functools.partial(self._apply_group, graphdefs, rests, position_ids=position_ids,
+                          segment_ids=segment_ids, num_new_tokens=num_new_tokens),
+        self.remat_policy, prevent_cse=False)
+
+    def period(x, xs):
+      period_state, period_caches = xs
+      x, new_caches, sown = apply(x, period_state, period_caches)
+      return x, (new_caches, sown)
+
+    x, (new_caches, sown) = jax.lax.scan(period, x, (list(state), caches))
+    self._sow_all(sown)
+    return x, (None if caches is None else tuple(new_caches))
+
+  def _apply_group(self, graphdefs, rests, x, states, caches, *, position_ids, segment_ids,
+                   num_new_tokens):
+    """Runs the blocks ``nnx.merge(graphdefs[i], states[i], rests[i])`` in turn on x: returns (x, the blocks' new caches (a list, Nones without caches), the
+    values they sowed as {"path/name": tuple of values}). Sown values are collected only
+    while the model runs under ``nnx.capture`` (as MoE layers do)."""
+    blocks = [nnx.merge(*parts) for parts in zip(graphdefs, states, rests)]
+
+    def run(blocks, x):
+      new_caches = []
+      for index, block in enumerate(blocks):
+        x, layer_cache = _apply_block(block, x, position_ids, segment_ids,
+                                      None if caches is None else caches[index], num_new_tokens)
+        new_caches.append(layer_cache)
+      return x, new_caches
+
+    if not hasattr(self, "__captures__"):
+      x, new_caches = run(blocks, x)
+      return x, new_caches, {}
+    (x, new_caches), sown = nnx.capture(run, nnx.Intermediate)(blocks, x)
+    sown = {"/".join(map(str, path)): variable.get_value()
+            for path, variable in nnx.to_flat_state(sown)}
+    return x, new_caches, sown
+
+  def _sow_all(self, sown: Mapping[str, Any]) -> None:
+    """Sows again, on the model, what the blocks sowed inside a scan or a remat (there,
+    values cannot reach the capture directly); each keeps its name."""
+    for key, values in sown.items():
+      for value in values:
+        self.sow(nnx.Intermediate, key.rsplit("/", 1)[-1], value)
+
+  def hidden_states(self, tokens: jax.Array, *, position_ids: jax.Array,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states [batch, seq, features] (computation dtype) that
+    :meth:`logits_from_hidden` turns into logits; arguments as :meth:`__call__` without a
+    cache."""
+    self._check_inputs(tokens, position_ids, segment_ids)
+    x, _ = self._run_blocks(tokens, position_ids, segment_ids, None, None)
+    return self.final_norm(x)
+
+  def output_weights(self) -> jax.Array:
+    """The output projection as [features, vocab_size] in the computation dtype (the
+    transposed token embedding when tied)."""
+    if self.unembed is None:
+      return self.embed.embedding[...].astype(self.dtype).T
+    return self.unembed.kernel[...].astype(self.dtype)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits [..., vocab_size] of final-normed hidden states [..., features]:
+    ``hidden @ output_weights()`` (float32 accumulation), then the soft cap if any.
+
+    Chunked losses call this on slices of :meth:`hidden_states` so that the full
+    [batch, seq, vocab] logits never exist at once.
+    """
+    logits = jnp.einsum("...f,fv->...v", hidden.astype(self.dtype), self.output_weights(),
+                        preferred_element_type=jnp.float32)
+    if self.final_logits_soft_cap is not None:
+      cap = self.final_logits_soft_cap
+      logits = cap * jnp.tanh(logits / cap)
+    if logits.ndim == 3:
+      logits = constrain_activation(logits, LOGITS_AXES)
+    return logits
+
+  @staticmethod
+  def _check_inputs(tokens, position_ids, segment_ids):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(
           f"DecoderLM: tokens must be integer [batch, seq], got {tokens.dtype}{tokens.shape}.")
@@ -473,35 +670,6 @@ class DecoderLM(nnx.Module):
       raise ValueError(
           f"DecoderLM: segment_ids must be [batch, seq] = {tokens.shape}, got shape "
           f"{segment_ids.shape}.")
-    if cache is not None:
-      self._check_cache(cache, batch, seq, segment_ids, num_new_tokens)
-    x = self.embed(tokens)
-    if self.embedding_multiplier is not None:
-      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
-    x = constrain_activation(x, RESIDUAL_AXES)
-    new_layers = []
-    for index, block in enumerate(self.blocks):
-      if cache is None:
-        x = block(x, position_ids=position_ids, segment_ids=segment_ids)
-      else:
-        x, layer_cache = block(x, position_ids=position_ids, segment_ids=None,
-                               cache=cache.layers[index], num_new_tokens=num_new_tokens)
-        new_layers.append(layer_cache)
-      x = constrain_activation(x, RESIDUAL_AXES)
-    x = self.final_norm(x)
-    if self.unembed is None:
-      embedding = self.embed.embedding[...].astype(x.dtype)
-      logits = jnp.einsum("btf,vf->btv", x, embedding, preferred_element_type=jnp.float32)
-    else:
-      logits = self.unembed(x).astype(jnp.float32)
-    if self.final_logits_soft_cap is not None:
-      cap = self.final_logits_soft_cap
-      logits = cap * jnp.tanh(logits / cap)
-    logits = constrain_activation(logits, LOGITS_AXES)
-    if cache is None:
-      return logits
-    added = seq if num_new_tokens is None else jnp.clip(num_new_tokens, 0, seq)
-    return logits, cache.replace(layers=tuple(new_layers), lengths=cache.lengths + added)
 
   def _check_cache(self, cache, batch, seq, segment_ids, num_new_tokens):
     if not isinstance(cache, DecoderCache):
@@ -510,9 +678,11 @@ class DecoderLM(nnx.Module):
     if cache.batch_size != batch:
       raise ValueError(f"DecoderLM: the cache was built for batch size {cache.batch_size}, but "
                        f"tokens has {batch} rows; build it with init_cache({batch}, ...).")
-    if len(cache.layers) != len(self.blocks):
-      raise ValueError(f"DecoderLM: the cache has {len(cache.layers)} layers, the model "
-                       f"{len(self.blocks)}; it was built for another model.")
+    expected = self.num_layers if self.scanned_blocks is None else self.scan_period
+    if len(cache.layers) != expected:
+      raise ValueError(f"DecoderLM: the cache has {len(cache.layers)} layer entries, the model "
+                       f"needs {expected}; it was built for another model (or for the "
+                       "model with the other scan_layers setting).")
     if segment_ids is not None:
       raise ValueError("DecoderLM: segment_ids cannot be combined with a cache (packed rows "
                        "are not decoded); pass one sequence per row.")

@@ -127,7 +127,7 @@ def kv_cache_size(model: DecoderLM, seq_len: int, *, dtype: Any = None,
     raise ValueError(f"kv_cache_size: batch_size must be a positive int, got {batch_size!r}.")
   dtype = jnp.dtype(model.dtype if dtype is None else dtype)
   layers, total, full = [], 0, 0
-  for index, (name, block) in enumerate(zip(model.layer_pattern, model.blocks)):
+  for index, (name, block) in enumerate(zip(model.layer_pattern, model.layer_blocks())):
     mixer = block.mixer
     if not hasattr(mixer, "kv_cache_tokens"):
       layers.append(LayerKVCache(index, name, 0, 0, (), 0, 0, 0))

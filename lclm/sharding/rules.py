@@ -38,6 +38,9 @@ DEFAULT_AXIS_RULES: AxisRules = (
     # must not share mesh axes with "batch" or "length" (layers/moe.py relies on it).
     ("expert", "tensor"),
     ("conv_width", None),
+    # The stacked layers of a scanned model (DecoderLM(scan_layers=True)): each device holds
+    # every layer's shard of the other axes.
+    ("layers", None),
     # State-space and linear-recurrent mixers. Mamba's inner channels are independent, so
     # they split like MLP features; Mamba-2 runs its SSD kernel per batch shard and keeps
     # heads, state and its fused in-projection whole.

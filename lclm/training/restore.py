@@ -21,10 +21,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layers.partitioning import use_context_parallelism
 from lclm import sharding
+from lclm.model import layer_stack
 from lclm.sharding.context import context_parallel_plan
 from lclm.sharding.partition import key_name
 from lclm.training import checkpointing
@@ -111,7 +112,7 @@ def _steps(directory: epath.Path) -> list[int]:
 
 def has_checkpoint(path: str) -> bool:
   """Whether ``path`` (a run or checkpoints directory, possibly absent) holds a checkpoint."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return False
   directory = checkpoint_directory(path)
   return bool(directory and _steps(epath.Path(directory)))
@@ -151,6 +152,58 @@ def _abstract_model(model_factory: Callable[[], nnx.Module], mesh: Mesh, rules):
   return graphdef, target
 
 
+def _in_layer_layout(target: nnx.State, layout, mesh: Mesh) -> nnx.State:
+  """The abstract parameters ``target`` (ShapeDtypeStructs with shardings) in the layer
+  layout ``layout`` of a checkpoint (:func:`lclm.model.layer_stack.layout_of`): per-layer
+  arrays for a scanned model's unscanned checkpoint and the reverse; ``target`` itself when
+  the layouts agree."""
+  flat = nnx.to_flat_state(target)
+  own = layer_stack.layout_of([path for path, _ in flat])
+  if layout is None or own is None or layout[0] == own[0]:
+    return target
+
+  def abstract(shape, dtype, spec):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+  converted = []
+  if own[0] == layer_stack.SCANNED_BLOCKS:  # checkpoint of the unscanned model
+    period = own[1]
+    for path, variable in flat:
+      value = variable.get_value()
+      if path[0] != layer_stack.SCANNED_BLOCKS:
+        converted.append((path, variable))
+        continue
+      spec = tuple(value.sharding.spec)[1:]
+      for k in range(value.shape[0]):
+        layer = abstract(value.shape[1:], value.dtype, spec)
+        converted.append(((layer_stack.BLOCKS, k * period + path[1], *path[2:]),
+                          variable.replace(layer)))
+  else:  # scanned checkpoint, unscanned model: stack with the checkpoint's period
+    period = layout[1]
+    groups = {}
+    for path, variable in flat:
+      if path[0] != layer_stack.BLOCKS:
+        converted.append((path, variable))
+        continue
+      groups.setdefault((path[1] % period, path[2:]), []).append(variable)
+    for (j, rest), variables in groups.items():
+      value = variables[0].get_value()
+      stacked = abstract((len(variables), *value.shape), value.dtype,
+                         (None, *value.sharding.spec))
+      converted.append(((layer_stack.SCANNED_BLOCKS, j, *rest), variables[0].replace(stacked)))
+  return nnx.from_flat_state(converted)
+
+
+def _to_target(restored: nnx.State, target: nnx.State) -> nnx.State:
+  """``restored`` parameters in the layout, shardings and tree of ``target``."""
+  values = {path: variable.get_value() for path, variable in nnx.to_flat_state(restored)}
+  flat = nnx.to_flat_state(target)
+  values = layer_stack.to_layout(values, [path for path, _ in flat])
+  return nnx.from_flat_state(
+      [(path, variable.replace(jax.device_put(values[path], variable.get_value().sharding)))
+       for path, variable in flat])
+
+
 def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
                    mesh: Mesh | None = None, rules: Sequence | None = None
                    ) -> tuple[int, nnx.Module]:
@@ -160,7 +213,9 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
     path: an lclm run directory (``experiments.train --workdir``) or its ``checkpoints/``.
     model_factory: builds the model (with its own ``nnx.Rngs``); it is only traced
       (``nnx.eval_shape``), never initialised. Its parameter tree (names and shapes) must be
-      the checkpoint's; static options (positions, kernels, ...) may differ.
+      the checkpoint's; static options (positions, kernels, ...) may differ, and so may
+      ``scan_layers``: a checkpoint of the unscanned model loads into the scanned one and
+      back (:mod:`lclm.model.layer_stack`).
     mesh, rules: the parameters are placed in the shardings of their logical axes on
       ``mesh`` (default ``sharding.make_mesh()``, the gin-configured mesh) under ``rules``
       (default ``sharding.axis_rules()``), as ``step.init_train_state`` places them.
@@ -203,13 +258,15 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
       if not isinstance(metadata, dict) or "params" not in metadata:
         raise ValueError(f"restore_params: the checkpoint at step {at_step} in {directory} "
                          "holds no 'params' subtree; is it an lclm train state?")
-      mismatch = param_mismatch(expected, param_shapes(metadata["params"]))
+      found = param_shapes(metadata["params"])
+      wanted_params = _in_layer_layout(target, layer_stack.layout_of(found), mesh)
+      mismatch = param_mismatch(param_shapes(wanted_params), found)
       if mismatch is not None:
         raise ValueError(
             f"restore_params: the model does not match the checkpoint at step {at_step} in "
             f"{directory}: {mismatch}. Build the model with the run's configuration (same "
             "sizes, layer pattern and vocabulary).")
-      wanted = {"params": target}
+      wanted = {"params": wanted_params}
       args = ocp.args.PyTreeRestore(
           item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
           partial_restore=True)
@@ -220,7 +277,7 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
         checkpointing.report_unreadable(directory, at_step, failures[-1][1])
         continue
       log.info("restored the parameters of step %d from %s", at_step, directory)
-      return at_step, nnx.merge(graphdef, restored["params"])
+      return at_step, nnx.merge(graphdef, _to_target(restored["params"], target))
   finally:
     handler.close()
   raise checkpointing.UnreadableCheckpointsError(

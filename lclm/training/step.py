@@ -17,6 +17,13 @@ Mixture-of-experts layers (``layers.MoEMLP``) sow a load-balancing loss under th
 so that those values are collected, and the objective adds their mean over the layers
 times ``make_train_step.moe_aux_loss_weight`` (gin-configurable). Models without such
 layers sow nothing and their step is unchanged.
+
+Large vocabularies: with ``make_train_step.loss_chunk_size`` the step never forms the full
+float32 [batch, seq, vocab] logits; it takes the model's final hidden states
+(``model.hidden_states``) and output projection (``model.output_weights()``) and computes
+the loss chunk by chunk (:func:`lclm.training.losses.chunked_cross_entropy_sums`), with
+the same value and gradients. ``make_train_step.z_loss_weight`` adds PaLM's z-loss
+(``weight * mean(mask * logsumexp(logits)^2)``), which keeps the softmax normaliser near 1.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from layers.partitioning import use_context_parallelism
 from lclm.sharding.activations import activation_sharding
 from lclm.sharding.context import check_model, check_sequence_length, context_parallel_plan
 from lclm.sharding.partition import named_shardings
+from lclm.training import losses
 
 Batch = dict[str, jax.Array]
 
@@ -43,6 +51,9 @@ Batch = dict[str, jax.Array]
 MOE_AUX_LOSS = "moe_aux_loss"
 _MOE_AUX_SUM = "moe_aux_sum"
 _SUM_NAMES = ("ce_sum", "correct", "num_tokens")
+# The z-loss: its metric, and the token sum of mask * logsumexp^2 that carries it.
+Z_LOSS = "z_loss"
+_Z_LOSS_SUM = "z_loss_sum"
 
 
 class TrainState(struct.PyTreeNode):
@@ -67,8 +78,17 @@ def _moe_aux_losses(intermediates: nnx.State) -> list[jax.Array]:
   return [jnp.asarray(value, jnp.float32) for value in values]
 
 
-def _token_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+def _token_sums(model: nnx.Module, batch: Batch, *, chunk_size: int | None = None,
+                vocab_chunk_size: int | None = None, z_loss: bool = False
+                ) -> dict[str, jax.Array]:
   """Masked sums over the batch: ce_sum, correct (argmax hits) and num_tokens, float32.
+
+  With ``z_loss`` also "z_loss_sum", the masked sum of logsumexp(logits)^2. With a
+  ``chunk_size`` the sums come from the model's hidden states and output weights chunk by
+  chunk (:func:`losses.chunked_cross_entropy_sums`, ``vocab_chunk_size`` its vocabulary
+  tile): the model must provide ``hidden_states``, ``output_weights`` and
+  ``final_logits_soft_cap`` (as ``DecoderLM``); the full logits never exist. Without, the
+  model's full float32 logits are used.
 
   When MoE layers sowed auxiliary losses, also "moe_aux_sum": their mean times num_tokens,
   so that it divides by the token count like the cross-entropy (a micro-batch's aux loss
@@ -78,18 +98,35 @@ def _token_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
   # Capturing marks the modules: work on a copy, so that a model from outside the current
   # trace (e.g. closed over by jax.eval_shape) can be used too.
   model = nnx.merge(*nnx.split(model))
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(
-      batch["inputs"], position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"))
-  logits = logits.astype(jnp.float32)
-  mask = batch["loss_mask"].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  sums = {"ce_sum": jnp.sum(ce * mask), "correct": jnp.sum(hits * mask),
-          "num_tokens": jnp.sum(mask)}
+  inputs = dict(position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"))
+  if chunk_size is None:
+    logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"], **inputs)
+    sums = losses.full_logits_sums(logits, batch["targets"], batch["loss_mask"])
+  else:
+    _check_chunkable(model)
+    hidden, intermediates = nnx.capture(
+        lambda m, tokens: m.hidden_states(tokens, **inputs), nnx.Intermediate)(
+            model, batch["inputs"])
+    sums = losses.chunked_cross_entropy_sums(
+        hidden, model.output_weights(), batch["targets"], batch["loss_mask"],
+        soft_cap=model.final_logits_soft_cap, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size)
+  if not z_loss:
+    del sums[_Z_LOSS_SUM]
   aux = _moe_aux_losses(intermediates)
   if aux:
     sums[_MOE_AUX_SUM] = jnp.mean(jnp.stack(aux)) * sums["num_tokens"]
   return sums
+
+
+def _check_chunkable(model: nnx.Module) -> None:
+  missing = [name for name in ("hidden_states", "output_weights", "final_logits_soft_cap")
+             if not hasattr(model, name)]
+  if missing:
+    raise ValueError(
+        f"make_train_step.loss_chunk_size: the chunked loss needs a model with "
+        f"hidden_states(), output_weights() and final_logits_soft_cap (as DecoderLM); "
+        f"{type(model).__name__} lacks {missing}. Set loss_chunk_size = None.")
 
 
 def _metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -98,6 +135,8 @@ def _metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
              "num_tokens": sums["num_tokens"]}
   if _MOE_AUX_SUM in sums:
     metrics[MOE_AUX_LOSS] = sums[_MOE_AUX_SUM] / denominator
+  if _Z_LOSS_SUM in sums:
+    metrics[Z_LOSS] = sums[_Z_LOSS_SUM] / denominator
   return metrics
 
 
@@ -168,11 +207,28 @@ def _split_micro_batches(batch: Batch, steps: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-@gin.configurable(allowlist=["moe_aux_loss_weight"])
+def _is_nonnegative_number(value) -> bool:
+  return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and 0 <= value < float("inf"))
+
+
+def _check_chunk_size(name: str, value, needs: str | None = None) -> None:
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"make_train_step.{name} must be a positive int or None, got {value!r}.")
+  if needs is not None:
+    raise ValueError(f"make_train_step.{name}={value} needs {needs}.")
+
+
+@gin.configurable(allowlist=["moe_aux_loss_weight", "loss_chunk_size", "loss_vocab_chunk_size",
+                             "z_loss_weight"])
 def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_shardings: TrainState, batch_sharding: NamedSharding,
                     grad_accum_steps: int = 1, rules: Sequence | None = None,
-                    context_parallel: dict | None = None, moe_aux_loss_weight: float = 0.01
+                    context_parallel: dict | None = None, moe_aux_loss_weight: float = 0.01,
+                    loss_chunk_size: int | None = None,
+                    loss_vocab_chunk_size: int | None = None, z_loss_weight: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """A jitted ``step(state, batch) -> (new_state, metrics)``; ``state`` is donated.
 
@@ -198,10 +254,22 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
       against them when the step is traced (before it compiles).
     moe_aux_loss_weight: weight of the MoE load-balancing loss in the objective (gin:
       ``make_train_step.moe_aux_loss_weight``); unused by models without MoE layers.
+    loss_chunk_size: None: the loss comes from the model's full float32 logits [batch,
+      seq, vocab]. An int: from its hidden states, ``loss_chunk_size`` sequence positions
+      at a time (:func:`lclm.training.losses.chunked_cross_entropy_sums`; the model must be
+      a ``DecoderLM``-like model with ``hidden_states`` and ``output_weights``), so that
+      only [batch, loss_chunk_size, vocab] logits exist at once; same loss and gradients.
+      Gin: ``make_train_step.loss_chunk_size``.
+    loss_vocab_chunk_size: with ``loss_chunk_size``, the vocabulary tile of the chunked
+      loss (logits [batch, loss_chunk_size, loss_vocab_chunk_size] at once); None: the
+      whole vocabulary.
+    z_loss_weight: weight of PaLM's z-loss ``mean over masked tokens of
+      logsumexp(logits)^2`` in the objective (0: off). Gin: ``make_train_step.z_loss_weight``.
 
   Returns:
     The step; metrics are float32 scalars "loss" (the cross-entropy alone), "accuracy",
-    "num_tokens", "grad_norm", and "moe_aux_loss" for models with MoE layers.
+    "num_tokens", "grad_norm", "moe_aux_loss" for models with MoE layers, and "z_loss"
+    (the unweighted mean of logsumexp^2 over the masked tokens) when ``z_loss_weight > 0``.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
@@ -209,15 +277,28 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
       or not moe_aux_loss_weight >= 0):
     raise ValueError(
         f"moe_aux_loss_weight must be a float >= 0, got {moe_aux_loss_weight!r}.")
+  if not _is_nonnegative_number(z_loss_weight):
+    raise ValueError(f"make_train_step.z_loss_weight must be a finite float >= 0, got "
+                     f"{z_loss_weight!r}.")
+  _check_chunk_size("loss_chunk_size", loss_chunk_size)
+  _check_chunk_size("loss_vocab_chunk_size", loss_vocab_chunk_size,
+                    needs=("loss_chunk_size (the vocabulary is tiled only by the chunked loss)"
+                           if loss_chunk_size is None else None))
+  use_z_loss = z_loss_weight > 0
+  sum_names = _SUM_NAMES + ((_Z_LOSS_SUM,) if use_z_loss else ())
   param_shardings = state_shardings.params
   plan = context_parallel_plan(mesh, context_parallel)
 
   def grads_and_sums(graphdef, params, batch):
     def objective(p):
-      sums = _token_sums(nnx.merge(graphdef, p), batch)
-      if _MOE_AUX_SUM not in sums:
-        return sums["ce_sum"], sums
-      return sums["ce_sum"] + moe_aux_loss_weight * sums[_MOE_AUX_SUM], sums
+      sums = _token_sums(nnx.merge(graphdef, p), batch, chunk_size=loss_chunk_size,
+                         vocab_chunk_size=loss_vocab_chunk_size, z_loss=use_z_loss)
+      total = sums["ce_sum"]
+      if use_z_loss:
+        total = total + z_loss_weight * sums[_Z_LOSS_SUM]
+      if _MOE_AUX_SUM in sums:
+        total = total + moe_aux_loss_weight * sums[_MOE_AUX_SUM]
+      return total, sums
 
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return jax.lax.with_sharding_constraint(grads, param_shardings), sums
@@ -241,7 +322,7 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               {name: jnp.zeros((), jnp.float32) for name in _SUM_NAMES + (_MOE_AUX_SUM,)})
+               {name: jnp.zeros((), jnp.float32) for name in sum_names + (_MOE_AUX_SUM,)})
       (grads, sums), _ = jax.lax.scan(
           accumulate, zeros, _split_micro_batches(batch, grad_accum_steps))
       if not has_moe[-1]:

@@ -248,6 +248,49 @@ def test_eval_batches_are_ordered_padded_and_in_lockstep():
     pipeline.make_eval_batches(endless, batch_size=4, seq_len=128)
 
 
+def test_pad_batch_count_adds_empty_batches():
+  source = NumberedSource(5, max_len=10)
+  batches = pipeline.make_eval_batches(source, batch_size=2, seq_len=12,
+                                       shard_options=grain.sharding.NoSharding())
+  padded = pipeline.pad_batch_count(batches, len(batches) + 2, batch_size=2, seq_len=12)
+  assert len(padded) == len(batches) + 2
+  for got, want in zip(padded, batches):
+    assert all(np.array_equal(got[k], want[k]) for k in pipeline.BATCH_KEYS)
+  for filler in padded[len(batches):]:
+    assert set(filler) == set(pipeline.BATCH_KEYS)
+    assert all(filler[k].shape == (2, 12) and not filler[k].any() for k in pipeline.BATCH_KEYS)
+    assert filler["loss_mask"].dtype == np.float32 and filler["segment_ids"].dtype == np.int32
+  with pytest.raises(ValueError, match="count=1 is below the 3 batches"):
+    pipeline.pad_batch_count(batches, 1, batch_size=2, seq_len=12)
+
+
+def test_packed_eval_batches_agree_on_the_count_across_processes(monkeypatch):
+  """Packed rows depend on the data, so the two shards pack into different numbers of
+  batches; with several processes each pads to the largest count (here the allgather of
+  the two processes' counts is simulated: this process is shard 1, the other one shard 0)."""
+  source = NumberedSource(40, max_len=10, seed=2)
+  options = [grain.sharding.ShardOptions(shard_index=i, shard_count=2) for i in range(2)]
+  alone = [pipeline.make_eval_batches(source, batch_size=2, seq_len=16, pack=True,
+                                      shard_options=o) for o in options]
+  counts = [len(b) for b in alone]
+  assert counts[0] > counts[1]  # the case that used to hang a multi-host evaluation
+  from jax.experimental import multihost_utils
+  gathered = []
+
+  def allgather(x):
+    gathered.append(int(x))
+    return np.asarray([counts[0], int(x)])
+
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  batches = pipeline.make_eval_batches(source, batch_size=2, seq_len=16, pack=True,
+                                       shard_options=options[1])
+  assert gathered == [counts[1]] and len(batches) == counts[0]
+  assert not any(b["loss_mask"].any() or b["segment_ids"].any() for b in batches[counts[1]:])
+  assert [i for i, _ in _segments(batches)] == [i for i, _ in _segments(alone[1])]
+  assert pipeline.agreed_batch_count(7) == max(counts[0], 7)
+
+
 def test_batch_iterator_resumes_and_shards():
   cfg = mqar.MqarConfig(vocab_size=64, seq_len=32, num_kv_pairs=4)
   source = synthetic_source.SyntheticBatchSource(mqar.make_mqar_batch, cfg, batch_size=4, seed=0)

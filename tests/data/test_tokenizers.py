@@ -226,17 +226,19 @@ def test_text_task_with_a_tokenizer(bpe_dir, tmp_path):
 
   (tmp_path / "a.txt").write_text("\n".join(SENTENCES * 3), encoding="utf-8")
   files = str(tmp_path / "*.txt")
-  assert tasks.TextTask(32, train_files=files).vocab_size == 259  # byte default
-  task = tasks.TextTask(32, train_files=files, tokenizer=str(bpe_dir))
+  assert tasks.TextTask(32, train_files=files,
+                        eval_files="train").vocab_size == 259  # byte default
+  task = tasks.TextTask(32, train_files=files, eval_files="train", tokenizer=str(bpe_dir))
   assert isinstance(task.tokenizer, tokenizer_lib.HFTokenizer) and task.vocab_size == 300
   batch = next(task.train_iterator(2, 0))
   inputs = batch["inputs"][batch["segment_ids"] > 0]
   assert inputs.max() < 300 and (inputs == 1).any()  # bpe ids, documents start with <s>
-  assert tasks.TextTask(32, train_files=files, tokenizer=str(bpe_dir),
+  assert tasks.TextTask(32, train_files=files, eval_files="train", tokenizer=str(bpe_dir),
                         vocab_size=384).vocab_size == 384
   with pytest.raises(ValueError, match=r"TextTask.vocab_size=200 must be an int >= the "
                      r"tokenizer's vocabulary \(300"):
-    tasks.TextTask(32, train_files=files, tokenizer=str(bpe_dir), vocab_size=200)
+    tasks.TextTask(32, train_files=files, eval_files="train", tokenizer=str(bpe_dir),
+                   vocab_size=200)
 
 
 def test_generate_uses_the_tokenizer_and_stops_on_its_eos(bpe_dir, tmp_path):

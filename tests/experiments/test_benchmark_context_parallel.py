@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import benchmark_context_parallel
 
 
+@pytest.mark.slow  # 20-35 s on 2 cores (8 fake devices, compiles every strategy).
 def test_memory_table_and_json(tmp_path, capsys):
   out = tmp_path / "cp.json"
   code = benchmark_context_parallel.main([

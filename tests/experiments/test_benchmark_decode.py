@@ -12,6 +12,7 @@ import pytest
 from experiments import benchmark_decode
 
 
+@pytest.mark.slow  # 25-45 s on 2 cores; the recurrent-cache accounting tests stay fast.
 def test_smoke_run(tmp_path, capsys):
   out = tmp_path / "decode.json"
   argv = ["--lengths", "64,128", "--configs", "attention,local_attention", "--steps", "4",

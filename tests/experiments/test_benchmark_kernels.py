@@ -43,6 +43,9 @@ def test_benchmark_rows_for_every_implementation(tmp_path):
   metadata = result["metadata"]
   assert metadata["jax_version"] == jax.__version__
   assert "--quick" in metadata["command"] and metadata["date"]
+  provenance = metadata["provenance"]  # benchmarking.describe_environment
+  assert provenance["jax_version"] == jax.__version__ and provenance["git_commit"]
+  assert provenance["device_count"] == jax.device_count() and "gin_config" not in provenance
 
 
 def test_benchmark_skips_runs_over_the_memory_budget(tmp_path):

@@ -27,6 +27,7 @@ def _run(workdir, runs, *extra):
                   *[f"--gin_param={p}" for p in params]])
 
 
+@pytest.mark.slow  # 50-100 s on 2 cores; the bad-settings and Self-Extend tests stay fast.
 def test_tiny_run_writes_results_and_reuses_training(tmp_path, capsys):
   assert _run(tmp_path, {"rope": ["as_trained", "yarn", "self_extend"]}) == 0
   assert capsys.readouterr().out.count("== training") == 1
@@ -56,6 +57,7 @@ def test_tiny_run_writes_results_and_reuses_training(tmp_path, capsys):
   assert again["as_trained"]["64"] == rope["as_trained"]["64"]
 
 
+@pytest.mark.slow  # 25-50 s on 2 cores.
 def test_e2llm_trains_on_fractional_positions(tmp_path, capsys):
   """Float32 position ids through the data pipeline, the train step and PI at evaluation."""
   assert _run(tmp_path, {"e2llm": ["as_trained", "pi"]}) == 0

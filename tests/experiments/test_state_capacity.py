@@ -21,6 +21,7 @@ def _main(workdir, *params):
                   *[f"--gin_param={p}" for p in (*TINY, *params)]])
 
 
+@pytest.mark.slow  # 40-90 s on 2 cores; the bad-settings tests stay fast.
 def test_sweep_trains_one_model_per_state_size(tmp_path):
   assert _main(tmp_path, "StateCapacity.threshold = 0.01") == 0
   results = json.loads((tmp_path / "results.json").read_text())

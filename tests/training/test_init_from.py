@@ -16,7 +16,7 @@ from flax import nnx
 
 from experiments import train as train_main
 from lclm import sharding
-from lclm.model import DecoderLM
+from lclm.model import DecoderLM, layer_stack
 from lclm.training import checkpointing, loop, optimizer, restore, step
 from tests.training.test_train_loop import TINY
 
@@ -247,16 +247,42 @@ def test_init_from_a_hugging_face_folder(source_run, tmp_path, first_states, mon
 def test_init_from_a_saved_hugging_face_checkpoint(tmp_path, first_states):
   """The real lclm.hf: a model of the run's configuration (no short convolution: Llama has
   none) written as a Llama checkpoint is the new run's starting point, parameter for
-  parameter, with other positions (rope_theta) in the new run."""
+  parameter, with other positions (rope_theta) and scanned layers in the new run."""
   hf = pytest.importorskip("lclm.hf")
   _configure("DecoderLM.short_conv_size = 0")
   model = DecoderLM(vocab_size=VOCAB, rngs=nnx.Rngs(7))
   folder = str(tmp_path / "llama")
   hf.save_pretrained(model, folder, architecture="llama")
   _configure("DecoderLM.short_conv_size = 0", f"train.init_from = '{folder}'",
-             "ROPE_THETA = 500000.0", "train.stop_after_steps = 1")
+             "ROPE_THETA = 500000.0", "train.stop_after_steps = 1",
+             "DecoderLM.scan_layers = True")
   loop.train(str(tmp_path / "b"))
   (initial,) = first_states
   assert int(initial.step) == 0
-  _assert_same(initial.params, jax.device_get(nnx.state(model, nnx.Param)))
+  stacked = layer_stack.stack_params(
+      {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}, 1)
+  _assert_same(initial.params, nnx.from_flat_state(
+      [(p, nnx.Param(np.asarray(v))) for p, v in stacked.items()]))
   _assert_fresh_optimizer_state(initial)
+
+
+def test_restore_params_converts_between_scanned_and_unscanned(source_run, tmp_path):
+  workdir, final = source_run
+  _configure()
+  # The unscanned run's checkpoint into a scanned model: the layers stacked.
+  _, scanned = restore.restore_params(workdir, _factory(scan_layers=True))
+  params = nnx.state(scanned, nnx.Param)
+  kernel = params["scanned_blocks"][0]["mixer"]["q_proj"]["kernel"].get_value()
+  np.testing.assert_array_equal(kernel[0], final["blocks"][0]["mixer"]["q_proj"]["kernel"]
+                                .get_value())
+  assert kernel.shape[0] == 1
+  # A scanned checkpoint into the unscanned model: the same parameters again.
+  mesh, rules = sharding.make_mesh(), sharding.axis_rules()
+  state, _ = step.init_train_state(_factory(scan_layers=True), optimizer.make_optimizer(4),
+                                   mesh, rules)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  checkpointer.save(7, state.replace(params=params), force=True)
+  checkpointer.close()
+  at_step, unscanned = restore.restore_params(str(tmp_path), _factory())
+  assert at_step == 7
+  _assert_same(nnx.state(unscanned, nnx.Param), final)
