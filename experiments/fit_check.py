@@ -169,6 +169,9 @@ def argument_parser() -> argparse.ArgumentParser:
   parser.add_argument("--hbm_gib", type=float, default=None,
                       help="HBM per chip in GiB (default: by TPU generation)")
   parser.add_argument("--out", default=None, help="also write the report as JSON here")
+  parser.add_argument("--stage", type=int, default=None,
+                      help="with train.length_stages: the stage to check (its batch, length "
+                      "and positions; default the last)")
   return parser
 
 
@@ -279,7 +282,8 @@ def format_report(report: Mapping[str, Any]) -> str:
       f"{report['num_devices']} devices of kind {report['device_kind']!r})",
       f"mesh: {report['mesh']}",
       f"model: vocab {report['vocab_size']}, seq_len {report['seq_len']}, global batch "
-      f"{report['batch_size']} (grad_accum_steps {report['grad_accum_steps']})",
+      f"{report['batch_size']} (grad_accum_steps {report['grad_accum_steps']})"
+      + ("" if report.get("stage") is None else f", train.length_stages[{report['stage']}]"),
       f"parameters: {params['count']:,} ({format_bytes(params['bytes']).strip()}); train "
       f"state (params + optimizer) {format_bytes(params['state_bytes_per_device']).strip()} "
       "per device",
@@ -319,13 +323,18 @@ class TrainSettings:
   grad_accum_steps: int
   seed: int
   total_steps: int
+  seq_len: int = 0  # the checked stage's (the task's without stages)
+  position_overrides: Any = None  # the checked stage's rope_theta / rope_scaling
+  stage: int | None = None
 
 
-def train_settings() -> TrainSettings:
+def train_settings(stage: int | None = None) -> TrainSettings:
   """``train``'s gin-bound arguments (with its defaults) as the compile needs them.
 
-  The task is constructed (``train.task = @MqarTask``) but reads no data. Raises
-  FitCheckError for a missing ``%gin.REQUIRED`` value or an impossible value.
+  The task is constructed (``train.task = @MqarTask``) but reads no data. With
+  ``train.length_stages`` the batch, length and position overrides are those of stage
+  ``stage`` (default the last). Raises FitCheckError for a missing ``%gin.REQUIRED`` value
+  or an impossible value.
   """
   import gin
   from lclm.training import loop
@@ -359,6 +368,24 @@ def train_settings() -> TrainSettings:
       raise FitCheckError(f"train.task must be a task with an int {name} (such as "
                           f"@MqarTask), got {task!r}.")
   values["task"] = task
+  values["seq_len"] = task.seq_len
+  if bindings.get("length_stages") is not None:
+    from lclm.training import stages as stages_lib
+    try:
+      stages = stages_lib.parse_stages(bindings["length_stages"],
+                                       total_steps=values["total_steps"],
+                                       batch_size=values["batch_size"])
+    except ValueError as error:
+      raise FitCheckError(str(error)) from error
+    index = len(stages) - 1 if stage is None else stage
+    if not 0 <= index < len(stages):
+      raise FitCheckError(f"--stage {stage}: train.length_stages has stages 0 ... "
+                          f"{len(stages) - 1}.")
+    chosen = stages[index]
+    values.update(batch_size=chosen.batch_size, seq_len=chosen.seq_len, stage=index,
+                  position_overrides=chosen.position_overrides or None)
+  elif stage is not None:
+    raise FitCheckError("--stage needs train.length_stages in the configuration.")
   return TrainSettings(**values)
 
 
@@ -394,6 +421,7 @@ def abstract_step(settings: TrainSettings, devices: Sequence[Any]):
   allocated) and of the global batch, [batch_size, seq_len] int32 arrays and the float32
   loss mask. Configuration errors raise FitCheckError.
   """
+  import gin
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -408,11 +436,18 @@ def abstract_step(settings: TrainSettings, devices: Sequence[Any]):
     mesh = sharding.make_mesh(devices=devices)
     rules = sharding.axis_rules()
     _check_batch(settings, mesh)
-    context.check_sequence_length(context.context_parallel_plan(mesh), task.seq_len)
+    context.check_sequence_length(context.context_parallel_plan(mesh), settings.seq_len)
     tx = optimizer.make_optimizer(settings.total_steps)
+    bound = gin.get_bindings(DecoderLM)
+    overrides = {}
+    if bound.get("dtype") is None:  # DecoderLM's default on a TPU (here the backend is CPU)
+      overrides["dtype"] = "bfloat16"
+    if settings.position_overrides:
+      overrides["position_options"] = {**(bound.get("position_options") or {}),
+                                       **settings.position_overrides}
 
     def model_factory():
-      return DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(settings.seed))
+      return DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(settings.seed), **overrides)
 
     abstract_state = jax.eval_shape(
         lambda: step.init_train_state(model_factory, tx, mesh, rules)[0])
@@ -429,7 +464,7 @@ def abstract_step(settings: TrainSettings, devices: Sequence[Any]):
   state_args = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, state_shardings)
-  shape = (settings.batch_size, task.seq_len)
+  shape = (settings.batch_size, settings.seq_len)
   batch_args = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
                                     ("loss_mask", jnp.float32), ("segment_ids", jnp.int32),
@@ -448,7 +483,8 @@ def _topology_devices(topology: str, generation: str) -> list[Any]:
     raise FitCheckError(f"--topology {topology!r}: libtpu cannot build it: {error}") from error
 
 
-def check(topology: str, *, hbm_gib: float | None = None) -> dict[str, Any]:
+def check(topology: str, *, hbm_gib: float | None = None,
+          stage: int | None = None) -> dict[str, Any]:
   """Compiles the gin-configured train step for ``topology``; returns the report dict
   (printed by :func:`format_report`).
 
@@ -464,7 +500,7 @@ def check(topology: str, *, hbm_gib: float | None = None) -> dict[str, Any]:
   from pallas_kernels._common import dispatch
 
   generation, hbm = parse_topology(topology, hbm_gib)
-  settings = train_settings()
+  settings = train_settings(stage)
   devices = _topology_devices(topology, generation)
   chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
   # Several devices per chip (a topology of cores) share the chip's HBM.
@@ -499,7 +535,8 @@ def check(topology: str, *, hbm_gib: float | None = None) -> dict[str, Any]:
       "mesh": sharding.describe_mesh(mesh),
       "mesh_shape": dict(mesh.shape),
       "vocab_size": settings.task.vocab_size,
-      "seq_len": settings.task.seq_len,
+      "seq_len": settings.seq_len,
+      "stage": settings.stage,
       "batch_size": settings.batch_size,
       "grad_accum_steps": settings.grad_accum_steps,
       "parameters": {
@@ -522,7 +559,7 @@ def _run(args) -> int:
 
   try:
     train_entry.parse_gin(args.gin_file, args.gin_param)
-    report = check(args.topology, hbm_gib=args.hbm_gib)
+    report = check(args.topology, hbm_gib=args.hbm_gib, stage=args.stage)
   except (FitCheckError, train_entry.ConfigError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from layers import attention_cache
 from layers.attention_cache import AttentionCache
@@ -464,7 +465,10 @@ class Attention(nnx.Module):
 
   def _project(self, x):
     """q [b, t, heads, d], k, v [b, t, kv_heads, d] before RoPE (after QK-norm)."""
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    # Named for the remat policies that keep them (lclm.model.layer_stack "minimal").
+    q = checkpoint_name(self.q_proj(x), "query_proj")
+    k = checkpoint_name(self.k_proj(x), "key_proj")
+    v = checkpoint_name(self.v_proj(x), "value_proj")
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.query_multiplier is not None:

@@ -161,11 +161,6 @@ class TextTask:
           isinstance(v, str) for v in train_files.values()):
         raise ValueError("TextTask.train_files must be a glob or a non-empty dict name -> "
                          f"glob, got {train_files!r}.")
-      if eval_files is None:
-        raise ValueError(
-            "TextTask: no evaluation split. Give TextTask.eval_files (a glob of held-out "
-            "text files), or eval_files = \"train\" to evaluate on the training files on "
-            "purpose.")
     elif weights is not None or long_document_factor != 1:
       raise ValueError("TextTask.weights and long_document_factor apply to train_files, not "
                        "to a TFDS dataset.")
@@ -226,7 +221,18 @@ class TextTask:
         position_transform=self.position_transform,
         mixture_weights=self.mixture_weights if len(sources) > 1 else None)
 
+  def check_eval_split(self) -> None:
+    """Raises ValueError when there is no held-out split: local training files without
+    ``eval_files`` (``"train"`` evaluates on the training files on purpose). Training
+    calls it at launch; a task built only to generate (experiments.generate) needs none."""
+    if self._train_files is not None and self._eval_files is None:
+      raise ValueError(
+          "TextTask: no evaluation split. Give TextTask.eval_files (a glob of held-out "
+          "text files), or eval_files = \"train\" to evaluate on the training files on "
+          "purpose.")
+
   def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
+    self.check_eval_split()
     return pipeline.make_eval_batches(self._eval_source(), batch_size=batch_size,
                                       seq_len=seq_len, pack=True, num_examples=num_examples,
                                       long_examples="split")

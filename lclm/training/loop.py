@@ -81,6 +81,8 @@ def _validate(*, batch_size, grad_accum_steps, total_steps, mesh, task, eval_mul
   if not hasattr(task, "train_iterator") or not hasattr(task, "eval_batches"):
     raise ConfigurationError(
         f"train.task must be a task such as @MqarTask, @PasskeyTask or @TextTask, got {task!r}.")
+  if hasattr(task, "check_eval_split"):  # A held-out split, checked before training.
+    task.check_eval_split()
 
 
 def _stages(length_stages, *, task, total_steps, batch_size, mesh, grad_accum_steps):
@@ -216,6 +218,21 @@ def _global_sum(value: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def _check_stage_positions(schedule_stages, decoder_bindings) -> None:
+  """A stage's rope_theta / rope_scaling go in as DecoderLM.position_options, which
+  mixer_options and layer_options override: a stage option they also set would silently not
+  apply, so that is a configuration error."""
+  staged = {key for stage in schedule_stages for key in (stage.position_overrides or {})}
+  for binding in ("mixer_options", "layer_options"):
+    for name, options in (decoder_bindings.get(binding) or {}).items():
+      clash = sorted(staged & set(options or {}))
+      if clash:
+        raise ValueError(
+            f"train.length_stages sets {clash}, but DecoderLM.{binding}[{name!r}] sets them "
+            "too and would override every stage; move them to DecoderLM.position_options "
+            "(configs/positions/) so that the stages can change them.")
+
+
 class _Throughput:
   """Steady-state timing between log points: the first step of a run (compilation) is timed
   on its own; an interval runs from one blocking log point to the next, less the time of
@@ -227,19 +244,24 @@ class _Throughput:
     self.compile_seconds = None
     self._compile_logged = False
     self.total_seconds, self.total_tokens, self.total_steps = 0.0, 0, 0
+    self.total_flops = 0.0
     self._restart()
 
   def _restart(self):
     self._start, self._excluded, self._steps, self._tokens = time.perf_counter(), 0.0, 0, 0
+    self._flops = 0.0
 
   def compiled(self, seconds: float) -> None:
     """The first step took ``seconds`` (dispatch to its metrics); the steady state starts."""
     self.compile_seconds = seconds
     self._restart()
 
-  def step(self, real_tokens: int) -> None:
+  def step(self, real_tokens: int, flops_per_token: float = 0.0) -> None:
+    """One steady step of ``real_tokens`` (this process's) at ``flops_per_token`` (the
+    model FLOPs of its stage)."""
     self._steps += 1
     self._tokens += real_tokens
+    self._flops += real_tokens * flops_per_token
 
   def exclude(self, seconds: float) -> None:
     self._excluded += seconds
@@ -253,7 +275,7 @@ class _Throughput:
     finally:
       self._excluded += time.perf_counter() - start
 
-  def interval(self, *, flops_per_token: float, peak_flops: float | None) -> dict[str, float]:
+  def interval(self, *, peak_flops: float | None) -> dict[str, float]:
     """The timing fields of the interval that ends now (call after blocking on its last
     step; every process calls it): compile_seconds (once), step_seconds,
     tokens_per_second, tokens_per_second_per_device, mfu (when the peak is known); none
@@ -265,26 +287,30 @@ class _Throughput:
     if self._steps:
       seconds = max(time.perf_counter() - self._start - self._excluded, 1e-9)
       tokens = _global_sum(self._tokens)
+      model_flops = float(_global_sum(int(self._flops)))
       rate = tokens / seconds
       row.update(step_seconds=seconds / self._steps, tokens_per_second=rate,
                  tokens_per_second_per_device=rate / self.num_devices)
-      utilisation = flops.mfu(flops_per_token, rate / self.num_devices, peak_flops)
+      utilisation = flops.mfu(model_flops / max(tokens, 1), rate / self.num_devices,
+                              peak_flops)
       if utilisation is not None:
         row["mfu"] = utilisation
       self.total_seconds += seconds
       self.total_tokens += tokens
+      self.total_flops += model_flops
       self.total_steps += self._steps
     self._restart()
     return row
 
   def summary(self, *, flops_per_token: float, peak_flops: float | None) -> dict:
     """compile_seconds, steady_tokens_per_second (all steady intervals of the run; None
-    without any), model_flops_per_token and, when known, mfu."""
+    without any), model_flops_per_token (of the last stage) and, when known, mfu (from the
+    FLOPs of each steady step's own stage)."""
     rate = self.total_tokens / self.total_seconds if self.total_seconds > 0 else None
     out = {"compile_seconds": self.compile_seconds, "steady_tokens_per_second": rate,
            "model_flops_per_token": flops_per_token}
-    utilisation = None if rate is None else flops.mfu(flops_per_token,
-                                                      rate / self.num_devices, peak_flops)
+    utilisation = None if rate is None else flops.mfu(
+        self.total_flops / max(self.total_tokens, 1), rate / self.num_devices, peak_flops)
     if utilisation is not None:
       out["mfu"] = utilisation
     return out
@@ -488,6 +514,7 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
     tx = optimizer.make_optimizer(total_steps)
 
     base_positions = gin.get_bindings(DecoderLM).get("position_options")
+    _check_stage_positions(schedule_stages, gin.get_bindings(DecoderLM))
 
     def stage_factory(stage):
       """The model of ``stage`` (gin's DecoderLM with the stage's position overrides)."""
@@ -531,7 +558,8 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
     stage = schedule_stages[index]
     if length_stages is None:
       return task.train_iterator(stage.batch_size // jax.process_count(), seed)
-    return task.train_iterator(stage.batch_size // jax.process_count(), seed,
+    # Each stage draws its own order (the same seed would replay stage 0's documents).
+    return task.train_iterator(stage.batch_size // jax.process_count(), seed + index,
                                seq_len=stage.seq_len)
 
   try:
@@ -673,7 +701,7 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
           with meter.excluded():
             enter_stage(index)
             model_flops = flops.model_flops_per_token(
-                nnx.merge(state.graphdef, state.params), current_stage.seq_len)
+                nnx.merge(state.graphdef, abstract_params), current_stage.seq_len)
           recompiling = True  # The stage's first step compiles: left out of the throughput.
         meter.exclude(profiler.before_step(done))
         batch = next(data)
@@ -693,7 +721,7 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
           jax.block_until_ready(step_metrics)
           meter.exclude(time.perf_counter() - dispatched)
         else:
-          meter.step(real_tokens)
+          meter.step(real_tokens, model_flops["total"])
         pending.append((done, step_metrics))
         meter.exclude(profiler.after_step(done, step_metrics))
         # Read once: every decision below sees the same value.
@@ -703,7 +731,7 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
         if done % log_every == 0 or save_due:
           fetched = _check_finite(pending)  # Blocks on the interval's last step.
           pending = []
-          timing = meter.interval(flops_per_token=model_flops["total"], peak_flops=peak_flops)
+          timing = meter.interval(peak_flops=peak_flops)
           with meter.excluded():  # Logging is not step time.
             row = {**_interval_means(fetched),
                    "grad_norm": float(fetched[-1][1]["grad_norm"]),
@@ -737,6 +765,9 @@ def _train(workdir, *, task, total_steps, batch_size, seed, grad_accum_steps, lo
       else:
         if last < total_steps:
           status = "stopped"
+  except BaseException:
+    writer.close()  # Rows buffered for a remote workdir are written before the error.
+    raise
   finally:
     profiler.close()
     bar.close()

@@ -317,11 +317,12 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
       def accumulate(carry, micro_batch):
         micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
         grads, sums = grads_and_sums(state.graphdef, state.params, micro_batch)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # summed in float32
         has_moe.append(_MOE_AUX_SUM in sums)
         sums.setdefault(_MOE_AUX_SUM, jnp.zeros((), jnp.float32))  # carry has a fixed shape
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+      zeros = (jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), state.params),
                {name: jnp.zeros((), jnp.float32) for name in sum_names + (_MOE_AUX_SUM,)})
       (grads, sums), _ = jax.lax.scan(
           accumulate, zeros, _split_micro_batches(batch, grad_accum_steps))

@@ -72,8 +72,9 @@ def test_long_documents_are_upsampled(tmp_path):
 
 def test_text_task_requires_a_held_out_split(tmp_path):
   files = _write(tmp_path / "t", "x", [10])
+  unsplit = tasks.TextTask(32, train_files=files)  # Builds (generation needs no split) ...
   with pytest.raises(ValueError, match="TextTask: no evaluation split.*eval_files = \"train\""):
-    tasks.TextTask(32, train_files=files)
+    unsplit.eval_batches(32, 2, 4)  # ... but does not evaluate (training checks at launch).
   task = tasks.TextTask(32, train_files=files, eval_files="train")
   batches = task.eval_batches(32, 2, 4)
   assert int(batches[0]["loss_mask"].sum()) == 11  # bos + 10 bytes + eos -> 11 targets.

@@ -242,7 +242,7 @@ def test_format_report_lines():
 @pytest.mark.parametrize("fits, code", [(True, 0), (False, 1)])
 def test_run_prints_writes_json_and_exits_by_verdict(fits, code, tmp_path, monkeypatch, capsys):
   report = _fake_report(fits)
-  monkeypatch.setattr(fit_check, "check", lambda topology, hbm_gib=None: report)
+  monkeypatch.setattr(fit_check, "check", lambda topology, hbm_gib=None, stage=None: report)
   out = tmp_path / "report.json"
   args = fit_check.argument_parser().parse_args(
       [f"--gin_file={QUICKSTART}", "--topology=v5e:4x4", f"--out={out}"])
@@ -293,3 +293,17 @@ def test_quickstart_compiles_for_v5e_2x2(tmp_path):
   # attention inside the Mosaic kernels is not counted by XLA).
   six_n_t = 6 * params["count"] * 16 * 64
   assert 1.0 <= report["hlo_flops_per_device"] / six_n_t <= 1.5
+
+
+def test_settings_of_a_length_stage():
+  train_main.parse_gin(["configs/experiments/quickstart.gin"], [
+      "train.total_steps = 10", "train.batch_size = 16",
+      "train.length_stages = [{'steps': 6, 'seq_len': 32}, "
+      "{'steps': 4, 'seq_len': 128, 'rope_theta': 5e5}]"])
+  last = fit_check.train_settings()
+  assert (last.stage, last.batch_size, last.seq_len) == (1, 4, 128)
+  assert last.position_overrides == {"rope_theta": 5e5}
+  first = fit_check.train_settings(0)
+  assert (first.stage, first.batch_size, first.seq_len) == (0, 16, 32)
+  with pytest.raises(fit_check.FitCheckError, match="stages 0 ... 1"):
+    fit_check.train_settings(2)

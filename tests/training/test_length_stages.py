@@ -152,3 +152,9 @@ def test_stage_batch_that_the_mesh_cannot_split_fails_at_launch(corpus, tmp_path
              "{'steps': 2, 'seq_len': 16, 'batch_size': 0}]")
   with pytest.raises(loop.ConfigurationError, match=r"length_stages\[1\]\['batch_size'\]"):
     loop.train(str(tmp_path))
+
+
+def test_stage_rope_base_that_mixer_options_would_override_fails_at_launch(corpus, tmp_path):
+  _configure(corpus, "DecoderLM.mixer_options = {'attention': {'rope_theta': 10000.0}}")
+  with pytest.raises(loop.ConfigurationError, match=r"mixer_options\['attention'\] sets them"):
+    loop.train(str(tmp_path))

@@ -155,16 +155,22 @@ def test_bad_profiler_options_are_configuration_errors(tmp_path, param, message)
 def test_meter_leaves_out_excluded_time_and_reports_mfu_with_a_known_peak():
   meter = loop._Throughput(num_devices=2)
   meter.compiled(3.0)
-  meter.step(100)
-  meter.step(60)
+  meter.step(100, 6.0)
+  meter.step(60, 6.0)
   with meter.excluded():  # e.g. an evaluation: not step time
     time.sleep(0.3)
-  row = meter.interval(flops_per_token=6.0, peak_flops=1e3)
+  row = meter.interval(peak_flops=1e3)
   assert row["compile_seconds"] == 3.0
   assert row["step_seconds"] < 0.1  # the 0.3 s left out
   assert row["tokens_per_second"] == pytest.approx(160 / (2 * row["step_seconds"]))
   assert row["mfu"] == pytest.approx(6.0 * row["tokens_per_second"] / 2 / 1e3)
-  assert "compile_seconds" not in meter.interval(flops_per_token=6.0, peak_flops=1e3)
+  assert "compile_seconds" not in meter.interval(peak_flops=1e3)
+  # A later stage with 3x the FLOPs per token: MFU from each step's own stage.
+  meter.step(40, 18.0)
+  later = meter.interval(peak_flops=1e3)
+  assert later["mfu"] == pytest.approx(18.0 * later["tokens_per_second"] / 2 / 1e3)
+  summary = meter.summary(flops_per_token=18.0, peak_flops=1e3)
+  assert summary["mfu"] == pytest.approx(
+      (160 * 6.0 + 40 * 18.0) / 200 * summary["steady_tokens_per_second"] / 2 / 1e3)
   summary = meter.summary(flops_per_token=6.0, peak_flops=None)
-  assert summary["steady_tokens_per_second"] == pytest.approx(row["tokens_per_second"])
   assert "mfu" not in summary
