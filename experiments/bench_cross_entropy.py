@@ -168,8 +168,9 @@ def main(argv=None) -> list[dict]:
         "forward + backward of ce_sum + z_loss_sum wrt hidden and weights")
   _print(rows)
   if args.json:
+    environment = benchmarking.describe_environment()  # before the file is truncated
     with open(args.json, "w") as f:
-      json.dump({"environment": benchmarking.describe_environment(), "rows": rows}, f,
+      json.dump({"environment": environment, "rows": rows}, f,
                 indent=2, default=str)
   return rows
 

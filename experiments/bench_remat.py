@@ -116,11 +116,12 @@ def main(argv=None) -> list[dict]:
           f"{row['peak_bytes'] / GIB:9.2f} {ratio:>9} {row['hlo_lines']:9d} "
           f"{row['compile_seconds']:9.1f}")
   if args.json:
+    command = argv if argv is not None else sys.argv[1:]
+    result = {"command": " ".join(["python -m experiments.bench_remat", *command]),
+              "sizes": sizes, "environment": benchmarking.describe_environment(),
+              "rows": rows}  # provenance read before the (tracked) file is rewritten
     with open(args.json, "w") as f:
-      command = argv if argv is not None else sys.argv[1:]
-      json.dump({"command": " ".join(["python -m experiments.bench_remat", *command]),
-                 "sizes": sizes, "environment": benchmarking.describe_environment(),
-                 "rows": rows}, f, indent=2)
+      json.dump(result, f, indent=2)
   return rows
 
 
