@@ -194,6 +194,7 @@ def _objective(params, graphdef, batch, z_weight, moe_weight, **options):
   return total, sums
 
 
+@pytest.mark.slow  # 10-20 s on 2 cores; the train-step test covers the chunked path too.
 def test_token_sums_chunked_equals_full():
   """A model with a separate output projection, a soft cap and an MoE aux loss: the chunked
   path gives the full path's sums (the aux loss too) and parameter gradients. (The train
