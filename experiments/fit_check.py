@@ -564,10 +564,7 @@ def _run(args) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   except RuntimeError as error:
-    if "Required bindings" not in str(error):  # gin's message for a missing %gin.REQUIRED
-      raise
-    print(f"error: bad gin configuration: {error}", file=sys.stderr)
-    return 2
+    return train_entry.missing_binding_exit(error)
   print(format_report(report), flush=True)
   if args.out:
     with open(args.out, "w") as f:

@@ -182,10 +182,7 @@ def main(argv=None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   except RuntimeError as error:
-    if "Required bindings" not in str(error):
-      raise
-    print(f"error: bad gin configuration: {error}", file=sys.stderr)
-    return 2
+    return train_main.missing_binding_exit(error)
 
   # Imported late: building the parser and reporting bad flags stays fast.
   from flax import nnx

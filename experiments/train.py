@@ -90,11 +90,18 @@ def main(argv=None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 3
   except RuntimeError as error:
-    if "Required bindings" not in str(error):  # gin's message for a missing %gin.REQUIRED
-      raise
-    print(f"error: bad gin configuration: {error}", file=sys.stderr)
-    return 2
+    return missing_binding_exit(error)
   return 0
+
+
+def missing_binding_exit(error: RuntimeError) -> int:
+  """Exit code 2 after printing gin's error for a missing ``%gin.REQUIRED`` value (raised
+  when the configurable is called, not when the files are parsed); re-raises any other
+  RuntimeError."""
+  if "Required bindings" not in str(error):
+    raise error
+  print(f"error: bad gin configuration: {error}", file=sys.stderr)
+  return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ loss, perplexity, bits per byte and the loss by token position."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterable, Mapping
 
@@ -186,7 +187,6 @@ def plot_loss_by_position(path, text_metrics: Mapping[int, Mapping]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  (only text evaluation needs it)
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
 
   figure, axes = plt.subplots(figsize=(6, 4))
   for length, metrics in sorted(text_metrics.items()):

@@ -34,10 +34,8 @@ import optax
 from flax import nnx
 
 from layers.partitioning import LOGICAL_AXES_KEY, decays_weights
-
-# The logical axis of stacked (scanned) layers: a leading axis of that name is not one of
-# the parameter's own dimensions (lclm.model.layer_stack).
-_STACKED_LAYERS_AXIS = "layers"
+from lclm.model.layer_stack import LAYERS_AXIS as _STACKED_LAYERS_AXIS
+from lclm.sharding.partition import key_name as _key_name
 # The token embedding: nnx.Embed's table, logical axes ("vocab", "embed").
 _EMBEDDING_NAME = "embedding"
 _VOCAB_AXIS = "vocab"
@@ -62,13 +60,6 @@ def learning_rate_schedule(total_steps: int, *, peak_learning_rate: float = 1e-3
 
 def _is_variable(node: Any) -> bool:
   return isinstance(node, nnx.Variable)
-
-
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
 
 
 def _own_ndim(node: Any) -> int:
