@@ -9,12 +9,12 @@ PYTEST_ARGS ?= -n 2
 # Each quickstart run gets a fresh directory (pass RUN_DIR=... to resume one instead).
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode benchmark-remat benchmark-cross-entropy fit-check length-extrapolation state-capacity memory-retrieval install clean
+.PHONY: quickstart kernel-demo test test-slow benchmark benchmark-window benchmark-decode benchmark-remat benchmark-cross-entropy fit-check length-extrapolation state-capacity memory-retrieval reproduce install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[test,hf,eval]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -73,6 +73,13 @@ length-extrapolation: $(STAMP)
 state-capacity: $(STAMP)
 	$(BIN)/python -m experiments.state_capacity \
 	    --gin_file=configs/experiments/stuffed_mamba.gin --workdir=runs/stuffed_mamba
+
+# Small-scale reproductions (CPU-sized defaults; *_tpu.gin for the papers' sizes):
+# make reproduce REPRO=zoology_mqar | ruler_length | lra_listops
+REPRO ?= zoology_mqar
+reproduce: $(STAMP)
+	$(BIN)/python -m experiments.reproduce \
+	    --gin_file=configs/experiments/repro_$(REPRO).gin --workdir=runs/repro/$(REPRO)
 
 memory-retrieval: $(STAMP)
 	$(BIN)/python -m experiments.memory_retrieval \

@@ -40,6 +40,10 @@ EXTRAS_REQUIRE = {
         "transformers>=4.56,<6",
         "torch==2.13.0; python_version == '3.11'",
     ],
+    # lm-evaluation-harness tasks on lclm models (lclm.evals.harness registers the model "lclm").
+    "eval": [
+        "lm-eval>=0.4.5,<0.5",
+    ],
     "notebooks": [
         "jupyter>=1.0,<2",
     ],

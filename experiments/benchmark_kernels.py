@@ -2,6 +2,8 @@
 
     python -m experiments.benchmark_kernels [--kernels flash_attention] [--sizes 1024,4096]
         [--dtype bfloat16] [--modes fwd,fwd_bwd] [--out benchmarks/results/x.json] [--quick]
+        [--report [DIR]]
+    python -m experiments.benchmark_kernels --report-from benchmarks/results/cpu.json
     python -m experiments.benchmark_kernels --memory-check [--memory-check-len 16384]
     python -m experiments.benchmark_kernels --window-check [--window-check-len 8192]
         [--window-check-window 256]
@@ -15,6 +17,23 @@ size and mode (their time / ours and their bytes / ours: > 1 means this row is b
 A program whose compiled memory exceeds the budget is not run: its row says "skipped" and
 still reports the memory. The table is printed and written, with the device, the jax
 version, the command and the date, as JSON.
+
+``--report [DIR]`` (DIR default ``benchmarks/results``; an explicit flag, so a plain run still
+writes only its JSON) also writes the record of a platform: ``DIR/<platform>.md`` and
+``DIR/<platform>_time_memory.png``, with the JSON at ``DIR/<platform>.json`` unless ``--out``
+says otherwise; ``<platform>`` is "cpu" or the slugified device kind
+(:func:`platform_slug`: ``nvidia_h100_80gb_hbm3``, ``tpu_v5_lite``). The markdown has a header
+(device, jax/jaxlib versions, the exact command, date, git commit), one table per kernel
+(size, mode, dtype, implementation, role, time, TFLOP/s, % of the device's dense bf16 peak
+from ``lclm.training.flops.peak_flops_per_device`` -- float32 rows are compared with that
+bf16 peak; "-" on CPU and on devices of unknown peak --, compiled memory, the four ratios)
+and a coverage footer; the PNG has one row per kernel: time and memory against length,
+log-log, a line per implementation and mode. Every kernel subpackage of ``pallas_kernels``
+is either an entry of ``KERNEL_BENCHMARKS`` or listed in ``MEASURED_ELSEWHERE`` with the
+script that measures it (:func:`kernel_coverage`): ring attention / context parallelism
+needs several devices and is measured by ``experiments.benchmark_context_parallel``.
+``--report-from JSON`` measures nothing and rebuilds the markdown and the plot from the JSON
+of an earlier run (its command, date and commit stay in the header).
 """
 
 from __future__ import annotations
@@ -399,9 +418,334 @@ def _progress(row: Row) -> None:
         f"{time_text} {row.note}".rstrip(), file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The per-platform report: markdown tables and a plot of time and memory against length.
+
+# Kernels of ``pallas_kernels`` that this driver does not run, and where they are measured.
+MEASURED_ELSEWHERE: dict[str, str] = {
+    "ring_attention": (
+        "context-parallel attention (`ring_attention`, `context_parallel_attention`: ring, "
+        "all-gather, Ulysses) needs a mesh of several devices; its per-device memory as the "
+        "context axis grows is measured by `python -m experiments.benchmark_context_parallel "
+        "--seq-len 65536` (fake CPU devices, compile only; "
+        "`benchmarks/results/context_parallel_memory_cpu_*.json`), not by this driver"),
+}
+
+
+def kernel_coverage() -> dict[str, str]:
+  """Every kernel subpackage of ``pallas_kernels`` -> where it is benchmarked.
+
+  The value is "benchmark_kernels" for an entry of :data:`KERNEL_BENCHMARKS` and the text of
+  :data:`MEASURED_ELSEWHERE` otherwise. Raises ValueError naming a kernel that is in neither,
+  so a new kernel cannot silently miss the benchmark.
+  """
+  import pkgutil
+
+  import pallas_kernels
+  names = sorted(m.name for m in pkgutil.iter_modules(pallas_kernels.__path__)
+                 if m.ispkg and not m.name.startswith("_"))
+  missing = [n for n in names if n not in KERNEL_BENCHMARKS and n not in MEASURED_ELSEWHERE]
+  if missing:
+    raise ValueError(
+        f"kernel_coverage: pallas_kernels has kernels {missing} with no entry in "
+        f"KERNEL_BENCHMARKS ({sorted(KERNEL_BENCHMARKS)}) nor in MEASURED_ELSEWHERE "
+        f"({sorted(MEASURED_ELSEWHERE)}); add a benchmark entry for each.")
+  return {n: "benchmark_kernels" if n in KERNEL_BENCHMARKS else MEASURED_ELSEWHERE[n]
+          for n in names}
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+
+
+def platform_slug(platform: str, device_kind: str) -> str:
+  """The report's file name stem: "cpu" on CPU, else the slugified device kind.
+
+  E.g. ("gpu", "NVIDIA H100 80GB HBM3") -> "nvidia_h100_80gb_hbm3", ("tpu", "TPU v5 lite")
+  -> "tpu_v5_lite": lower case, every run of other characters than [a-z0-9] becomes "_".
+  """
+  if platform == "cpu":
+    return "cpu"
+  slug = _slug(device_kind)
+  if not slug:
+    raise ValueError(f"platform_slug: device_kind {device_kind!r} (platform {platform!r}) "
+                     "has no letter or digit to name the report with.")
+  return slug
+
+
+def report_peak_flops(environment: dict) -> float | None:
+  """Peak dense bf16 FLOP/s of the benchmarked device (``lclm.training.flops``), None on
+  CPU and on devices not in its table: the denominator of the report's "% of peak"."""
+  if environment["platform"] == "cpu":
+    return None
+  from lclm.training import flops
+  return flops.peak_flops_per_device(environment["device_kind"])
+
+
+def percent_of_peak(row: Row, peak_flops: float | None) -> float | None:
+  """100 x achieved FLOP/s / ``peak_flops`` (FLOP/s per device); None without either."""
+  if peak_flops is None or row.tflops is None:
+    return None
+  return 100.0 * row.tflops * 1e12 / peak_flops
+
+
+def _fmt_ms(x: float) -> str:
+  return f"{x:,.2f}" if x >= 1 else f"{x:.3g}"
+
+
+def _fmt_sig(x: float) -> str:
+  return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def _fmt_ratio(x: float) -> str:
+  return f"{x:.2f}x"
+
+
+def _fmt_percent(x: float) -> str:
+  return f"{x:.1f}%" if x >= 0.1 else f"{x:.2g}%"
+
+
+_REPORT_COLUMNS = (  # header, value of (row, percent of peak), format
+    ("T", lambda r, p: r.size, "{:,}".format),
+    ("mode", lambda r, p: r.mode, str),
+    ("dtype", lambda r, p: r.dtype, str),
+    ("implementation", lambda r, p: r.implementation, str),
+    ("role", lambda r, p: r.role, str),
+    ("status", lambda r, p: r.status, str),
+    ("time (ms)", lambda r, p: r.time_ms, _fmt_ms),
+    ("TFLOP/s", lambda r, p: r.tflops, _fmt_sig),
+    ("% of peak", lambda r, p: p, _fmt_percent),
+    ("memory (MiB)", lambda r, p: r.memory_mib, "{:,.1f}".format),
+    ("allocator peak (MiB)", lambda r, p: r.measured_peak_mib, "{:,.1f}".format),
+    ("speedup vs ref", lambda r, p: r.speedup_vs_reference, _fmt_ratio),
+    ("speedup vs best peer", lambda r, p: r.speedup_vs_best_peer, _fmt_ratio),
+    ("memory vs ref", lambda r, p: r.memory_vs_reference, _fmt_ratio),
+    ("memory vs best peer", lambda r, p: r.memory_vs_best_peer, _fmt_ratio),
+    ("note", lambda r, p: r.note, str),
+)
+
+
+def _cell(text: str) -> str:
+  return text.replace("|", "\\|").replace("\n", " ")
+
+
+def kernel_table(rows: list[Row], peak_flops: float | None = None) -> str:
+  """A markdown table of one kernel's rows, ordered by (config, size, mode) then as measured.
+
+  "-" marks a figure that is missing (not run, no reference or peer in the group, peak
+  unknown). A "config" column comes first when the rows hold several configs; the allocator
+  peak column appears only when some row has it (accelerators).
+  """
+  if peak_flops is not None and not peak_flops > 0:
+    raise ValueError(f"kernel_table: peak_flops must be a positive FLOP/s figure or None, "
+                     f"got {peak_flops!r}.")
+  configs = list(dict.fromkeys(r.config for r in rows))
+  order = {m: i for i, m in enumerate(MODES)}
+  rows = sorted(rows, key=lambda r: (configs.index(r.config), r.size,
+                                     order.get(r.mode, len(order))))
+  columns = [c for c in _REPORT_COLUMNS if c[0] != "allocator peak (MiB)"
+             or any(r.measured_peak_mib is not None for r in rows)]
+  if len(configs) > 1:
+    columns.insert(0, ("config", lambda r, p: r.config, str))
+  lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+           "|" + "|".join("---" if fmt is str else "---:" for _, _, fmt in columns) + "|"]
+  for row in rows:
+    percent = percent_of_peak(row, peak_flops)
+    cells = []
+    for _, value, fmt in columns:
+      v = value(row, percent)
+      cells.append("-" if v is None or v == "" else _cell(fmt(v)))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def format_report(rows: list[Row], metadata: dict, *, peak_flops: float | None = None,
+                  memory_check: dict | None = None, plot_name: str | None = None) -> str:
+  """The markdown report of one run: header, one table per kernel, the plot, notes, footer.
+
+  Args:
+    rows: the run's rows, ratios already added (:func:`add_ratios`).
+    metadata: the run's metadata (``main``'s: :func:`benchmarking.describe_environment` plus
+      "command", "date" and "settings").
+    peak_flops: the device's dense bf16 peak FLOP/s for "% of peak" (None: "-" everywhere;
+      always None on CPU).
+    memory_check: :func:`memory_check`'s result when the run made one.
+    plot_name: file name of the plot, linked below the header when given.
+  """
+  provenance = metadata.get("provenance", {})
+  settings = metadata.get("settings", {})
+  dirty = provenance.get("git_dirty", "unknown")
+  out = [
+      f"# Kernel benchmark: {metadata['device_kind']} ({metadata['platform']})", "",
+      f"- Device: {metadata['device_kind']} ({metadata['platform']}), "
+      f"{metadata.get('device_count', '?')} device(s) (rows use one); host "
+      f"{metadata.get('host_cpu_count', '?')} CPUs, "
+      f"{metadata.get('host_memory_available_gib', '?')} GiB available",
+      f"- Software: jax {metadata['jax_version']}, jaxlib {metadata['jaxlib_version']}, "
+      f"python {metadata.get('python_version', '?')}",
+      f"- Command: `{metadata['command']}`",
+      f"- Date: {metadata['date']}",
+      f"- Commit: {provenance.get('git_commit', 'unknown')}"
+      + ("" if dirty is False else f" (tree dirty: {dirty})"),
+      f"- Timing: median of {settings.get('repeats', '?')} calls after "
+      f"{settings.get('warmup', '?')} warm-up call(s); memory budget "
+      f"{settings.get('budget_bytes', 0) / 2 ** 30:.1f} GiB",
+  ]
+  if peak_flops is None:
+    out.append("- % of peak: '-' (no known peak for this device"
+               f"{'; never computed on CPU' if metadata['platform'] == 'cpu' else ''})")
+  else:
+    out.append(f"- % of peak: of the device's dense bfloat16 peak, {peak_flops / 1e12:,.0f} "
+               "TFLOP/s (`lclm.training.flops.peak_flops_per_device`); float32 rows are "
+               "compared with the same bf16 peak")
+  if plot_name:
+    out += ["", f"![time and memory against length]({plot_name})"]
+  by_kernel: dict[str, list[Row]] = {}
+  for row in rows:
+    by_kernel.setdefault(row.kernel, []).append(row)
+  for kernel, mine in by_kernel.items():
+    configs = list(dict.fromkeys(r.config for r in mine))
+    out += ["", f"## {kernel}", ""]
+    if len(configs) == 1:
+      out += [f"Config: {configs[0]}.", ""]
+    out.append(kernel_table(mine, peak_flops))
+  if memory_check is not None:
+    out += ["", "## Memory check", "", "```", format_memory_check(memory_check), "```"]
+  out += [
+      "", "## How to read", "",
+      "- time: median wall-clock time of one call (synchronised with `block_until_ready`); "
+      "compilation is never timed.",
+      "- TFLOP/s: the kernel's nominal FLOP count (the same for every implementation of a "
+      "group; see the docstring of its `experiments/bench_*.py` entry, or "
+      "`benchmarking.attention_flops` for flash attention) / time.",
+      "- % of peak: achieved FLOP/s over the device's dense bfloat16 peak "
+      "(`lclm.training.flops.PEAK_BF16_FLOPS`); float32 rows are compared with the bf16 peak "
+      "too (their own ceiling is lower). '-' on CPU and on devices without a known peak.",
+      "- memory: compiled peak of XLA's buffer assignment (arguments + outputs + temporaries "
+      "- aliases), per device; a row over the budget is compiled, not run (status skipped).",
+      "- speedup / memory vs ref (vs best peer): the reference's (fastest / leanest peer's) "
+      "time or bytes over this row's, at the same size, mode and dtype: > 1 means this row "
+      "is better. Ratios hold better than absolute times on a loaded machine.",
+      "", "## Coverage", "",
+  ]
+  for name, where in kernel_coverage().items():
+    if where != "benchmark_kernels":
+      out.append(f"- `{name}`: not in this report: {where}.")
+    elif name not in by_kernel:
+      out.append(f"- `{name}`: not run in this invocation (see `--kernels`).")
+    else:
+      out.append(f"- `{name}`: above.")
+  return "\n".join(out) + "\n"
+
+
+def plot_series(rows: list[Row]) -> dict[str, dict[tuple[str, str, str], dict]]:
+  """What :func:`plot_report` draws: kernel -> (implementation, mode, config) -> series.
+
+  Each series is ``{"time": [(size, ms), ...], "memory": [(size, MiB), ...]}`` sorted by
+  size: time from the rows that ran, memory from every row that has it (skipped rows too).
+  """
+  series: dict[str, dict[tuple[str, str, str], dict]] = {}
+  for row in rows:
+    line = series.setdefault(row.kernel, {}).setdefault(
+        (row.implementation, row.mode, row.config), {"time": [], "memory": []})
+    if row.time_ms:
+      line["time"].append((row.size, row.time_ms))
+    if row.memory_mib:
+      line["memory"].append((row.size, row.memory_mib))
+  for lines in series.values():
+    for line in lines.values():
+      line["time"].sort()
+      line["memory"].sort()
+  return series
+
+
+def plot_report(rows: list[Row], path: str, title: str = "") -> None:
+  """Writes a PNG: one row of two log-log panels per kernel, time (ms) and compiled memory
+  (MiB) against length; a colour per implementation, solid for fwd_bwd, dashed for fwd
+  (a config, when a kernel has several, gets its own line)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  series = plot_series(rows)
+  if not series:
+    raise ValueError("plot_report: rows is empty; there is nothing to plot.")
+  fig, axes = plt.subplots(len(series), 2, figsize=(13, 3.6 * len(series)), squeeze=False)
+  markers = "os^vD<>pPhX*d"
+  for (kernel, lines), (left, right) in zip(series.items(), axes):
+    implementations = list(dict.fromkeys(impl for impl, _, _ in lines))
+    configs = list(dict.fromkeys(config for _, _, config in lines))
+    for (impl, mode, config), line in lines.items():
+      i = implementations.index(impl)
+      label = f"{impl} {mode}" + (f" [{config}]" if len(configs) > 1 else "")
+      style = dict(color=f"C{i % 10}", marker=markers[configs.index(config) % len(markers)],
+                   linestyle="--" if mode == "fwd" else "-", label=label)
+      for ax, key in ((left, "time"), (right, "memory")):
+        if line[key]:
+          ax.plot(*zip(*line[key]), **style)
+    for ax, what in ((left, "time (ms)"), (right, "compiled memory (MiB)")):
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("length (tokens)")
+      ax.set_ylabel(what)
+      ax.set_title(f"{kernel}: {what.split(' (')[0]}", fontsize=10)
+      ax.grid(alpha=0.3, which="both")
+    right.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  if title:
+    fig.suptitle(title, fontsize=9)
+  # Leave 0.4 inch at the top for the title (tight_layout alone ignores it).
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def load_results(path: str) -> tuple[list[Row], dict, dict | None]:
+  """(rows, metadata, memory check or None) of a JSON file this driver wrote.
+
+  Raises ValueError naming the file when it is not such a results file.
+  """
+  with open(path) as f:
+    data = json.load(f)
+  fields = {f.name for f in dataclasses.fields(Row)}
+  if not isinstance(data, dict) or "rows" not in data or "metadata" not in data:
+    raise ValueError(f"--report-from: {path} is not a results file of this driver (expected "
+                     "a JSON object with 'metadata' and 'rows').")
+  rows = []
+  for n, row in enumerate(data["rows"]):
+    if not isinstance(row, dict) or set(row) != fields:
+      got = sorted(row) if isinstance(row, dict) else type(row).__name__
+      raise ValueError(f"--report-from: row {n} of {path} has fields {got}; expected "
+                       f"{sorted(fields)}.")
+    rows.append(Row(**row))
+  return rows, data["metadata"], data.get("memory_check")
+
+
+def write_report(rows: list[Row], metadata: dict, directory: str, *,
+                 memory_check: dict | None = None) -> tuple[str, str | None]:
+  """Writes ``<directory>/<platform>.md`` and ``<platform>_time_memory.png``; returns both
+  paths (the PNG's None when there are no rows to plot). ``<platform>`` is
+  :func:`platform_slug` of the metadata's device; "% of peak" uses the metadata's
+  "peak_bf16_flops_per_device" (None: "-")."""
+  slug = platform_slug(metadata["platform"], metadata["device_kind"])
+  os.makedirs(directory, exist_ok=True)
+  md_path = os.path.join(directory, f"{slug}.md")
+  png_path = os.path.join(directory, f"{slug}_time_memory.png")
+  peak = metadata.get("peak_bf16_flops_per_device")
+  plot_name = None
+  if rows:
+    plot_report(rows, png_path, title=(
+        f"{metadata['device_kind']} ({metadata['platform']}), jax {metadata['jax_version']}: "
+        f"{metadata['command']}"))
+    plot_name = os.path.basename(png_path)
+  with open(md_path, "w") as f:
+    f.write(format_report(rows, metadata, peak_flops=peak, memory_check=memory_check,
+                          plot_name=plot_name))
+  return md_path, png_path if rows else None
+
+
 def _default_out(environment: dict, quick: bool, prefix: str = "kernels") -> str:
   # Accelerator tables are the project's record; CPU and quick runs go to ignored *.tmp.json.
-  slug = re.sub(r"[^a-z0-9]+", "_", environment["device_kind"].lower()).strip("_")
+  slug = _slug(environment["device_kind"])
   temporary = quick or environment["platform"] == "cpu"
   return os.path.join(RESULTS_DIR, f"{prefix}_{slug}{'.tmp' if temporary else ''}.json")
 
@@ -418,6 +762,14 @@ def _parse_args(argv):
   parser.add_argument("--modes", default=",".join(MODES), help="subset of fwd,fwd_bwd")
   parser.add_argument("--out", help="JSON path (default: benchmarks/results/kernels_<device>"
                       ".json; .tmp.json, which git ignores, for CPU and --quick runs)")
+  parser.add_argument("--report", nargs="?", const=RESULTS_DIR, metavar="DIR",
+                      help="also write the markdown report DIR/<platform>.md and the plot "
+                      "DIR/<platform>_time_memory.png (DIR default benchmarks/results; "
+                      "<platform> is cpu or the device kind, e.g. nvidia_h100_80gb_hbm3); "
+                      "the JSON then defaults to DIR/<platform>.json")
+  parser.add_argument("--report-from", metavar="JSON",
+                      help="measure nothing: rebuild the report from a JSON this driver wrote "
+                      "(into --report DIR if given, else the JSON's directory)")
   parser.add_argument("--quick", action="store_true",
                       help="one default size, 1 warm-up and 3 repeats; no memory check")
   parser.add_argument("--warmup", type=int, help="untimed calls per program (default 2)")
@@ -441,6 +793,10 @@ def _parse_args(argv):
   args = parser.parse_args(argv)
   if args.window_check and args.memory_check:
     parser.error("--window-check and --memory-check are separate runs; pass one of them")
+  if (args.report is not None or args.report_from) and (args.window_check or
+                                                        args.memory_check):
+    parser.error("--report and --report-from report the kernel tables; they cannot be "
+                 "combined with --window-check or --memory-check (run those separately)")
   for name in ("window_check_len", "window_check_window"):
     value = getattr(args, name)
     if value is not None and value < (1 if name == "window_check_len" else 0):
@@ -468,12 +824,15 @@ def _parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the benchmarks; prints the table and writes JSON. Returns the exit code.
+  """Runs the benchmarks; prints the table and writes JSON (and, with ``--report``, the
+  markdown report and its plot). Returns the exit code.
 
   Non-zero only when the memory check or the window check runs and fails.
   """
   argv = sys.argv[1:] if argv is None else argv
   args, kernels, settings = _parse_args(argv)
+  if args.report_from:
+    return _report_from(args.report_from, args.report)
   environment = benchmarking.describe_environment()
   metadata = dict(
       environment, command="python -m experiments.benchmark_kernels " + shlex.join(argv),
@@ -496,13 +855,34 @@ def main(argv: list[str] | None = None) -> int:
     check = memory_check(args.memory_check_len)
     print(format_memory_check(check))
 
-  out = args.out or _default_out(environment, args.quick)
+  if args.report is not None:
+    metadata["peak_bf16_flops_per_device"] = report_peak_flops(environment)
+    slug = platform_slug(environment["platform"], environment["device_kind"])
+  out = args.out or (os.path.join(args.report, f"{slug}.json") if args.report is not None
+                     else _default_out(environment, args.quick))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(dict(metadata=metadata, rows=[dataclasses.asdict(r) for r in rows],
                    memory_check=check), f, indent=1, allow_nan=False)
   print(f"wrote {out}")
+  if args.report is not None:
+    for path in write_report(rows, metadata, args.report, memory_check=check):
+      if path:
+        print(f"wrote {path}")
   return 0 if check is None or check["passed"] else 1
+
+
+def _report_from(path: str, directory: str | None) -> int:
+  """``--report-from``: the report of an earlier run's JSON, its figures and metadata as
+  measured (the header keeps that run's command, date and commit)."""
+  rows, metadata, check = load_results(path)
+  if "peak_bf16_flops_per_device" not in metadata:  # A JSON written without --report.
+    metadata["peak_bf16_flops_per_device"] = report_peak_flops(metadata)
+  directory = directory or os.path.dirname(os.path.abspath(path))
+  for written in write_report(rows, metadata, directory, memory_check=check):
+    if written:
+      print(f"wrote {written}")
+  return 0
 
 
 def _run_window_check(args, settings: Settings, environment: dict, metadata: dict) -> int:

@@ -36,14 +36,10 @@ import os
 import sys
 import warnings
 
-import gin
 import numpy as np
 
 from experiments import train as train_main
-from lclm.data import tokenizer as tokenizer_lib
-
-# Tasks whose tokens are bytes when the task object names no tokenizer of its own.
-_BYTE_TASKS = ("passkey", "text")
+from lclm.evals import loading
 
 
 class PromptError(ValueError):
@@ -53,14 +49,10 @@ class PromptError(ValueError):
 def tokenizer_for(task, name: str | None = None):
   """The tokenizer of the prompt: ``load_tokenizer(name)`` when a name (``--tokenizer``) is
   given, else the task's ``tokenizer`` (None for token-id tasks such as MQAR)."""
-  if name is not None:
-    try:
-      return tokenizer_lib.load_tokenizer(name)
-    except (FileNotFoundError, ValueError) as error:
-      raise PromptError(f"--tokenizer: {error}") from None
-  if hasattr(task, "tokenizer"):
-    return task.tokenizer
-  return tokenizer_lib.ByteTokenizer() if getattr(task, "name", None) in _BYTE_TASKS else None
+  try:
+    return loading.tokenizer_for(task, name)
+  except (FileNotFoundError, ValueError) as error:
+    raise PromptError(f"--tokenizer: {error}") from None
 
 
 def stop_ids(stop_tokens: str | None, tokenizer, vocab_size: int) -> tuple[int, ...]:
@@ -74,35 +66,6 @@ def stop_ids(stop_tokens: str | None, tokenizer, vocab_size: int) -> tuple[int, 
   except ValueError:
     raise PromptError(f"--stop_tokens must be comma-separated integer ids, got "
                       f"{stop_tokens!r}.") from None
-
-
-class ConvertedModel:
-  """The "task" of a run directory written by ``experiments.convert_hf``: no data, the
-  checkpoint's vocabulary (``HF_VOCAB_SIZE``) and its tokenizer (``WORKDIR/tokenizer``)."""
-
-  name = "pretrained"
-
-  def __init__(self, workdir: str, vocab_size: int):
-    self.vocab_size = vocab_size
-    folder = os.path.join(workdir, "tokenizer")
-    has_files = any(os.path.isfile(os.path.join(folder, n))
-                    for n in ("tokenizer.json", "tokenizer.model"))
-    self.tokenizer = tokenizer_lib.load_tokenizer(folder) if has_files else None
-
-
-def _build_task(workdir: str):
-  try:
-    ref = gin.query_parameter("train.task")
-  except ValueError:  # No task bound: a converted checkpoint (experiments.convert_hf)?
-    try:
-      return ConvertedModel(workdir, int(gin.query_parameter("%HF_VOCAB_SIZE")))
-    except ValueError:
-      raise train_main.ConfigError("the configuration binds no train.task (and is not a "
-                                   "converted checkpoint's, which sets HF_VOCAB_SIZE).") from None
-  if isinstance(ref, gin.config.ConfigurableReference):
-    return ref.configurable.wrapper()
-  raise train_main.ConfigError(f"train.task must be bound to a task class such as @MqarTask, "
-                               f"got {ref!r}.")
 
 
 def encode_prompt(args, tokenizer, vocab_size: int) -> np.ndarray:
@@ -174,7 +137,7 @@ def main(argv=None) -> int:
     gin_files = [own]
   try:
     train_main.parse_gin(gin_files, args.gin_param)
-    task = _build_task(args.workdir)
+    task = loading.build_task(args.workdir)
     tokenizer = tokenizer_for(task, args.tokenizer)
     prompt = encode_prompt(args, tokenizer, task.vocab_size)
     stops = stop_ids(args.stop_tokens, tokenizer, task.vocab_size)

@@ -32,6 +32,8 @@ _HEAD_IDS_AXES = ("kv_heads",)
 _CONTEXT_PARALLEL_AXES = ("batch", "length", "kv_heads", None)
 # Queries per block of the exact XLA path that attends a prefill chunk to a decode cache.
 _DENSE_QUERY_BLOCK = 256
+# Name under which a layer with ``capture_qk`` set sows the (q, k) its kernel sees.
+CAPTURED_QK = "attention_qk"
 
 
 def _is_int(value) -> bool:
@@ -92,6 +94,14 @@ class Attention(nnx.Module):
   Logical axes of the kernels: q ("embed", "heads", "head_dim"), k and v ("embed",
   "kv_heads", "head_dim"), o ("heads", "head_dim", "embed"); biases drop the "embed" axis of
   their kernel; QK-norm scales ("head_dim",).
+
+  Probing (off by default, never set in training): with the attribute ``capture_qk = True``
+  a call over a whole sequence (no cache) running under ``nnx.capture(..., nnx.Intermediate)``
+  sows ``(q, k)`` under the name :data:`CAPTURED_QK`: q [batch, seq, num_heads, head_dim] and
+  k [batch, seq, num_kv_heads, head_dim], in the computation dtype, exactly what the kernel
+  gets (QK-norm, ``attention_scale`` and RoPE applied; the kernel multiplies the logits by
+  ``head_dim ** -0.5``, then the soft cap; with a position extension, its first pass). Used by
+  :mod:`lclm.evals.retrieval_heads`; outside a capture nothing is sown.
 
   Args:
     features: model dimension of the input and output.
@@ -213,6 +223,7 @@ class Attention(nnx.Module):
     self.is_causal = is_causal
     self.logits_soft_cap = logits_soft_cap
     self.implementation = implementation
+    self.capture_qk = False  # Probing hook (see the class docstring); off in training.
     self.deterministic = deterministic
     self._set_mask_options(local_window_size, num_sink_tokens, chunk_size, mask,
                            shifted_sparse_group_size)
@@ -495,6 +506,8 @@ class Attention(nnx.Module):
       q_freq, k_freq = self.rotary.frequencies(rope_len)
       q = self.rotary.rotate(q, position_ids, q_freq)
       k = self.rotary.rotate(k, position_ids, k_freq)
+    if self.capture_qk and hasattr(self, "__captures__"):  # Probing (class docstring).
+      self.sow(nnx.Intermediate, CAPTURED_QK, (q, k))
     plan = context_parallelism()
     if plan is not None:  # The sequence is split over devices: ring / all-gather / Ulysses.
       return self._attend_context_parallel(plan, q, k, v, segment_ids)

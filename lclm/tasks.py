@@ -20,7 +20,8 @@ import dataclasses
 import gin
 import numpy as np
 
-from lclm.data import mixture, mqar, passkey, pipeline, synthetic_source, text
+from lclm.data import (mixture, mqar, passkey, pipeline, synthetic_source, synthetic_tasks,
+                       text)
 from lclm.data.tokenizer import NUM_SPECIAL_IDS, ByteTokenizer, load_tokenizer
 
 
@@ -108,6 +109,91 @@ class PasskeyTask:
     return pipeline.make_eval_batches(self._source(seq_len, "validation"),
                                       batch_size=batch_size, seq_len=seq_len,
                                       num_examples=num_examples)
+
+
+@gin.configurable
+class SyntheticTask:
+  """Any task of :mod:`lclm.data.synthetic_tasks` (RULER-style needles, key-value retrieval,
+  selective copying, induction heads, ListOps, Pathfinder, ...), or a mixture of several.
+
+  gin::
+
+      train.task = @SyntheticTask
+      SyntheticTask.seq_len = 1024
+      SyntheticTask.task = ["niah_single", "niah_multikey", "variable_tracking"]
+      SyntheticTask.weights = {"niah_single": 2, "niah_multikey": 2, "variable_tracking": 1}
+      SyntheticTask.vocab_size = 4096
+      SyntheticTask.options = {"num_needles": 4}        # fields of the tasks' configs
+
+  Every example is one row (no packing). Training draws needles at random depths (unless
+  ``options`` fix one); held-out batches come from the validation stream of each task, the
+  tasks' examples one after another (``num_examples`` per task). ``options`` apply to every
+  task whose config has the field; a field no task takes is an error. ``vocab_size``: the
+  model's vocabulary; token-level tasks use it, tasks with their own vocabulary (passkey,
+  ListOps, Pathfinder) must fit in it (default: the largest of theirs).
+  ``num_train_examples``: a fixed training set of that many examples per task, repeated in a
+  new order every epoch (LRA's rules: 96K ListOps examples), instead of fresh examples.
+  """
+
+  def __init__(self, seq_len: int = gin.REQUIRED, *, task=gin.REQUIRED,
+               vocab_size: int | None = None, options=None, weights=None, seed: int = 0,
+               position_transform=None, num_train_examples: int | None = None):
+    names = [task] if isinstance(task, str) else list(task)
+    if not names or not all(isinstance(n, str) for n in names):
+      raise ValueError(f"SyntheticTask.task must be a task name or a list of them, got {task!r}.")
+    self.specs = [synthetic_tasks.get(n) for n in names]
+    self.options = dict(options or {})
+    taken = set()
+    for spec in self.specs:
+      taken |= spec.config_fields()
+    unknown = sorted(set(self.options) - taken)
+    if unknown:
+      raise ValueError(f"SyntheticTask.options {unknown}: no task of {names} takes them.")
+    if num_train_examples is not None and (isinstance(num_train_examples, bool) or not
+                                           isinstance(num_train_examples, int) or
+                                           num_train_examples < 1):
+      raise ValueError("SyntheticTask.num_train_examples must be a positive int or None, got "
+                       f"{num_train_examples!r}.")
+    self.num_train_examples = num_train_examples
+    self.name = "+".join(names)
+    self.seq_len = seq_len
+    self.seed = seed
+    self.position_transform = position_transform
+    self.weights = mixture.normalized_weights(names, weights, owner="SyntheticTask.weights")
+    own = [self._config(spec, seq_len, None).vocab_size for spec in self.specs
+           if not spec.takes_vocab]
+    if vocab_size is None:
+      if len(own) < len(self.specs):
+        raise ValueError(f"SyntheticTask: {names} include token-level tasks; set "
+                         "SyntheticTask.vocab_size (the model's vocabulary).")
+      vocab_size = max(own)
+    self.vocab_size = vocab_size
+    for spec in self.specs:  # Validates sizes and vocabularies at construction.
+      self._config(spec, seq_len, vocab_size)
+
+  def _config(self, spec, seq_len, vocab_size):
+    options = {k: v for k, v in self.options.items() if k in spec.config_fields()}
+    return spec.make_config(seq_len=seq_len, vocab_size=vocab_size, **options)
+
+  def _sources(self, seq_len, split):
+    size = {"num_records": self.num_train_examples} if (
+        split == "train" and self.num_train_examples) else {}
+    return [spec.source(self._config(spec, seq_len, self.vocab_size), seed=self.seed,
+                        split=split, **size) for spec in self.specs]
+
+  def train_iterator(self, batch_size: int, seed: int, seq_len: int | None = None):
+    seq_len = self.seq_len if seq_len is None else seq_len
+    sources = self._sources(seq_len, "train")
+    return pipeline.make_train_iterator(
+        sources if len(sources) > 1 else sources[0], batch_size=batch_size, seq_len=seq_len,
+        seed=self.seed + seed, pack=False, position_transform=self.position_transform,
+        mixture_weights=self.weights if len(sources) > 1 else None)
+
+  def eval_batches(self, seq_len: int, batch_size: int, num_examples: int):
+    return [batch for source in self._sources(seq_len, "validation")
+            for batch in pipeline.make_eval_batches(source, batch_size=batch_size,
+                                                    seq_len=seq_len,
+                                                    num_examples=num_examples)]
 
 
 @gin.configurable

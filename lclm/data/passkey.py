@@ -27,6 +27,9 @@ QUESTION = "\nWhat is the pass key? The pass key is "
 
 _TOKENIZER = tokenizer_lib.ByteTokenizer()
 
+# Scalar features of every example (name -> dtype).
+PASSKEY_FEATURES = {"key_position": np.int32, "depth": np.float32}
+
 
 @dataclasses.dataclass(frozen=True)
 class PasskeyConfig:

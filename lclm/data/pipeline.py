@@ -44,10 +44,13 @@ LONG_EXAMPLE_POLICIES = ("split", "truncate", "error")
 _MAX_EVAL_EXAMPLES = 10_000_000
 
 
-def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
-  missing = [k for k in FEATURES if k not in example]
+def _select(example: dict[str, Any], features: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """The three sequence features of a source example, plus the scalar ``features`` named
+  (e.g. a needle's ``depth``), which evaluation batches carry as [batch] arrays."""
+  missing = [k for k in FEATURES + tuple(features) if k not in example]
   if missing:
-    raise KeyError(f"Source examples need {FEATURES}; missing {missing} (have {sorted(example)}).")
+    raise KeyError(f"Source examples need {FEATURES + tuple(features)}; missing {missing} "
+                   f"(have {sorted(example)}).")
   out = {
       "inputs": np.asarray(example["inputs"], np.int32),
       "targets": np.asarray(example["targets"], np.int32),
@@ -56,6 +59,12 @@ def _select(example: dict[str, Any]) -> dict[str, np.ndarray]:
   if not out["inputs"].shape == out["targets"].shape == out["loss_mask"].shape:
     raise ValueError("inputs, targets and loss_mask must have one shape [n]; got "
                      f"{[v.shape for v in out.values()]}.")
+  for name in features:
+    value = np.asarray(example[name])
+    if value.ndim:
+      raise ValueError(f"feature {name!r} must be a scalar per example, got shape "
+                       f"{value.shape}.")
+    out[name] = value
   return out
 
 
@@ -88,6 +97,8 @@ def _pad(element: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
   out["position_ids"][:n] = np.arange(n)
   out["loss_mask"] = np.zeros(seq_len, np.float32)
   out["loss_mask"][:n] = element["loss_mask"] != 0
+  for name in element.keys() - set(FEATURES):  # Scalar features ride along.
+    out[name] = element[name]
   return out
 
 
@@ -304,22 +315,28 @@ def make_batch_iterator(batch_source: Any, *,
   return iter(ds)
 
 
-def _empty_rows(num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
-  return {k: np.zeros((num_rows, seq_len), np.float32 if k == "loss_mask" else np.int32)
+def _empty_rows(num_rows: int, seq_len: int, features: dict[str, np.dtype] | None = None
+                ) -> dict[str, np.ndarray]:
+  """Rows that count nothing; scalar ``features`` (name -> dtype) are 0 in them."""
+  rows = {k: np.zeros((num_rows, seq_len), np.float32 if k == "loss_mask" else np.int32)
           for k in BATCH_KEYS}
+  rows.update({k: np.zeros((num_rows,), dtype) for k, dtype in (features or {}).items()})
+  return rows
 
 
 def pad_batch_count(batches: list[dict[str, np.ndarray]], count: int, *, batch_size: int,
-                    seq_len: int) -> list[dict[str, np.ndarray]]:
+                    seq_len: int, features: dict[str, Any] | None = None
+                    ) -> list[dict[str, np.ndarray]]:
   """``batches`` followed by empty batches up to ``count`` batches in all.
 
   An empty batch is ``[batch_size, seq_len]`` of zeros (``loss_mask`` 0, ``segment_ids``
-  0): it counts nothing. Raises ValueError when ``count`` is below ``len(batches)``.
+  0; scalar ``features``, name -> dtype, 0): it counts nothing. Raises ValueError when ``count`` is below ``len(batches)``.
   """
   if count < len(batches):
     raise ValueError(f"pad_batch_count: count={count} is below the {len(batches)} batches "
                      "given; pass the largest count of all processes.")
-  return list(batches) + [_empty_rows(batch_size, seq_len) for _ in range(count - len(batches))]
+  return list(batches) + [_empty_rows(batch_size, seq_len, features)
+                          for _ in range(count - len(batches))]
 
 
 def agreed_batch_count(local_count: int) -> int:
@@ -338,7 +355,8 @@ def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool 
                       num_examples: int | None = None,
                       shard_options: grain.sharding.ShardOptions | None = None,
                       long_examples: str = "error",
-                      num_threads: int = 0) -> list[dict[str, np.ndarray]]:
+                      num_threads: int = 0,
+                      features: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
   """All evaluation batches of this process, in source order, in the batch format.
 
   The first ``num_examples`` examples (default: all) are read once, unshuffled; with
@@ -359,8 +377,15 @@ def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool 
       first shards).
     long_examples: as in ``make_train_dataset``; by default a too-long example raises.
     num_threads: Grain threads reading the source.
+    features: scalar features of the source examples to keep (name -> numpy dtype, e.g.
+      ``{"depth": np.float32}``), as [batch_size] arrays beside the batch format (0 in empty
+      rows). Only with one example per row (``pack=False``, ``long_examples="error"``).
   """
   _check_sizes(batch_size, seq_len)
+  features = dict(features or {})
+  if features and (pack or long_examples != "error"):
+    raise ValueError("make_eval_batches: features need one whole example per row "
+                     "(pack=False, long_examples='error').")
   if num_examples is None and len(source) > _MAX_EVAL_EXAMPLES:
     raise ValueError(f"The source has {len(source)} examples; pass num_examples to evaluate on "
                      "its first ones.")
@@ -368,17 +393,20 @@ def make_eval_batches(source: Any, *, batch_size: int, seq_len: int, pack: bool 
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
   ds = grain.MapDataset.source(source)
   total = len(ds) if num_examples is None else min(num_examples, len(ds))
-  ds = _shard(ds[:total], shard_options).map(_select)
+  ds = _shard(ds[:total], shard_options).map(
+      lambda e: {**_select(e, tuple(features)),
+                 **{k: np.asarray(e[k], dtype) for k, dtype in features.items()}})
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
   ds = _rows(ds, seq_len=seq_len, pack=pack, num_packing_bins=batch_size,
              seed=0, shuffle_bins=False, long_examples=long_examples)
   batches = list(ds.batch(batch_size, drop_remainder=False))
   if batches and len(batches[-1]["inputs"]) < batch_size:
-    pad = _empty_rows(batch_size - len(batches[-1]["inputs"]), seq_len)
-    batches[-1] = {k: np.concatenate([batches[-1][k], pad[k]]) for k in BATCH_KEYS}
+    pad = _empty_rows(batch_size - len(batches[-1]["inputs"]), seq_len, features)
+    batches[-1] = {k: np.concatenate([batches[-1][k], pad[k]]) for k in pad}
   if not pack and long_examples != "split":
     per_shard = math.ceil(total / shard_options.shard_count)
     count = max(len(batches), math.ceil(per_shard / batch_size))
   else:
     count = agreed_batch_count(len(batches))
-  return pad_batch_count(batches, count, batch_size=batch_size, seq_len=seq_len)
+  return pad_batch_count(batches, count, batch_size=batch_size, seq_len=seq_len,
+                         features=features)

@@ -13,6 +13,13 @@ or by name, once this module is imported:
 ``"lclm_mqar/default"``); a prepared directory reads back with
 ``tfds.builder_from_directory(path).as_data_source()``.
 
+Every other task of :mod:`lclm.data.synthetic_tasks` (RULER-style needles, key-value
+retrieval, copying, induction heads, ListOps, Pathfinder ...) is written by the one builder
+``lclm_synthetic``, which finds the generator from the config's class:
+
+    config = SyntheticBuilderConfig.make(NiahConfig(seq_len=4096, vocab_size=32000), seed=0)
+    SyntheticTaskBuilder(config=config, data_dir=DIR).download_and_prepare()
+
 Example ``i`` of a split is the ``SyntheticSource`` example ``i`` of the same seed and split
 (splits draw from different streams), written in index order. The config name encodes every
 parameter, so differently shaped datasets never share a directory.
@@ -31,6 +38,7 @@ import tensorflow_datasets as tfds
 from lclm.data import mqar
 from lclm.data import passkey
 from lclm.data import synthetic_source
+from lclm.data import synthetic_tasks
 
 _DEFAULT_SPLIT_SIZES = {"train": 10_000, "validation": 1_000, "test": 1_000}
 
@@ -141,3 +149,38 @@ class PasskeyBuilder(_SyntheticTaskBuilder):
   def _extra_features(self):
     return {"key_position": tfds.features.Scalar(dtype=np.int32),
             "depth": tfds.features.Scalar(dtype=np.float32)}
+
+
+def spec_of(task: Any) -> synthetic_tasks.TaskSpec:
+  """The registry entry whose config class ``task`` is an instance of."""
+  for name in synthetic_tasks.names():
+    spec = synthetic_tasks.get(name)
+    if spec.module == type(task).__module__ and spec.config_class == type(task).__name__:
+      return spec
+  raise ValueError(f"{type(task).__name__} is not the config of a task of "
+                   "lclm.data.synthetic_tasks.")
+
+
+class SyntheticTaskBuilder(_SyntheticTaskBuilder):
+  """Any task of :mod:`lclm.data.synthetic_tasks`, chosen by the config's class; its scalar
+  features (needle depth, label ...) are kept. Build configs with
+  ``SyntheticBuilderConfig.make(task_config, seed=..., split_sizes=...)``."""
+
+  name = "lclm_synthetic"
+
+  def __init__(self, *, config: SyntheticBuilderConfig | None = None, **kwargs: Any):
+    if config is None or isinstance(config, str):
+      raise ValueError("lclm_synthetic needs config=SyntheticBuilderConfig.make(task_config, "
+                       "...) (it has no named configs).")
+    spec = spec_of(config.task)
+    if not config.name.startswith(type(config.task).__name__):
+      # Two tasks with equal field values must not share a directory.
+      config = dataclasses.replace(config, name=f"{type(config.task).__name__}_{config.name}")
+    self._spec = spec
+    super().__init__(config=config, **kwargs)
+
+  def _example_fn(self, rng, task):
+    return self._spec.example_function()(rng, task)
+
+  def _extra_features(self):
+    return {k: tfds.features.Scalar(dtype=v) for k, v in self._spec.feature_dtypes().items()}

@@ -205,9 +205,10 @@ def _to_target(restored: nnx.State, target: nnx.State) -> nnx.State:
 
 
 def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
-                   mesh: Mesh | None = None, rules: Sequence | None = None
-                   ) -> tuple[int, nnx.Module]:
-  """The parameters of the newest readable checkpoint of ``path`` in a new model.
+                   mesh: Mesh | None = None, rules: Sequence | None = None,
+                   step: int | None = None) -> tuple[int, nnx.Module]:
+  """The parameters of the newest readable checkpoint of ``path`` (or of ``step``) in a new
+  model.
 
   Args:
     path: an lclm run directory (``experiments.train --workdir``) or its ``checkpoints/``.
@@ -226,7 +227,7 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
 
   Raises:
     FileNotFoundError: ``path`` does not exist, is not an lclm run / checkpoints directory,
-      or holds no checkpoint.
+      holds no checkpoint, or no checkpoint of ``step``.
     ValueError: the model's parameter tree differs from the checkpoint's (the first
       differing parameter is named with both shapes).
     checkpointing.UnreadableCheckpointsError: checkpoints exist but none can be read (each
@@ -240,6 +241,11 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
   steps = _steps(epath.Path(directory))
   if not steps:
     raise FileNotFoundError(f"restore_params: no checkpoint in {directory}.")
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"restore_params: no checkpoint of step {step} in {directory}; "
+                              f"it holds steps {steps}.")
+    steps = [step]
   mesh = sharding.make_mesh() if mesh is None else mesh
   rules = sharding.axis_rules() if rules is None else rules
   graphdef, target = _abstract_model(model_factory, mesh, rules)
