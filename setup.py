@@ -32,6 +32,10 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.100,<7",
         # tests/training/test_remote_workdir.py fakes gs:// with fsspec's memory filesystem.
         "fsspec>=2024.2.0,<2027",
+        # tests/notebooks executes every notebook with a Jupyter kernel.
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
     ],
     # The peer of lclm.hf's parity tests (transformers on CPU). torch is pinned to the CPU
     # build that lies on the CI machines for Python 3.11; other Pythons skip those tests

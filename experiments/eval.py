@@ -60,7 +60,7 @@ from experiments import train as train_main
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MULTIPLIERS = (1, 2, 4, 8)
 _DATA_TASKS = ("lra_text", "lra_image", "lra_retrieval")
-_SPECIAL_TASKS = ("run", "perplexity") + _DATA_TASKS
+SPECIAL_TASKS = ("run", "perplexity") + _DATA_TASKS
 
 
 class UsageError(ValueError):
@@ -137,7 +137,7 @@ def expand_tasks(text: str) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     if name in synthetic_tasks.GROUPS:
       groups[name] = synthetic_tasks.GROUPS[name]
       members = list(synthetic_tasks.GROUPS[name])
-    elif name in _SPECIAL_TASKS:
+    elif name in SPECIAL_TASKS:
       members = [name]
     else:
       synthetic_tasks.get(name)  # ValueError listing the known names.
@@ -227,7 +227,8 @@ def plan_synthetic(spec, lengths, depths, options, vocab_size):
 
 
 def _synthetic_cells(evaluator, spec, plan, progress):
-  features = {k: v for k, v in spec.feature_dtypes().items() if k == "depth"}
+  features = {k: v for k, v in spec.feature_dtypes().items()
+              if k == "depth" and spec.has_depth}  # ListOps' "depth" is its nesting.
   cells = []
   for _, depth, config in plan:
     source = spec.source(config, seed=evaluator.args.seed, split="test")
@@ -319,6 +320,12 @@ def _data_task_cells(evaluator, name, lengths, progress):
   if not args.data_dir:
     raise UsageError(f"--task={name} reads data you have: pass --data_dir (see "
                      "lclm.data.lra.loaders).")
+  vocab = loaders.IMAGE_VOCAB_SIZE if name == "lra_image" else loaders.BYTE_VOCAB_SIZE
+  if vocab > evaluator.loaded.vocab_size:
+    raise UsageError(f"--task={name} uses {vocab} token ids, more than the model's vocabulary "
+                     f"({evaluator.loaded.vocab_size}).")
+  if name == "lra_image":  # Fixed length: 1024 pixels and the markers, whatever --lengths.
+    lengths = [loaders.IMAGE_SEQ_LEN]
   cells = []
   for length in lengths:
     if name == "lra_text":
@@ -327,10 +334,6 @@ def _data_task_cells(evaluator, name, lengths, progress):
       source = loaders.lra_retrieval_source(args.data_dir, "test", seq_len=length)
     else:
       source = loaders.lra_image_source(args.data_dir, "test")
-    example = source[0]
-    if len(example["inputs"]) > length:
-      raise UsageError(f"--task={name}: its examples have {len(example['inputs'])} tokens, "
-                       f"more than length {length}.")
     cells.append(evaluator.cell(source, length, None, {}))
     progress.update(1)
   return cells
@@ -357,7 +360,7 @@ def evaluate(args) -> dict:
 
   names, groups = expand_tasks(args.task)
   options = parse_options(args.option)
-  synthetic = [synthetic_tasks.get(n) for n in names if n not in _SPECIAL_TASKS]
+  synthetic = [synthetic_tasks.get(n) for n in names if n not in SPECIAL_TASKS]
   check_options(synthetic, options)
   if args.examples < 1 or args.tokens_per_batch < 1 or args.max_batch_size < 1:
     raise UsageError("--examples, --tokens_per_batch and --max_batch_size must be >= 1.")

@@ -87,6 +87,22 @@ class Reproduction:
     if self.scoring not in ("teacher_forced", "generation"):
       raise loop.ConfigurationError(f"Reproduction.scoring must be 'teacher_forced' or "
                                     f"'generation', got {self.scoring!r}.")
+    # The evaluation's settings, checked before anything trains.
+    from lclm.data import synthetic_tasks  # pylint: disable=g-import-not-at-top
+    try:
+      names, _ = eval_main.expand_tasks(self.eval_tasks)
+      eval_main.check_options([synthetic_tasks.get(n) for n in names
+                               if n not in eval_main.SPECIAL_TASKS], dict(self.eval_options))
+    except ValueError as error:
+      raise loop.ConfigurationError(f"Reproduction.eval_tasks / eval_options: {error}") \
+          from None
+    if self.eval_depths is not None and any(not 0 <= d <= 1 for d in self.eval_depths):
+      raise loop.ConfigurationError(f"Reproduction.eval_depths must lie in [0, 1], got "
+                                    f"{self.eval_depths!r}.")
+    if self.eval_lengths is not None and any(
+        not isinstance(n, int) or n < 1 for n in self.eval_lengths):
+      raise loop.ConfigurationError(f"Reproduction.eval_lengths must be positive ints, got "
+                                    f"{self.eval_lengths!r}.")
 
 
 def _split(entries: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -133,14 +149,10 @@ def _evaluate(settings: Reproduction, run_dir: str, lengths: Sequence[int]) -> d
 
 def _headline(results: dict) -> tuple[dict[str, float], int | None]:
   """Mean score over the evaluated tasks by length, and its effective length."""
-  from lclm.evals import runner  # pylint: disable=g-import-not-at-top
+  from lclm.evals import report  # pylint: disable=g-import-not-at-top
 
-  summaries = [s for s in results["tasks"].values() if "score_by_length" in s]
-  lengths = set.intersection(*(set(s["score_by_length"]) for s in summaries))
-  mean = {int(n): float(np.mean([s["score_by_length"][n] for s in summaries]))
-          for n in lengths}
-  return ({str(n): mean[n] for n in sorted(mean)},
-          runner.effective_length(mean, results["threshold"]))
+  group = report.group_summary(results["tasks"], results["threshold"])
+  return group["score_by_length"], group["effective_length"]
 
 
 def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> dict:
@@ -148,7 +160,14 @@ def run(workdir: str, gin_files: Sequence[str], gin_params: Sequence[str]) -> di
   train_main.parse_gin(gin_files, gin_params)
   settings = Reproduction()
   settings.validate()
-  lengths = list(settings.eval_lengths or [int(gin.query_parameter("%SEQ_LEN"))])
+  if settings.eval_lengths:
+    lengths = list(settings.eval_lengths)
+  else:
+    try:
+      lengths = [int(gin.query_parameter("%SEQ_LEN"))]
+    except ValueError:
+      raise loop.ConfigurationError("Reproduction.eval_lengths is unset and the configuration "
+                                    "has no SEQ_LEN macro to default to.") from None
   results = {"name": settings.name, "axis": settings.axis, "threshold": settings.threshold,
              "eval_tasks": settings.eval_tasks, "eval_lengths": lengths,
              "scoring": settings.scoring, "reference": dict(settings.reference), "runs": []}

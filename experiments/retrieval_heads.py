@@ -168,11 +168,18 @@ def main(argv=None) -> int:
   from lclm.evals import loading
   from lclm.evals import retrieval_heads as probe
 
+  from experiments import train as train_main
+  from lclm.training import checkpointing
+
   try:
-    loaded = loading.load_model(args.workdir, step=args.step, gin_params=args.gin_param)
-  except (FileNotFoundError, ValueError, TypeError) as error:
+    loaded = loading.load_model(args.workdir, step=args.step, gin_params=args.gin_param,
+                                search_paths=[train_main.REPO_ROOT])
+  except (FileNotFoundError, ValueError, TypeError,
+          checkpointing.UnreadableCheckpointsError) as error:
     print(f"error: cannot load a model from {args.workdir}: {error}", file=sys.stderr)
     return 2
+  except RuntimeError as error:
+    return train_main.missing_binding_exit(error)
   if args.task == "passkey" and loaded.vocab_size < BYTE_VOCAB:
     print(f"error: the model's vocabulary ({loaded.vocab_size} tokens) is too small for the "
           f"passkey task's byte tokens (ids 0 ... {BYTE_VOCAB - 1}); probe it with "

@@ -30,14 +30,18 @@ def task_summary(cells: Sequence[runner.CellResult], threshold: float) -> dict:
 
 
 def group_summary(task_summaries: Mapping[str, dict], threshold: float) -> dict:
-  """Mean over tasks of each length's score (lengths every task has), and its effective
-  length."""
-  lengths = set.intersection(*(set(s["score_by_length"]) for s in task_summaries.values()))
-  mean = {int(n): float(np.mean([s["score_by_length"][n] for s in task_summaries.values()]))
-          for n in lengths}
+  """Mean over tasks of each length's score (over the tasks evaluated at that length: a task
+  may be skipped at lengths too short for it) and its effective length; ``tasks_by_length``
+  counts the tasks behind each mean."""
+  by_length: dict[int, list[float]] = {}
+  for summary in task_summaries.values():
+    for n, score in summary.get("score_by_length", {}).items():
+      by_length.setdefault(int(n), []).append(score)
+  mean = {n: float(np.mean(v)) for n, v in sorted(by_length.items())}
   return {"tasks": sorted(task_summaries),
-          "score_by_length": {str(n): mean[n] for n in sorted(mean)},
-          "effective_length": runner.effective_length(mean, threshold)}
+          "score_by_length": {str(n): s for n, s in mean.items()},
+          "tasks_by_length": {str(n): len(by_length[n]) for n in mean},
+          "effective_length": runner.effective_length(mean, threshold) if mean else None}
 
 
 def _fmt(value) -> str:

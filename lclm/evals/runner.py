@@ -101,28 +101,36 @@ class TeacherForcedScorer:
     self.graphdef, self.params = nnx.split(model)
     self.mesh = sharding.make_mesh() if mesh is None else mesh
     self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
+    # [batch] arrays (scalar features) split over the rows like the batch.
+    self.row_sharding = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(*tuple(self.batch_sharding.spec)[:1]))
     self._hits = jax.jit(_hits, static_argnums=0)
+    # Several processes: global arrays from each process's rows (also forced in tests).
+    self.gather_global = jax.process_count() > 1
 
-  def hits(self, batch: dict) -> np.ndarray:
-    """bool [B, T] (B: the global batch): argmax == target at every position."""
-    arrays = {k: batch[k] for k in ("inputs", "targets", "position_ids", "segment_ids")}
-    if jax.process_count() == 1:
-      arrays = jax.device_put(arrays, self.batch_sharding)
-      return np.asarray(self._hits(self.graphdef, self.params, arrays))
+  def score(self, batch: dict) -> dict[str, np.ndarray]:
+    """``hits`` bool [B, T] (argmax == target), ``loss_mask`` [B, T] and, when the batch has
+    it, ``depth`` [B], for the global batch B (every process's rows, in one order)."""
+    keys = ("inputs", "targets", "position_ids", "segment_ids")
+    carried = [k for k in ("loss_mask", "depth") if k in batch]
+    if not self.gather_global:
+      arrays = jax.device_put({k: batch[k] for k in keys}, self.batch_sharding)
+      out = {k: np.asarray(batch[k]) for k in carried}
+      out["hits"] = np.asarray(self._hits(self.graphdef, self.params, arrays))
+      return out
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    arrays = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-              for k, v in arrays.items()}
-    return np.asarray(multihost_utils.process_allgather(
-        self._hits(self.graphdef, self.params, arrays), tiled=True))
 
+    def global_array(name):
+      value = np.asarray(batch[name])
+      placement = self.batch_sharding if value.ndim == 2 else self.row_sharding
+      return jax.make_array_from_process_local_data(placement, value)
 
-def _global(batch: dict, key: str) -> np.ndarray:
-  """This process's rows of ``batch[key]`` gathered from every process (process order)."""
-  value = np.asarray(batch[key])
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    arrays = {k: global_array(k) for k in keys}
+    gathered = {k: global_array(k) for k in carried}
+    gathered["hits"] = self._hits(self.graphdef, self.params, arrays)
+    # Gathered from global arrays, so hits, masks and depths share the global row order.
+    return {k: np.asarray(v) for k, v in
+            multihost_utils.process_allgather(gathered, tiled=True).items()}
 
 
 def score_cell(scorer: TeacherForcedScorer, batches: Iterable[dict], *, length: int,
@@ -143,8 +151,8 @@ def score_cell(scorer: TeacherForcedScorer, batches: Iterable[dict], *, length: 
   rows_with_answers = 0
   depth_sum, depth_count = 0.0, 0
   for batch in batches:
-    hits = scorer.hits(batch)
-    mask = _global(batch, "loss_mask") > 0
+    scored = scorer.score(batch)
+    hits, mask = scored["hits"], scored["loss_mask"] > 0
     tokens += int(mask.sum())
     tokens_right += int((hits & mask).sum())
     for row, start, end in generation_eval.answer_spans(mask):
@@ -152,8 +160,8 @@ def score_cell(scorer: TeacherForcedScorer, batches: Iterable[dict], *, length: 
       spans_right += int(hits[row, start:end].all())
     answered = mask.any(axis=1)
     rows_with_answers += int(answered.sum())
-    if "depth" in batch:
-      realised = _global(batch, "depth")
+    if "depth" in scored:
+      realised = scored["depth"]
       depth_sum += float(realised[answered].sum())
       depth_count += int(answered.sum())
   result = CellResult(

@@ -286,6 +286,10 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
       return at_step, nnx.merge(graphdef, _to_target(restored["params"], target))
   finally:
     handler.close()
+  if step is not None:
+    raise checkpointing.UnreadableCheckpointsError(
+        f"restore_params: the checkpoint of step {step} in {directory} cannot be read: "
+        f"{failures[0][1]}.")
   raise checkpointing.UnreadableCheckpointsError(
       f"restore_params: none of the checkpoints in {directory} can be read (newest: step "
       f"{failures[0][0]}: {failures[0][1]}).")

@@ -42,6 +42,13 @@ def test_group_summary_means_shared_lengths():
   group = report.group_summary(summaries, 0.7)
   assert group["score_by_length"] == {"64": 0.875, "128": 0.75}
   assert group["effective_length"] == 128
+  # A task skipped at a short length: the other tasks still decide that length.
+  summaries["c"] = {"score_by_length": {"128": 1.0}}
+  summaries["a"]["score_by_length"]["64"] = 0.2
+  group = report.group_summary(summaries, 0.7)
+  assert group["tasks_by_length"] == {"64": 2, "128": 3}
+  assert group["score_by_length"]["64"] == pytest.approx(0.475)
+  assert group["effective_length"] is None
 
 
 def _results(out):
@@ -121,6 +128,7 @@ def test_perplexity_by_position_of_local_files(byte_run, tmp_path):
     (["--task=mqar", "--depths=0,1.5"], "--depths must lie in [0, 1]"),
     (["--task=mqar", "--lengths=32,x"], "--lengths must be comma-separated"),
     (["--task=perplexity"], "needs --text_files or --tfds_name"),
+    (["--task=lra_text", "--data_dir=/nowhere"], "more than the model's vocabulary"),
 ])
 def test_bad_flags_exit_2_with_a_message(mqar_run, tmp_path, capsys, flags, message):
   lengths = [] if any(f.startswith("--lengths") for f in flags) else ["--lengths=32"]
@@ -186,3 +194,26 @@ def test_a_hugging_face_folder_is_evaluated_directly(tmp_path):
   assert eval_main.default_out(str(folder), ["a", "b", "c", "d"], "hf") == os.path.join(
       "runs", "eval", "tiny-llama", "a+3")
   assert eval_main.default_out("runs/x", ["a", "b"]) == os.path.join("runs/x", "eval", "a+b")
+
+
+def test_global_gather_path_keeps_rows_aligned(byte_run, fake_devices):
+  """The multi-process path (global arrays from local rows, gathered together) on 8 devices
+  in one process gives the hits, masks and depths of the direct path, row by row."""
+  fake_devices(f"""
+      import numpy as np
+      from lclm.data import pipeline, synthetic_tasks
+      from lclm.evals import loading, runner
+      loaded = loading.load_model({byte_run!r})
+      spec = synthetic_tasks.get("induction_heads")
+      source = spec.source(spec.make_config(seq_len=32, vocab_size=20), seed=3)
+      (batch,) = pipeline.make_eval_batches(source, batch_size=8, seq_len=32, num_examples=8,
+                                            features={{"depth": np.float32}})
+      scorer = runner.TeacherForcedScorer(loaded.model)
+      direct = scorer.score(batch)
+      scorer.gather_global = True
+      gathered = scorer.score(batch)
+      assert sorted(direct) == sorted(gathered) == ["depth", "hits", "loss_mask"]
+      for key in direct:
+        np.testing.assert_array_equal(direct[key], gathered[key])
+      assert direct["hits"].shape == (8, 32) and direct["loss_mask"].sum() == 8
+  """)

@@ -21,6 +21,11 @@ CONFIGS = ["configs/experiments/repro_zoology_mqar.gin",
            "configs/experiments/repro_lra_listops_tpu.gin"]
 
 
+VARIANT_MIXERS = {"attention": {"attention"}, "mamba2": {"mamba2"}, "lightning": {"lightning"},
+                  "mamba2+attention": {"mamba2", "attention"}, "rnope_swa": {"attention"},
+                  "gemma3": {"attention"}, "transformer": {"attention"}}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_variant_of_every_config_builds(config):
   train_main.parse_gin([config], [])
@@ -35,6 +40,9 @@ def test_every_variant_of_every_config_builds(config):
     task = gin.query_parameter("train.task").configurable.wrapper()
     model = nnx.eval_shape(lambda: DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(0)))
     assert model.num_layers >= 2
+    # The variant's own mixers, not the base file's or another variant's.
+    mixers = {m.split("_")[-1] for m in model.layer_pattern}
+    assert mixers == VARIANT_MIXERS.get(variant, mixers), (variant, model.layer_pattern)
     if value is not None:
       assert gin.query_parameter(settings.axis) == value
   assert seen == set(settings.variants)
@@ -86,6 +94,9 @@ def test_tiny_grid_trains_evaluates_and_tabulates(tmp_path):
     ("Reproduction.variants = {}", "variants"),
     ("Reproduction.axis_values = []", "go together"),
     ("Reproduction.scoring = 'vibes'", "scoring"),
+    ("Reproduction.eval_tasks = 'nope'", "unknown synthetic task"),
+    ("Reproduction.eval_options = {'no_such_field': 1}", "no selected task takes it"),
+    ("Reproduction.eval_depths = [2.0]", "eval_depths"),
 ])
 def test_bad_settings_exit_before_training(tmp_path, capsys, param, message):
   assert reproduce.main(["--gin_file=configs/experiments/repro_zoology_mqar.gin",
