@@ -59,8 +59,8 @@ from experiments import train as train_main
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MULTIPLIERS = (1, 2, 4, 8)
-_DATA_TASKS = ("lra_text", "lra_image", "lra_retrieval")
-SPECIAL_TASKS = ("run", "perplexity") + _DATA_TASKS
+DATA_TASKS = ("lra_text", "lra_image", "lra_retrieval")
+SPECIAL_TASKS = ("run", "perplexity") + DATA_TASKS
 
 
 class UsageError(ValueError):
@@ -405,7 +405,7 @@ def evaluate(args) -> dict:
       skipped = plans[name][1] if name in plans else []
       if name == "run":
         cells = _run_task_cells(evaluator, lengths, progress)
-      elif name in _DATA_TASKS:
+      elif name in DATA_TASKS:
         cells = _data_task_cells(evaluator, name, lengths, progress)
       else:
         cells = _synthetic_cells(evaluator, synthetic_tasks.get(name), plans[name][0],

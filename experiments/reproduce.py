@@ -96,11 +96,24 @@ class Reproduction:
     except ValueError as error:
       raise loop.ConfigurationError(f"Reproduction.eval_tasks / eval_options: {error}") \
           from None
-    if self.eval_depths is not None and any(not 0 <= d <= 1 for d in self.eval_depths):
+    data_tasks = [n for n in names if n in eval_main.DATA_TASKS]
+    if data_tasks:
+      raise loop.ConfigurationError(f"Reproduction.eval_tasks: {data_tasks} read data you have; "
+                                    "evaluate those runs with experiments.eval --data_dir.")
+    if self.eval_depths is not None and any(
+        isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+        for d in self.eval_depths):
       raise loop.ConfigurationError(f"Reproduction.eval_depths must lie in [0, 1], got "
                                     f"{self.eval_depths!r}.")
+    if isinstance(self.eval_examples, bool) or not isinstance(self.eval_examples, int) or (
+        self.eval_examples < 1):
+      raise loop.ConfigurationError(f"Reproduction.eval_examples must be a positive int, got "
+                                    f"{self.eval_examples!r}.")
+    if not 0 < self.threshold <= 1:
+      raise loop.ConfigurationError(f"Reproduction.threshold must be in (0, 1], got "
+                                    f"{self.threshold!r}.")
     if self.eval_lengths is not None and any(
-        not isinstance(n, int) or n < 1 for n in self.eval_lengths):
+        isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.eval_lengths):
       raise loop.ConfigurationError(f"Reproduction.eval_lengths must be positive ints, got "
                                     f"{self.eval_lengths!r}.")
 

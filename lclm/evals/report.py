@@ -73,7 +73,11 @@ def table(results: Mapping) -> str:
                    f"{_fmt(cell['token_accuracy']):>9}  {_fmt(cell['span_accuracy']):>8}  "
                    f"{_fmt(cell['exact_match']):>11}")
   for name, group in results.get("groups", {}).items():
-    scores = ", ".join(f"{n}: {_fmt(s)}" for n, s in group["score_by_length"].items())
+    counts = group.get("tasks_by_length", {})
+    scores = ", ".join(
+        f"{n}: {_fmt(s)}" + (f" ({counts[n]} tasks)" if counts.get(n, len(group["tasks"]))
+                             != len(group["tasks"]) else "")
+        for n, s in group["score_by_length"].items())
     lines.append(f"\n{name} (mean of {len(group['tasks'])} tasks): {scores}; effective length "
                  f"{_fmt(group['effective_length'])}")
   return "\n".join(lines)

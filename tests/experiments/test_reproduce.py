@@ -59,17 +59,17 @@ TINY = ["train.total_steps = 2", "train.batch_size = 4", "train.checkpoint_every
 
 def test_one_run_trains_evaluates_and_tabulates(tmp_path):
   one = ["Reproduction.axis_values = [8]",
-         "Reproduction.variants = {'lightning': ['configs/mixers/lightning.gin']}"]
+         "Reproduction.variants = {'attention': ['configs/mixers/attention.gin']}"]
   assert reproduce.main(["--gin_file=configs/experiments/repro_zoology_mqar.gin",
                          f"--workdir={tmp_path}",
                          *[f"--gin_param={p}" for p in TINY + one]]) == 0
   results = json.loads((tmp_path / "results.json").read_text())
   (run,) = results["runs"]
-  assert (run["variant"], run["axis_value"], run["seed"]) == ("lightning", 8, 0)
-  assert run["run_dir"] == "lightning/features=8/seed-0"
+  assert (run["variant"], run["axis_value"], run["seed"]) == ("attention", 8, 0)
+  assert run["run_dir"] == "attention/features=8/seed-0"
   eval_results = json.loads((tmp_path / run["run_dir"] / "eval" / "results.json").read_text())
   assert run["score_by_length"] == eval_results["tasks"]["run"]["score_by_length"]
-  assert f"| lightning | 8 | {run['parameters']:,} |" in (tmp_path / "table.md").read_text()
+  assert f"| attention | 8 | {run['parameters']:,} |" in (tmp_path / "table.md").read_text()
 
 
 @pytest.mark.slow  # 4 training runs: 50-100 s on 2 cores.
@@ -97,6 +97,10 @@ def test_tiny_grid_trains_evaluates_and_tabulates(tmp_path):
     ("Reproduction.eval_tasks = 'nope'", "unknown synthetic task"),
     ("Reproduction.eval_options = {'no_such_field': 1}", "no selected task takes it"),
     ("Reproduction.eval_depths = [2.0]", "eval_depths"),
+    ("Reproduction.eval_tasks = 'lra_text'", "read data you have"),
+    ("Reproduction.eval_examples = 0", "eval_examples"),
+    ("Reproduction.threshold = 7.0", "threshold"),
+    ("Reproduction.eval_lengths = [True]", "eval_lengths"),
 ])
 def test_bad_settings_exit_before_training(tmp_path, capsys, param, message):
   assert reproduce.main(["--gin_file=configs/experiments/repro_zoology_mqar.gin",

@@ -47,6 +47,7 @@ def test_notebook_is_committed_without_outputs(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, monkeypatch, tmp_path):
   monkeypatch.setenv("LCLM_NOTEBOOK_SMALL", "1")
+  monkeypatch.setenv("LCLM_NOTEBOOK_NO_INSTALL", "1")  # Check the import only; install nothing.
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # The notebooks' run directories go here.
   # The kernel is a second process beside this one: on a GPU, neither may take most of its
   # memory up front.
