@@ -75,7 +75,7 @@ def to_lclm(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from lclm import hf  # pylint: disable=import-outside-toplevel
-  from lclm.training import checkpointing, step  # pylint: disable=import-outside-toplevel
+  from lclm.training import checkpointing  # pylint: disable=import-outside-toplevel
 
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileExistsError(f"{workdir} already holds checkpoints/; convert into a new directory.")
@@ -83,16 +83,8 @@ def to_lclm(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
   options = hf.model_options(config, dtype=dtype)
   model = hf.load_pretrained(hf_dir, dtype=dtype)
   os.makedirs(workdir, exist_ok=True)
-  graphdef, params = nnx.split(model, nnx.Param)
-  state = step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          opt_state=(), graphdef=graphdef)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            async_save=False)
-  try:
-    checkpointer.save(0, state, force=True)
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
+  checkpointing.save_params_checkpoint(workdir, model)
+  params = nnx.state(model, nnx.Param)
   bindings = hf.gin_config(options, source=os.path.abspath(hf_dir))
   theta = (options.get("position_options") or {}).get("rope_theta")
   if theta is not None:

@@ -90,19 +90,28 @@ def passkey_batches(seq_len: int, *, num_examples: int, batch_size: int, seed: i
   rng = np.random.default_rng(seed)
   examples = [passkey.make_passkey_example(rng, config) for _ in range(num_examples)]
   suffix = len(passkey.NEEDLE_SUFFIX_TEMPLATE.format(key="0" * num_digits))
-  batches = []
-  for start in range(0, num_examples, batch_size):
-    rows = examples[start:start + batch_size]
+  def needle(rows):
     key_position = np.array([r["key_position"] for r in rows], np.int32)
+    return {"key_position": key_position,
+            "needle_start": key_position - len(passkey.NEEDLE_PREFIX),
+            "needle_end": key_position + num_digits + suffix}
+
+  return _probe_batches(examples, seq_len, batch_size, needle)
+
+
+def _probe_batches(examples, seq_len, batch_size, needle) -> list[dict[str, np.ndarray]]:
+  """Examples in batches of ``batch_size`` rows (one sequence per row from position 0), each
+  with the needle arrays ``needle(rows)`` returns."""
+  batches = []
+  for start in range(0, len(examples), batch_size):
+    rows = examples[start:start + batch_size]
     batches.append({
         "inputs": np.stack([r["inputs"] for r in rows]).astype(np.int32),
         "targets": np.stack([r["targets"] for r in rows]).astype(np.int32),
         "loss_mask": np.stack([r["loss_mask"] for r in rows]),
         "position_ids": np.tile(np.arange(seq_len, dtype=np.int32), (len(rows), 1)),
         "segment_ids": np.ones((len(rows), seq_len), np.int32),
-        "key_position": key_position,
-        "needle_start": key_position - len(passkey.NEEDLE_PREFIX),
-        "needle_end": key_position + num_digits + suffix,
+        **needle(rows),
     })
   return batches
 
@@ -129,20 +138,11 @@ def niah_batches(seq_len: int, *, vocab_size: int, num_examples: int, batch_size
                             **options)
   rng = np.random.default_rng(seed)
   examples = [ruler.make_niah_example(rng, config) for _ in range(num_examples)]
-  batches = []
-  for start in range(0, num_examples, batch_size):
-    rows = examples[start:start + batch_size]
-    needle = np.array([r["needle_position"] for r in rows], np.int32)
-    batches.append({
-        "inputs": np.stack([r["inputs"] for r in rows]).astype(np.int32),
-        "targets": np.stack([r["targets"] for r in rows]).astype(np.int32),
-        "loss_mask": np.stack([r["loss_mask"] for r in rows]),
-        "position_ids": np.tile(np.arange(seq_len, dtype=np.int32), (len(rows), 1)),
-        "segment_ids": np.ones((len(rows), seq_len), np.int32),
-        "needle_start": needle,
-        "needle_end": needle + config.needle_len,
-    })
-  return batches
+  def needle(rows):
+    start = np.array([r["needle_position"] for r in rows], np.int32)
+    return {"needle_start": start, "needle_end": start + config.needle_len}
+
+  return _probe_batches(examples, seq_len, batch_size, needle)
 
 
 def answer_positions(loss_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,26 @@ class UnreadableCheckpointsError(RuntimeError):
   """Checkpoints exist but none restores into the current state."""
 
 
+def save_params_checkpoint(workdir: str, model, *, step: int = 0) -> None:
+  """Writes ``model``'s parameters as the train state of a run directory's checkpoint
+  ``workdir/checkpoints/<step>`` (no optimizer state), synchronously: what
+  ``experiments.convert_hf`` writes and :func:`lclm.training.restore.restore_params` reads."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from lclm.training import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=(),
+                              graphdef=graphdef)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    checkpointer.save(step, state, force=True)
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+
+
 class Checkpointer:
   """Saves and restores ``(state, data_iterator)`` under ``directory/<step>``.
 

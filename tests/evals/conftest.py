@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import gin
-import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from lclm.evals import loading
 from lclm.model import DecoderLM
-from lclm.training import checkpointing, step
+from lclm.training import checkpointing
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,17 +34,8 @@ def make_run(workdir: str, gin_text: str, *, seed: int = 0) -> str:
                        search_paths=[REPO_ROOT])
   task = loading.build_task(workdir)
   model = DecoderLM(vocab_size=task.vocab_size, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
-                          graphdef=graphdef)
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            async_save=False)
-  try:
-    checkpointer.save(0, state, force=True)
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
+  checkpointing.save_params_checkpoint(workdir, model)
   with open(os.path.join(workdir, "config.gin"), "w") as f:
     f.write(gin.config_str())
   gin.clear_config()

@@ -344,24 +344,17 @@ def test_probe_validation():
 def _write_run(workdir, bindings, model=None, vocab_size=None):
   """A run directory: ``bindings`` as config.gin and a step-0 checkpoint of ``model`` (default:
   zero parameters of the model the bindings describe, without initialising it)."""
-  from lclm.training import checkpointing, step
+  from lclm.training import checkpointing
 
   if model is None:
     gin.clear_config()
     gin.parse_config(bindings)
     model = nnx.eval_shape(lambda: DecoderLM(vocab_size=vocab_size, rngs=nnx.Rngs(0)))
     gin.clear_config()
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype) if vocab_size else p, params)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
-                          graphdef=graphdef)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            async_save=False)
-  try:
-    checkpointer.save(0, state, force=True)
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
+    model = nnx.merge(graphdef, params)
+  checkpointing.save_params_checkpoint(workdir, model)
   with open(os.path.join(workdir, "config.gin"), "w") as f:
     f.write(bindings)
 
