@@ -87,3 +87,14 @@ memory-retrieval: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs
+
+# One command for a GPU or TPU machine with a fresh clone (benchmarks/README.md): installs
+# nothing when $(PYTHON)'s jax already sees the accelerator (else `.[gpu]`/`.[tpu]` + `.[test]`
+# into ~/.cache/lclm/venv-device), runs the gpu/tpu-marked kernel tests and the kernel
+# benchmark against the peers there, writes benchmarks/results/<device>.md, .json and a log,
+# within 8 minutes (and copies them to $OUT when set). Not tied to $(STAMP): a lent machine
+# may have no network. DEVICE_CHECK_ARGS=--dry-run runs the same flow on CPU at tiny sizes.
+DEVICE_CHECK_ARGS ?=
+.PHONY: device-check
+device-check:
+	$(PYTHON) -m experiments.device_check $(DEVICE_CHECK_ARGS)

@@ -3,8 +3,8 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    # Python 3.11 resolves to jax 0.10; GPU hosts commonly run jax 0.11 on Python 3.12.
-    "jax>=0.10.0,<0.12",
+    # jax 0.11 dropped Python 3.11: 3.11 resolves to jax 0.10.x, 3.12+ to 0.12.x (0.11 works too).
+    "jax>=0.10.0,<0.13",
     # nnx.capture (sown MoE auxiliary losses) arrived in 0.12.6.
     "flax>=0.12.6,<0.14",
     "optax>=0.2.5,<0.3",
@@ -51,8 +51,8 @@ EXTRAS_REQUIRE = {
     "notebooks": [
         "jupyter>=1.0,<2",
     ],
-    "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
-    "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+    "gpu": ["jax[cuda12]>=0.10.0,<0.13"],
+    "tpu": ["jax[tpu]>=0.10.0,<0.13"],
     # gs:// run directories. etils.epath (metrics, eval.json, configs, Orbax's metadata)
     # reaches GCS through fsspec's gcsfs; Orbax lists and deletes checkpoint steps of
     # gs:// paths with google-cloud-storage (its array data goes through tensorstore's own

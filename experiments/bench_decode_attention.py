@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchmarking
-from experiments.benchmark_kernels import OURS, PEER, REFERENCE, Row, row_from_measurement
+from experiments.benchmark_kernels import (OURS, PEER, REFERENCE, Row, attach_roofline,
+                                           load_cost, roofline, row_from_measurement)
 from pallas_kernels import decode_attention
 
 KERNEL = "decode_attention"
@@ -114,6 +115,7 @@ def bench_decode_attention(settings) -> list[Row]:
       lengths = jnp.full((b,), t, jnp.int32)
       num_bytes = decode_bytes(b, t, hk, d, jnp.dtype(dtype).itemsize)
       flops = decode_flops(b, h, t, d)
+      first = len(rows)
       for name, role, fn, note in candidates:
         fields = dict(kernel=KERNEL, config=config, size=t, mode="fwd", dtype=dtype,
                       implementation=name, role=role)
@@ -129,4 +131,14 @@ def bench_decode_attention(settings) -> list[Row]:
         row.note = f"{row.note}; {roofline}" if row.note else roofline
         rows.append(row)
         _progress(rows[-1])
+      attach_roofline(rows[first:], decode_roofline(b, t, h, hk, d, dtype))
   return rows
+
+
+def decode_roofline(batch: int, cache_len: int, heads: int, kv_heads: int, head_dim: int,
+                    dtype: str) -> dict | None:
+  """The roofline column from ``pallas_kernels.decode_attention.cost`` (default blocks)."""
+  cost = load_cost("decode_attention.cost", "decode_cost")
+  return None if cost is None else roofline(lambda backend: cost(
+      batch=batch, cache_len=cache_len, num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=head_dim, dtype=dtype, backend=backend))

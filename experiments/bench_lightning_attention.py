@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from experiments import benchmarking
-from experiments.benchmark_kernels import OURS, PEER, REFERENCE, Row, row_from_measurement
+from experiments.benchmark_kernels import (OURS, PEER, REFERENCE, Row, attach_roofline,
+                                           load_cost, roofline, row_from_measurement)
 from pallas_kernels import flash_attention
 from pallas_kernels.lightning_attention import lightning_attention
 
@@ -129,6 +130,7 @@ def bench_lightning_attention(settings) -> list[Row]:
     for mode in settings.modes:
       backward = mode == "fwd_bwd"
       flops = lightning_flops(b, h, t, d, d, backward=backward)
+      first = len(rows)
       for name, role, forward, note in candidates:
         fields = dict(kernel=KERNEL, config=config, size=t, mode=mode, dtype=dtype,
                       implementation=name, role=role)
@@ -148,6 +150,8 @@ def bench_lightning_attention(settings) -> list[Row]:
                       implementation="fla chunk_simple_gla (peer)", role=PEER)
         if fla is None:
           rows.append(Row(status="failed", note=fla_note, **fields))
+        elif benchmarking.out_of_time():
+          rows.append(Row(status="skipped", note=benchmarking.OUT_OF_TIME, **fields))
         else:
           try:
             seconds, peak = _time_fla(*fla, b, t, h, d, _decay(h), dtype, mode,
@@ -158,4 +162,15 @@ def bench_lightning_attention(settings) -> list[Row]:
             rows.append(Row(status="failed", note=f"{type(error).__name__}: {error}"[:200],
                             **fields))
         _progress(rows[-1])
+      attach_roofline(rows[first:], lightning_roofline(b, t, h, d, dtype, backward=backward))
   return rows
+
+
+def lightning_roofline(batch: int, seq_len: int, heads: int, head_dim: int, dtype: str, *,
+                       backward: bool) -> dict | None:
+  """The roofline column from the shared scalar-decay stack's model
+  (``pallas_kernels.ssd.cost.lightning_cost``), None while it does not exist."""
+  cost = load_cost("ssd.cost", "lightning_cost")
+  return None if cost is None else roofline(lambda backend: cost(
+      batch=batch, seq_len=seq_len, num_heads=heads, d_k=head_dim, d_v=head_dim, dtype=dtype,
+      backend=backend, backward=backward))

@@ -2,9 +2,10 @@
 
 ``bench_selective_scan(settings)`` returns one :class:`~experiments.benchmark_kernels.Row`
 per (size, mode, implementation): ours (the default implementation, plus the XLA path on
-accelerators), the token-by-token reference, and as the peer flash attention (causal, 16
+accelerators), the token-by-token reference, and as peers flash attention (causal, 16
 heads of 128 = the same width as d_inner 2048) at the same token count, the mixer a Mamba
-layer replaces. The driver adds the ratios.
+layer replaces, and on GPU mamba_ssm's CUDA ``selective_scan_fn`` (PyTorch, timed with CUDA
+events) when importable ("not importable: ..." otherwise). The driver adds the ratios.
 
 FLOPs: the forward counts 7 per (token, channel, state) (dt*A, exp, decay*h, dt*u*B, +,
 C*h, the sum over states) plus 6 per (token, channel) (bias, softplus, D*u, gate); the
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarking
-from experiments.benchmark_kernels import OURS, PEER, REFERENCE, Row, row_from_measurement
+from experiments.benchmark_kernels import (OURS, PEER, REFERENCE, Row, attach_roofline,
+                                           load_cost, roofline, row_from_measurement)
 from pallas_kernels import flash_attention
 from pallas_kernels.selective_scan import selective_scan
 
@@ -71,6 +73,23 @@ def _candidates(platform: str, scale: float):
   return candidates
 
 
+def _mamba_peer():
+  """(forward on our [batch, seq, channels] inputs, "") with mamba_ssm's selective_scan_fn,
+  or (None, why it is unavailable)."""
+  try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+  except Exception as error:  # Absent or broken: report, do not fail.
+    return None, f"not importable: {type(error).__name__}: {error}"[:200]
+
+  def forward(u, delta, A, B, C, D, z, bias):
+    # mamba_ssm's layout: u, delta, z [batch, channels, seq]; B, C [batch, d_state, seq].
+    t = lambda x: x.transpose(1, 2).contiguous()
+    y = selective_scan_fn(t(u), t(delta), A, t(B), t(C), D=D, z=t(z), delta_bias=bias,
+                          delta_softplus=True)
+    return y.transpose(1, 2)
+  return forward, ""
+
+
 def _scan_inputs(key, b, t, d, n, dtype):
   """Mamba-like inputs: S4D-real A, dt bias from the log-uniform initial dt."""
   ks = jax.random.split(key, 7)
@@ -92,6 +111,7 @@ def bench_selective_scan(settings) -> list[Row]:
   heads, head_dim = defaults["attention_heads"], defaults["head_dim"]
   config = f"B{b} D{d} N{n} softplus z D; peer H{heads} Dh{head_dim} causal"
   candidates = _candidates(platform, head_dim ** -0.5)
+  mamba, mamba_note = _mamba_peer() if platform == "gpu" else (None, "")
   rows = []
   for t in sizes:
     key = jax.random.key(t)
@@ -102,6 +122,7 @@ def bench_selective_scan(settings) -> list[Row]:
     d_out = jax.random.normal(keys[4], (b, t, heads, head_dim), dtype)
     for mode in settings.modes:
       backward = mode == "fwd_bwd"
+      first = len(rows)
       for cand in candidates:
         if cand.attention:
           flops = benchmarking.attention_flops(b, heads, t, t, head_dim, causal=True,
@@ -123,4 +144,26 @@ def bench_selective_scan(settings) -> list[Row]:
         time_text = "-" if row.time_ms is None else f"{row.time_ms:.2f} ms"
         print(f"  {KERNEL} T={t} {mode} {cand.name}: {row.status} {time_text} {row.note}"
               .rstrip(), file=sys.stderr, flush=True)
+      if platform == "gpu":
+        fields = dict(kernel=KERNEL, config=config, size=t, mode=mode, dtype=dtype,
+                      implementation="mamba_ssm selective_scan_fn (peer)", role=PEER)
+        if mamba is None:
+          rows.append(Row(status="failed", note=mamba_note, **fields))
+        else:
+          measurement = benchmarking.measure_torch(
+              mamba, scan_inputs, d_y, backward=backward, warmup=settings.warmup,
+              repeats=settings.repeats)
+          rows.append(row_from_measurement(
+              measurement, flops=scan_flops(b, t, d, n, backward=backward), **fields))
+      attach_roofline(rows[first:], scan_roofline(b, t, d, n, dtype, backward=backward))
   return rows
+
+
+def scan_roofline(batch: int, seq_len: int, d_inner: int, d_state: int, dtype: str, *,
+                  backward: bool) -> dict | None:
+  """The roofline column from ``pallas_kernels.selective_scan.cost`` (z gate, one group,
+  default blocks)."""
+  cost = load_cost("selective_scan.cost", "scan_cost")
+  return None if cost is None else roofline(lambda backend: cost(
+      batch=batch, seq_len=seq_len, d_inner=d_inner, d_state=d_state, dtype=dtype,
+      backend=backend, has_z=True, backward=backward))

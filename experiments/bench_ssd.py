@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmarking
-from experiments.benchmark_kernels import OURS, PEER, REFERENCE, Row, row_from_measurement
+from experiments.benchmark_kernels import (OURS, PEER, REFERENCE, Row, attach_roofline,
+                                           load_cost, roofline, row_from_measurement)
 from pallas_kernels import flash_attention
 from pallas_kernels.ssd import ssd
 
@@ -132,23 +133,8 @@ def _ssd_inputs(key, b, t, h, p, g, n, dtype):
 
 def _measure_torch(forward, inputs, cotangent, *, backward, warmup, repeats):
   """A Measurement (median seconds by CUDA events, peak bytes) of a torch peer on JAX inputs."""
-  import torch
-  args = [torch.from_dlpack(a) for a in inputs]
-  d_out = torch.from_dlpack(cotangent)
-  if backward:
-    args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
-
-  def call():
-    out = forward(*args)
-    if backward:
-      out.backward(d_out)
-    return out
-
-  try:
-    seconds, peak = benchmarking.time_torch_cuda(call, warmup=warmup, repeats=repeats)
-  except Exception as error:  # A peer failing is a result to report.
-    return benchmarking.Measurement("failed", note=f"{type(error).__name__}: {error}"[:200])
-  return benchmarking.Measurement("ok", seconds=seconds, measured_peak_bytes=peak)
+  return benchmarking.measure_torch(forward, inputs, cotangent, backward=backward,
+                                    warmup=warmup, repeats=repeats)
 
 
 def bench_ssd(settings) -> list[Row]:
@@ -169,6 +155,7 @@ def bench_ssd(settings) -> list[Row]:
     d_out = jax.random.normal(keys[3], (b, t, h, p), dtype)
     for mode in settings.modes:
       backward = mode == "fwd_bwd"
+      first = len(rows)
       for cand in candidates:
         fields = dict(kernel=KERNEL, config=config, size=t, mode=mode, dtype=dtype,
                       implementation=cand.name, role=cand.role)
@@ -196,4 +183,16 @@ def bench_ssd(settings) -> list[Row]:
         time_text = "-" if row.time_ms is None else f"{row.time_ms:.2f} ms"
         print(f"  {KERNEL} T={t} {mode} {cand.name}: {row.status} {time_text} {row.note}"
               .rstrip(), file=sys.stderr, flush=True)
+      attach_roofline(rows[first:], ssd_roofline(b, t, h, p, g, n, dtype, backward=backward))
   return rows
+
+
+def ssd_roofline(batch: int, seq_len: int, heads: int, head_dim: int, n_groups: int,
+                 d_state: int, dtype: str, *, backward: bool) -> dict | None:
+  """The roofline column from ``pallas_kernels.ssd.cost`` (its ``ssd_cost``; default
+  chunking; ``gated=False``: the rows pass D but no z), None while that model does not
+  exist."""
+  cost = load_cost("ssd.cost", "ssd_cost")
+  return None if cost is None else roofline(lambda backend: cost(
+      batch=batch, seq_len=seq_len, num_heads=heads, head_dim=head_dim, num_groups=n_groups,
+      d_state=d_state, dtype=dtype, backend=backend, backward=backward, gated=False))

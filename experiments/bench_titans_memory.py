@@ -26,7 +26,8 @@ import numpy as np
 from experiments import benchmarking
 from experiments.bench_lightning_attention import lightning_flops
 from experiments.bench_ssd import ssd_flops
-from experiments.benchmark_kernels import OURS, PEER, REFERENCE, Row, row_from_measurement
+from experiments.benchmark_kernels import (OURS, PEER, REFERENCE, Row, attach_roofline,
+                                           load_cost, roofline, row_from_measurement)
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.ssd import ssd
 from pallas_kernels.titans_memory import titans_memory
@@ -105,6 +106,7 @@ def bench_titans_memory(settings) -> list[Row]:
       flops = dict(titans=titans_flops(b, h, t, d, d, backward=backward),
                    qkv=lightning_flops(b, h, t, d, d, backward=backward),
                    ssd=ssd_flops(b, t, h, d, d, backward=backward))
+      first = len(rows)
       for name, role, kind, forward in _candidates(platform, h):
         fields = dict(kernel=KERNEL, config=config, size=t, mode=mode, dtype=dtype,
                       implementation=name, role=role)
@@ -118,4 +120,14 @@ def bench_titans_memory(settings) -> list[Row]:
         time_text = "-" if row.time_ms is None else f"{row.time_ms:.2f} ms"
         print(f"  {KERNEL} T={t} {mode} {name}: {row.status} {time_text} {row.note}".rstrip(),
               file=sys.stderr, flush=True)
+      attach_roofline(rows[first:], titans_roofline(b, t, h, d, dtype, backward=backward))
   return rows
+
+
+def titans_roofline(batch: int, seq_len: int, heads: int, head_dim: int, dtype: str, *,
+                    backward: bool) -> dict | None:
+  """The roofline column from ``pallas_kernels.titans_memory.cost`` (d_k = d_v, chunk 64)."""
+  cost = load_cost("titans_memory.cost", "titans_cost")
+  return None if cost is None else roofline(lambda backend: cost(
+      batch=batch, seq_len=seq_len, heads=heads, d_k=head_dim, d_v=head_dim, dtype=dtype,
+      backend=backend, chunk=NOMINAL_CHUNK, backward=backward))

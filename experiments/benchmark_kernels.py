@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark_kernels [--kernels flash_attention] [--sizes 1024,4096]
         [--dtype bfloat16] [--modes fwd,fwd_bwd] [--out benchmarks/results/x.json] [--quick]
-        [--report [DIR]]
+        [--report [DIR]] [--time-budget SECONDS] [--tpu-memory]
     python -m experiments.benchmark_kernels --report-from benchmarks/results/cpu.json
     python -m experiments.benchmark_kernels --memory-check [--memory-check-len 16384]
     python -m experiments.benchmark_kernels --window-check [--window-check-len 8192]
@@ -34,6 +34,16 @@ script that measures it (:func:`kernel_coverage`): ring attention / context para
 needs several devices and is measured by ``experiments.benchmark_context_parallel``.
 ``--report-from JSON`` measures nothing and rebuilds the markdown and the plot from the JSON
 of an earlier run (its command, date and commit stay in the header).
+
+Roofline column: the rows of our default implementation carry :func:`roofline` figures from
+the kernel's ``pallas_kernels/<op>/cost.py`` (FLOPs and HBM bytes per call of the *Pallas*
+block plan, TPU plan for v5e / v6e, GPU plan for the H100, whatever path the row timed; "-"
+where the op has no model). ``--time-budget SECONDS`` bounds the measuring (each kernel gets an
+equal share of what is left when it starts; rows past it are "skipped" and the tables are
+still written: ``make device-check`` relies on it). ``--tpu-memory`` adds the TPU compiler's
+temporary HBM for forward + backward of flash attention and SSD at realistic sizes
+(:func:`tpu_memory_figures`: compile-only v5e through ``$LCLM_LIBTPU_PATH``) to the output,
+JSON and report.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -83,6 +94,8 @@ class Row:
 
   role: "ours", "reference" or "peer". The four ratio fields are filled in by
   :func:`add_ratios`: speedup_* = their time / this time, memory_* = their bytes / these.
+  roofline: for our default implementation's rows, :func:`roofline`'s figures from the
+  kernel's ``cost.py`` (the Pallas block plan per target backend); None elsewhere.
   """
   kernel: str
   config: str
@@ -101,6 +114,7 @@ class Row:
   speedup_vs_best_peer: float | None = None
   memory_vs_best_peer: float | None = None
   note: str = ""
+  roofline: dict | None = None
 
 
 def row_from_measurement(measurement: benchmarking.Measurement, *, flops: float, **fields):
@@ -112,6 +126,107 @@ def row_from_measurement(measurement: benchmarking.Measurement, *, flops: float,
              tflops=None if not seconds else flops / seconds / 1e12,
              memory_mib=mib(measurement.memory_bytes),
              measured_peak_mib=mib(measurement.measured_peak_bytes), **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# The roofline column: FLOPs and HBM bytes per call from a kernel's own block plan.
+
+# (chip, backend whose Pallas plan runs there): the TPU plan bounds v5e and v6e, the GPU
+# plan the H100, whatever platform this run timed (on CPU the rows timed the XLA path).
+ROOFLINE_CHIPS = (("v5e", "tpu"), ("v6e", "tpu"), ("h100", "gpu"))
+ROOFLINE_HEADER = (
+    "roofline: FLOPs and HBM bytes per call of the *Pallas* block plan for each target "
+    "backend (`pallas_kernels/<op>/cost.py`: TPU plan for v5e and v6e, GPU plan for the "
+    "H100), whatever path this row timed (on CPU, the XLA path); bound = max(FLOPs / dense "
+    "bf16 rate, bytes / HBM bandwidth) per chip (`pallas_kernels/_common/roofline.py`), and "
+    "whether memory or compute sets it. Only our default implementation's rows carry it; "
+    "'-' where the op has no cost model (or it does not cover the case).")
+
+
+def load_cost(module: str, function: str) -> Callable:
+  """``pallas_kernels.<module>.<function>``: a kernel's cost model (every kernel has one; a
+  broken one fails loudly rather than turning its column into "-")."""
+  import importlib
+  return getattr(importlib.import_module(f"pallas_kernels.{module}"), function)
+
+
+def roofline(cost_of: Callable[[str], object] | None) -> dict | None:
+  """The roofline figures of one row from ``cost_of(backend) -> roofline.Cost``.
+
+  ``cost_of`` is called for "tpu" and "gpu"; a backend whose model raises
+  NotImplementedError (or any error: the note says which) gets None, as does every chip when
+  ``cost_of`` is None (no cost model). Returns ``{"plans": {backend: {"flops", "hbm_bytes",
+  "parts"} or None}, "bound_us": {chip: µs or None}, "bound_by": {chip: "memory" |
+  "compute" or None}, "note": str}``, or None when no backend has a cost.
+  """
+  if cost_of is None:
+    return None
+  plans, notes, costs = {}, [], {}
+  for backend in dict.fromkeys(b for _, b in ROOFLINE_CHIPS):
+    try:
+      cost = cost_of(backend)
+    except NotImplementedError as error:
+      cost = None
+      notes.append(f"{backend}: not modelled ({error})" if str(error) else
+                   f"{backend}: not modelled")
+    except Exception as error:  # A broken cost model is reported, never fatal.
+      cost = None
+      notes.append(f"{backend}: {type(error).__name__}: {error}"[:160])
+    costs[backend] = cost
+    plans[backend] = None if cost is None else dict(
+        flops=float(cost.flops), hbm_bytes=float(cost.hbm_bytes),
+        parts={name: float(value) for name, value in cost.parts})
+  if all(cost is None for cost in costs.values()):
+    return None if not notes else dict(plans=plans, bound_us={c: None for c, _ in
+                                                              ROOFLINE_CHIPS},
+                                       bound_by={c: None for c, _ in ROOFLINE_CHIPS},
+                                       note="; ".join(notes))
+  bound_us, bound_by = {}, {}
+  for chip, backend in ROOFLINE_CHIPS:
+    cost = costs[backend]
+    bound_us[chip] = None if cost is None else cost.bound_seconds(chip) * 1e6
+    bound_by[chip] = None if cost is None else cost.bound_by(chip)
+  return dict(plans=plans, bound_us=bound_us, bound_by=bound_by, note="; ".join(notes))
+
+
+def attach_roofline(rows: list[Row], figures: dict | None) -> None:
+  """Sets ``figures`` (:func:`roofline`) on the rows of our default implementation."""
+  for row in rows:
+    if row.role == OURS and "(default=" in row.implementation:
+      row.roofline = figures
+
+
+def _plan_figure(row: Row, key: str, scale: float) -> str | None:
+  """"tpu / gpu" figures of a row's plans (one number when they agree); None without."""
+  plans = (row.roofline or {}).get("plans") or {}
+  values = [None if plans.get(b) is None else plans[b][key] / scale for b in ("tpu", "gpu")]
+  if all(v is None for v in values):
+    return None
+  text = ["-" if v is None else _fmt_sig(v) for v in values]
+  return text[0] if text[0] == text[1] else f"{text[0]} / {text[1]}"
+
+
+def _bound(row: Row, chip: str) -> float | None:
+  return ((row.roofline or {}).get("bound_us") or {}).get(chip)
+
+
+def _bound_by(row: Row) -> str | None:
+  by = (row.roofline or {}).get("bound_by") or {}
+  values = [by.get(chip) or "-" for chip, _ in ROOFLINE_CHIPS]
+  if all(v == "-" for v in values):
+    return None
+  return values[0] if len(set(values)) == 1 else "/".join(values)
+
+
+# Roofline columns of the printed table and the report: header, value of a row (text or None).
+_ROOFLINE_COLUMNS = (
+    ("GFLOP tpu/gpu", lambda r: _plan_figure(r, "flops", 1e9)),
+    ("HBM MiB tpu/gpu", lambda r: _plan_figure(r, "hbm_bytes", 2 ** 20)),
+    ("v5e µs", lambda r: None if _bound(r, "v5e") is None else _fmt_sig(_bound(r, "v5e"))),
+    ("v6e µs", lambda r: None if _bound(r, "v6e") is None else _fmt_sig(_bound(r, "v6e"))),
+    ("H100 µs", lambda r: None if _bound(r, "h100") is None else _fmt_sig(_bound(r, "h100"))),
+    ("bound v5e/v6e/H100", _bound_by),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +274,44 @@ def _attention_candidates(platform: str, scale: float, causal: bool):
         "pallas.ops.gpu mha", "jax.experimental.pallas.ops.gpu.attention", "bthd",
         lambda module: lambda q, k, v: module.mha(
             q, k, v, segment_ids=None, sm_scale=scale, causal=causal)))
+    candidates.append(_pallas_peer(
+        "pallas.ops.gpu mosaic attention", "jax.experimental.pallas.ops.gpu.attention_mgpu",
+        "bthd", lambda module: _mgpu_attention(module, scale, causal)))
   if platform == "tpu":
     candidates.append(_pallas_peer(
         "pallas.ops.tpu flash", "jax.experimental.pallas.ops.tpu.flash_attention", "bhtd",
         lambda module: lambda q, k, v: module.flash_attention(
             q, k, v, causal=causal, sm_scale=scale)))
+    candidates.append(_pallas_peer(
+        "pallas.ops.tpu splash", "jax.experimental.pallas.ops.tpu.splash_attention", "bhtd",
+        lambda module: _splash_attention(module, scale, causal)))
+  if platform in ("gpu", "tpu"):
+    candidates.append(_pallas_peer(
+        "tokamax", "tokamax", "bthd", lambda module: lambda q, k, v: (
+            module.dot_product_attention(q, k, v, scale=scale, is_causal=causal))))
   return candidates
+
+
+def _mgpu_attention(module, scale: float, causal: bool):
+  """jax's Mosaic-GPU (Hopper) attention on [batch, len, heads, head_dim], blocks 64 x 128.
+  It applies no softmax scale, so q is pre-scaled; its backward has no causal mask yet (the
+  fwd_bwd row then says NotImplementedError)."""
+  config = module.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                               causal=causal, block_q_dkv=64, block_kv_dkv=64,
+                               block_q_dq=64, block_kv_dq=64)
+  return lambda q, k, v: module.attention((q * scale).astype(q.dtype), k, v, config=config)
+
+
+def _splash_attention(module, scale: float, causal: bool):
+  """jax's splash attention on [batch, heads, len, head_dim]: a single-device kernel per
+  batch row (vmapped), a lazy causal (or full) mask per head; q pre-scaled (splash takes no
+  scale)."""
+  def forward(q, k, v):
+    _, h, t, _ = q.shape
+    one = module.CausalMask((t, t)) if causal else module.FullMask((t, t))
+    kernel = module.make_splash_mha_single_device(module.MultiHeadMask([one] * h))
+    return jax.vmap(kernel)((q * scale).astype(q.dtype), k, v)
+  return forward
 
 
 def _pallas_peer(name, module_name, layout, make_forward):
@@ -196,6 +343,7 @@ def bench_flash_attention(settings: Settings) -> list[Row]:
     for mode in settings.modes:
       flops = benchmarking.attention_flops(
           b, h, t, t, d, causal=causal, backward=(mode == "fwd_bwd"))
+      first = len(rows)
       for cand in candidates:
         fields = dict(kernel="flash_attention", config=config, size=t, mode=mode, dtype=dtype,
                       implementation=cand.name, role=cand.role)
@@ -212,7 +360,32 @@ def bench_flash_attention(settings: Settings) -> list[Row]:
             repeats=settings.repeats)
         rows.append(row_from_measurement(measurement, flops=flops, **fields))
         _progress(rows[-1])
+      attach_roofline(rows[first:], flash_roofline(
+          batch=b, seq_len=t, heads=h, head_dim=d, dtype=dtype, causal=causal,
+          backward=mode == "fwd_bwd"))
   return rows
+
+
+def flash_roofline(*, batch: int, seq_len: int, heads: int, head_dim: int, dtype: str,
+                   causal: bool, backward: bool) -> dict | None:
+  """:func:`roofline` of self-attention from ``pallas_kernels.flash_attention.cost``
+  (``flash_cost``) at the block sizes a default call runs with on each backend
+  (``flash_attention.ops.block_sizes``); None while that model does not exist."""
+  cost = load_cost("flash_attention.cost", "flash_cost")
+  if cost is None:
+    return None
+  # pylint: disable=import-outside-toplevel
+  from pallas_kernels._common import masks as masks_lib
+  from pallas_kernels.flash_attention import ops as flash_ops
+  mask = masks_lib.CausalMask() if causal else None
+
+  def cost_of(backend):
+    blocks = flash_ops.block_sizes(flash_ops.backend_spec(backend), seq_len, seq_len, {},
+                                   mask if mask is not None else masks_lib.FullMask())
+    return cost(batch=batch, q_len=seq_len, kv_len=seq_len, num_heads=heads,
+                num_kv_heads=heads, head_dim=head_dim, dtype=dtype, mask=mask,
+                backend=backend, backward=backward, **blocks)
+  return roofline(cost_of)
 
 
 def memory_check(seq_len: int = 16384, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
@@ -247,6 +420,130 @@ def format_memory_check(check: dict) -> str:
       f"  naive reference:               {check['reference_bytes'] / mib:12,.1f} MiB\n"
       f"  reference / ours: {check['ratio']:.1f}x -> "
       f"{'PASS' if check['passed'] else 'FAIL'} (needs ours < 1/4 of the reference)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The TPU compiler's own memory plan (compile-only libtpu topology; no TPU needed).
+
+LIBTPU_ENV = "LCLM_LIBTPU_PATH"
+TPU_MEMORY_TOPOLOGY = "v5e:2x2"
+_TPU_MEMORY_MARK = "TPU_MEMORY_JSON "
+
+
+def tpu_memory_programs() -> list[tuple[str, str, Callable, tuple, int]]:
+  """(name, config, program, argument specs, input bytes) of the issue-18 memory figures.
+
+  Forward + backward (:func:`benchmarking.forward_and_backward`, a random cotangent as the
+  last argument) of our Pallas kernels at realistic sizes, bf16: flash attention (B2 T8192
+  H16 D128, causal; inputs q, k, v) and SSD (B8 T8192, 24 heads, P64, one group, N64;
+  inputs x, dt, A, B, C). "input bytes" counts the op's inputs, not the cotangent.
+  """
+  from pallas_kernels.ssd import ssd  # pylint: disable=import-outside-toplevel
+
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  spec = jax.ShapeDtypeStruct
+  nbytes = lambda specs: sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in specs)
+  qkv = tuple(spec((2, 8192, 16, 128), bf16) for _ in range(3))
+  flash = benchmarking.forward_and_backward(
+      lambda q, k, v: flash_attention(q, k, v, is_causal=True, implementation="pallas"))
+  ssd_in = (spec((8, 8192, 24, 64), bf16), spec((8, 8192, 24), f32), spec((24,), f32),
+            spec((8, 8192, 1, 64), bf16), spec((8, 8192, 1, 64), bf16))
+  ssd_fn = benchmarking.forward_and_backward(
+      lambda x, dt, a, b, c: ssd(x, dt, a, b, c, implementation="pallas"))
+  return [
+      ("flash_attention", "B2 T8192 H16 D128 bf16 causal, fwd+bwd", flash,
+       qkv + (qkv[0],), nbytes(qkv)),
+      ("ssd", "B8 T8192 H24 P64 G1 N64 bf16, fwd+bwd", ssd_fn,
+       ssd_in + (ssd_in[0],), nbytes(ssd_in)),
+  ]
+
+
+def _tpu_memory_child(topology: str) -> None:
+  """In a process started with libtpu (``TPU_LIBRARY_PATH``, ``JAX_PLATFORMS=cpu``):
+  compiles :func:`tpu_memory_programs` for ``topology`` and prints their memory analysis as
+  one JSON line after ``_TPU_MEMORY_MARK``."""
+  # pylint: disable=import-outside-toplevel
+  import time
+
+  from jax.experimental import topologies
+
+  from pallas_kernels._common import dispatch
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([devices[0]], ("x",)),
+                                        jax.sharding.PartitionSpec())
+  results = []
+  for name, config, fn, args, input_bytes in tpu_memory_programs():
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+    entry = dict(kernel=name, config=config, input_bytes=input_bytes)
+    start = time.perf_counter()
+    try:
+      with dispatch.target_platform("tpu"):
+        stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+      entry.update(temp_bytes=int(stats.temp_size_in_bytes),
+                   argument_bytes=int(stats.argument_size_in_bytes),
+                   output_bytes=int(stats.output_size_in_bytes),
+                   temp_over_inputs=stats.temp_size_in_bytes / input_bytes)
+    except Exception as error:  # A kernel that does not compile is a figure to report.
+      entry["error"] = benchmarking._short_error(error, 300)  # pylint: disable=protected-access
+    entry["compile_s"] = round(time.perf_counter() - start, 1)
+    results.append(entry)
+  print(_TPU_MEMORY_MARK + json.dumps(results), flush=True)
+
+
+def tpu_memory_figures(libtpu: str | None = None, *, topology: str = TPU_MEMORY_TOPOLOGY,
+                       timeout: float = 900) -> dict:
+  """The TPU compiler's temporary HBM for forward + backward of flash attention and SSD.
+
+  Compiles :func:`tpu_memory_programs` for a compile-only ``topology`` in a fresh Python
+  with libtpu (``libtpu``, else ``$LCLM_LIBTPU_PATH``, else ``$TPU_LIBRARY_PATH``), as
+  ``tests/pallas_kernels/libtpu_compile.py`` does, and returns ``{"topology", "programs":
+  [{kernel, config, input_bytes, temp_bytes, argument_bytes, output_bytes,
+  temp_over_inputs, compile_s} or {..., "error"}]}``; with no libtpu, or when the child
+  fails, ``{"topology", "error"}``. Issue 18's figures before its fixes: 2.34x (flash) and
+  16.4x (SSD) of the inputs.
+  """
+  import subprocess  # pylint: disable=import-outside-toplevel
+  libtpu = libtpu or os.environ.get(LIBTPU_ENV) or os.environ.get("TPU_LIBRARY_PATH")
+  if not libtpu or not os.path.exists(libtpu):
+    return dict(topology=topology, error=(
+        f"no libtpu.so (set {LIBTPU_ENV} to one, e.g. unzip libtpu/libtpu.so from a libtpu "
+        f"wheel); got {libtpu!r}"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TPU_LIBRARY_PATH=libtpu, JAX_PLATFORMS="cpu")
+  env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  code = ("from experiments.benchmark_kernels import _tpu_memory_child; "
+          f"_tpu_memory_child({topology!r})")
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return dict(topology=topology, error=f"compile-only run timed out after {timeout:.0f} s")
+  for line in proc.stdout.splitlines():
+    if line.startswith(_TPU_MEMORY_MARK):
+      return dict(topology=topology, programs=json.loads(line[len(_TPU_MEMORY_MARK):]))
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return dict(topology=topology, error=f"exit {proc.returncode}: " + " | ".join(tail)[-400:])
+
+
+def format_tpu_memory(figures: dict) -> str:
+  """Markdown of :func:`tpu_memory_figures`: a table, or the reason there is none."""
+  head = (f"Compiled for a compile-only `{figures['topology']}` topology (libtpu, Mosaic's "
+          "passes included); `memory_analysis()` temporary bytes of forward + backward over "
+          "the op's input bytes. Issue 18 measured 2.34x (flash attention) and 16.4x (SSD) "
+          "before its fixes.")
+  if "error" in figures:
+    return head + f"\n\nNot measured: {figures['error']}."
+  lines = [head, "", "| kernel | config | inputs (MiB) | temp (MiB) | temp / inputs | "
+           "compile (s) |", "|---|---|---:|---:|---:|---:|"]
+  for p in figures["programs"]:
+    mib = lambda key: "-" if key not in p else f"{p[key] / benchmarking.MIB:,.0f}"
+    ratio = f"{p['temp_over_inputs']:.2f}x" if "temp_over_inputs" in p else (
+        "failed: " + _cell(p.get("error", "?")))
+    lines.append(f"| {p['kernel']} | {p['config']} | {mib('input_bytes')} | "
+                 f"{mib('temp_bytes')} | {ratio} | {p.get('compile_s', '-')} |")
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,22 +691,31 @@ _COLUMNS = (  # header, Row field, format
 def format_table(rows: list[Row]) -> str:
   """Rows as plain text with aligned columns; "-" where a figure is missing.
 
-  Columns with no figure in any row (e.g. measured peak on CPU) are left out.
+  Columns with no figure in any row (e.g. measured peak on CPU) are left out; the roofline
+  columns (:data:`_ROOFLINE_COLUMNS`) come before the note when some row has them.
   """
-  columns = [c for c in _COLUMNS if any(getattr(r, c[1]) not in (None, "") for r in rows)]
+  fmt_cell = lambda value, fmt: "-" if value is None else fmt.format(value)
+  columns = [(h, (lambda r, f=f, fmt=fmt: fmt_cell(getattr(r, f), fmt)),
+              fmt != "{}" or f == "size")
+             for h, f, fmt in _COLUMNS
+             if any(getattr(r, f) not in (None, "") for r in rows)]
+  if any(r.roofline for r in rows):
+    at = len(columns) - (1 if columns and columns[-1][0] == "note" else 0)
+    columns[at:at] = [(h, (lambda r, v=v: v(r) or "-"), True) for h, v in _ROOFLINE_COLUMNS]
   cells = [[h for h, _, _ in columns]]
   for row in rows:
-    cells.append(["-" if getattr(row, f) is None else fmt.format(getattr(row, f))
-                  for _, f, fmt in columns])
+    cells.append([value(row) for _, value, _ in columns])
   widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-  numeric = [fmt != "{}" or field == "size" for _, field, fmt in columns]
   lines = []
   for n, line in enumerate(cells):
     lines.append("  ".join(c.rjust(w) if num else c.ljust(w)
-                           for c, w, num in zip(line, widths, numeric)).rstrip())
+                           for c, w, (_, _, num) in zip(line, widths, columns)).rstrip())
     if n == 0:
       lines.append("  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  out = "\n".join(lines)
+  if any(r.roofline for r in rows):
+    out += "\n" + ROOFLINE_HEADER
+  return out
 
 
 def _progress(row: Row) -> None:
@@ -478,7 +784,11 @@ def report_peak_flops(environment: dict) -> float | None:
   CPU and on devices not in its table: the denominator of the report's "% of peak"."""
   if environment["platform"] == "cpu":
     return None
-  from lclm.training import flops
+  try:  # lclm's training stack needs flax; a bare accelerator machine may lack it.
+    from lclm.training import flops  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    print(f"% of peak not available: {error}", file=sys.stderr)
+    return None
   return flops.peak_flops_per_device(environment["device_kind"])
 
 
@@ -495,6 +805,11 @@ def _fmt_ms(x: float) -> str:
 
 def _fmt_sig(x: float) -> str:
   return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def _as_is(text: str) -> str:
+  """Already formatted text of a numeric column (aligned right in the report)."""
+  return text
 
 
 def _fmt_ratio(x: float) -> str:
@@ -545,6 +860,9 @@ def kernel_table(rows: list[Row], peak_flops: float | None = None) -> str:
                                      order.get(r.mode, len(order))))
   columns = [c for c in _REPORT_COLUMNS if c[0] != "allocator peak (MiB)"
              or any(r.measured_peak_mib is not None for r in rows)]
+  if any(r.roofline for r in rows):  # Before the note: the kernel's block-plan figures.
+    columns[-1:-1] = [(h, (lambda r, p, v=v: v(r)), str if h.startswith("bound") else _as_is)
+                      for h, v in _ROOFLINE_COLUMNS]
   if len(configs) > 1:
     columns.insert(0, ("config", lambda r, p: r.config, str))
   lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
@@ -560,7 +878,8 @@ def kernel_table(rows: list[Row], peak_flops: float | None = None) -> str:
 
 
 def format_report(rows: list[Row], metadata: dict, *, peak_flops: float | None = None,
-                  memory_check: dict | None = None, plot_name: str | None = None) -> str:
+                  memory_check: dict | None = None, plot_name: str | None = None,
+                  tpu_memory: dict | None = None) -> str:
   """The markdown report of one run: header, one table per kernel, the plot, notes, footer.
 
   Args:
@@ -571,6 +890,7 @@ def format_report(rows: list[Row], metadata: dict, *, peak_flops: float | None =
       always None on CPU).
     memory_check: :func:`memory_check`'s result when the run made one.
     plot_name: file name of the plot, linked below the header when given.
+    tpu_memory: :func:`tpu_memory_figures`' result when the run made it.
   """
   provenance = metadata.get("provenance", {})
   settings = metadata.get("settings", {})
@@ -598,6 +918,8 @@ def format_report(rows: list[Row], metadata: dict, *, peak_flops: float | None =
     out.append(f"- % of peak: of the device's dense bfloat16 peak, {peak_flops / 1e12:,.0f} "
                "TFLOP/s (`lclm.training.flops.peak_flops_per_device`); float32 rows are "
                "compared with the same bf16 peak")
+  if any(r.roofline for r in rows):
+    out.append("- " + ROOFLINE_HEADER[0].upper() + ROOFLINE_HEADER[1:])
   if plot_name:
     out += ["", f"![time and memory against length]({plot_name})"]
   by_kernel: dict[str, list[Row]] = {}
@@ -611,6 +933,8 @@ def format_report(rows: list[Row], metadata: dict, *, peak_flops: float | None =
     out.append(kernel_table(mine, peak_flops))
   if memory_check is not None:
     out += ["", "## Memory check", "", "```", format_memory_check(memory_check), "```"]
+  if tpu_memory is not None:
+    out += ["", "## TPU compiler memory (compile-only)", "", format_tpu_memory(tpu_memory)]
   out += [
       "", "## How to read", "",
       "- time: median wall-clock time of one call (synchronised with `block_until_ready`); "
@@ -690,7 +1014,8 @@ def plot_report(rows: list[Row], path: str, title: str = "") -> None:
       ax.set_ylabel(what)
       ax.set_title(f"{kernel}: {what.split(' (')[0]}", fontsize=10)
       ax.grid(alpha=0.3, which="both")
-    right.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if right.get_legend_handles_labels()[0]:  # Rows without time or memory draw nothing.
+      right.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
   if title:
     fig.suptitle(title, fontsize=9)
   # Leave 0.4 inch at the top for the title (tight_layout alone ignores it).
@@ -710,9 +1035,10 @@ def load_results(path: str) -> tuple[list[Row], dict, dict | None]:
   if not isinstance(data, dict) or "rows" not in data or "metadata" not in data:
     raise ValueError(f"--report-from: {path} is not a results file of this driver (expected "
                      "a JSON object with 'metadata' and 'rows').")
+  optional = {"roofline"}  # Added later: older results files lack it.
   rows = []
   for n, row in enumerate(data["rows"]):
-    if not isinstance(row, dict) or set(row) != fields:
+    if not isinstance(row, dict) or not fields - optional <= set(row) <= fields:
       got = sorted(row) if isinstance(row, dict) else type(row).__name__
       raise ValueError(f"--report-from: row {n} of {path} has fields {got}; expected "
                        f"{sorted(fields)}.")
@@ -720,8 +1046,15 @@ def load_results(path: str) -> tuple[list[Row], dict, dict | None]:
   return rows, data["metadata"], data.get("memory_check")
 
 
+def load_tpu_memory(path: str) -> dict | None:
+  """The "tpu_memory" figures of a results JSON (None when the run made none)."""
+  with open(path) as f:
+    return json.load(f).get("tpu_memory")
+
+
 def write_report(rows: list[Row], metadata: dict, directory: str, *,
-                 memory_check: dict | None = None) -> tuple[str, str | None]:
+                 memory_check: dict | None = None, tpu_memory: dict | None = None,
+                 plot: bool = True) -> tuple[str, str | None]:
   """Writes ``<directory>/<platform>.md`` and ``<platform>_time_memory.png``; returns both
   paths (the PNG's None when there are no rows to plot). ``<platform>`` is
   :func:`platform_slug` of the metadata's device; "% of peak" uses the metadata's
@@ -732,15 +1065,18 @@ def write_report(rows: list[Row], metadata: dict, directory: str, *,
   png_path = os.path.join(directory, f"{slug}_time_memory.png")
   peak = metadata.get("peak_bf16_flops_per_device")
   plot_name = None
-  if rows:
-    plot_report(rows, png_path, title=(
-        f"{metadata['device_kind']} ({metadata['platform']}), jax {metadata['jax_version']}: "
-        f"{metadata['command']}"))
-    plot_name = os.path.basename(png_path)
+  if rows and plot:
+    try:
+      plot_report(rows, png_path, title=(
+          f"{metadata['device_kind']} ({metadata['platform']}), jax "
+          f"{metadata['jax_version']}: {metadata['command']}"))
+      plot_name = os.path.basename(png_path)
+    except ImportError as error:  # No matplotlib (a bare accelerator machine): tables only.
+      print(f"no plot: {error}", file=sys.stderr)
   with open(md_path, "w") as f:
     f.write(format_report(rows, metadata, peak_flops=peak, memory_check=memory_check,
-                          plot_name=plot_name))
-  return md_path, png_path if rows else None
+                          plot_name=plot_name, tpu_memory=tpu_memory))
+  return md_path, png_path if plot_name else None
 
 
 def _default_out(environment: dict, quick: bool, prefix: str = "kernels") -> str:
@@ -790,9 +1126,21 @@ def _parse_args(argv):
                       help="sequence length of the window check (default: per platform)")
   parser.add_argument("--window-check-window", type=int,
                       help="window of the window check (default: per platform)")
+  parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="stop measuring after this many seconds (each kernel gets an equal "
+                      "share of what is left when it starts); rows not measured say so and "
+                      "the table is still written")
+  parser.add_argument("--no-plot", action="store_true",
+                      help="with --report: write the markdown without the PNG plot")
+  parser.add_argument("--tpu-memory", action="store_true",
+                      help="also compile forward + backward of flash attention and SSD for a "
+                      "compile-only v5e topology (needs $LCLM_LIBTPU_PATH) and report the "
+                      "compiler's temporary bytes over the input bytes")
   args = parser.parse_args(argv)
   if args.window_check and args.memory_check:
     parser.error("--window-check and --memory-check are separate runs; pass one of them")
+  if args.time_budget is not None and not args.time_budget > 0:
+    parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
   if (args.report is not None or args.report_from) and (args.window_check or
                                                         args.memory_check):
     parser.error("--report and --report-from report the kernel tables; they cannot be "
@@ -823,6 +1171,31 @@ def _parse_args(argv):
   return args, kernels, settings
 
 
+def run_kernels(kernels: list[str], settings: Settings,
+                time_budget: float | None = None) -> list[Row]:
+  """Rows of every kernel of ``kernels`` in order, ratios added.
+
+  With ``time_budget`` (seconds), each kernel gets an equal share of the time left when it
+  starts (:func:`benchmarking.set_deadline`; a kernel that finishes early leaves its time to
+  the next); past its deadline its remaining rows are "skipped" without compiling. The
+  deadline of the whole run stays set afterwards (later steps check
+  :func:`benchmarking.out_of_time`).
+  """
+  import time  # pylint: disable=import-outside-toplevel
+  end = None if time_budget is None else time.monotonic() + time_budget
+  rows = []
+  try:
+    for n, name in enumerate(kernels):
+      if end is not None:
+        benchmarking.set_deadline(time.monotonic() + (end - time.monotonic()) /
+                                  (len(kernels) - n))
+      rows.extend(KERNEL_BENCHMARKS[name](settings))
+  finally:
+    benchmarking.set_deadline(end)
+  add_ratios(rows)
+  return rows
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the benchmarks; prints the table and writes JSON (and, with ``--report``, the
   markdown report and its plot). Returns the exit code.
@@ -830,9 +1203,16 @@ def main(argv: list[str] | None = None) -> int:
   Non-zero only when the memory check or the window check runs and fails.
   """
   argv = sys.argv[1:] if argv is None else argv
+  try:
+    return _main(argv)
+  finally:
+    benchmarking.set_deadline(None)  # A --time-budget ends with its run.
+
+
+def _main(argv: list[str]) -> int:
   args, kernels, settings = _parse_args(argv)
   if args.report_from:
-    return _report_from(args.report_from, args.report)
+    return _report_from(args.report_from, args.report, plot=not args.no_plot)
   environment = benchmarking.describe_environment()
   metadata = dict(
       environment, command="python -m experiments.benchmark_kernels " + shlex.join(argv),
@@ -846,14 +1226,16 @@ def main(argv: list[str] | None = None) -> int:
 
   rows = []
   if not args.memory_check:
-    for name in kernels:
-      rows.extend(KERNEL_BENCHMARKS[name](settings))
-    add_ratios(rows)
+    rows = run_kernels(kernels, settings, args.time_budget)
     print(format_table(rows))
   check = None
-  if args.memory_check or not args.quick:
+  if (args.memory_check or not args.quick) and not benchmarking.out_of_time():
     check = memory_check(args.memory_check_len)
     print(format_memory_check(check))
+  tpu_memory = None
+  if args.tpu_memory:
+    tpu_memory = tpu_memory_figures()
+    print(format_tpu_memory(tpu_memory))
 
   if args.report is not None:
     metadata["peak_bf16_flops_per_device"] = report_peak_flops(environment)
@@ -863,23 +1245,26 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(dict(metadata=metadata, rows=[dataclasses.asdict(r) for r in rows],
-                   memory_check=check), f, indent=1, allow_nan=False)
+                   memory_check=check, tpu_memory=tpu_memory), f, indent=1, allow_nan=False)
   print(f"wrote {out}")
   if args.report is not None:
-    for path in write_report(rows, metadata, args.report, memory_check=check):
+    for path in write_report(rows, metadata, args.report, memory_check=check,
+                             tpu_memory=tpu_memory, plot=not args.no_plot):
       if path:
         print(f"wrote {path}")
   return 0 if check is None or check["passed"] else 1
 
 
-def _report_from(path: str, directory: str | None) -> int:
+def _report_from(path: str, directory: str | None, plot: bool = True) -> int:
   """``--report-from``: the report of an earlier run's JSON, its figures and metadata as
   measured (the header keeps that run's command, date and commit)."""
   rows, metadata, check = load_results(path)
+  tpu_memory = load_tpu_memory(path)
   if "peak_bf16_flops_per_device" not in metadata:  # A JSON written without --report.
     metadata["peak_bf16_flops_per_device"] = report_peak_flops(metadata)
   directory = directory or os.path.dirname(os.path.abspath(path))
-  for written in write_report(rows, metadata, directory, memory_check=check):
+  for written in write_report(rows, metadata, directory, memory_check=check,
+                              tpu_memory=tpu_memory, plot=plot):
     if written:
       print(f"wrote {written}")
   return 0

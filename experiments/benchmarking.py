@@ -7,6 +7,9 @@
   measured; on accelerators the allocator's measured ``peak_bytes_in_use`` is recorded too.
 * FLOPs: the nominal count of the attention algorithm (see :func:`attention_flops`), the same
   for every implementation, so achieved TFLOP/s compare like with like.
+* time budget: :func:`set_deadline` gives the run a deadline (``time.monotonic()`` seconds);
+  past it :func:`measure` and :func:`measure_interleaved` compile and run nothing and return
+  "skipped" measurements, so a bounded run (``make device-check``) still writes its table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,20 @@ import jaxlib
 from lclm import provenance
 
 MIB = 2 ** 20
+OUT_OF_TIME = "not run: the run's time budget is spent"
+
+_deadline: float | None = None
+
+
+def set_deadline(deadline: float | None) -> None:
+  """Measurements stop at ``deadline`` (a ``time.monotonic()`` value; None: no deadline)."""
+  global _deadline
+  _deadline = deadline
+
+
+def out_of_time() -> bool:
+  """Whether the deadline of :func:`set_deadline` has passed."""
+  return _deadline is not None and time.monotonic() >= _deadline
 
 
 def compile_fn(fn, *args) -> jax.stages.Compiled:
@@ -191,11 +208,41 @@ def time_torch_cuda(call: Callable[[], object], *, warmup: int = 2,
   return statistics.median(times), torch.cuda.max_memory_allocated()
 
 
+def measure_torch(forward, inputs, cotangent, *, backward: bool, warmup: int = 2,
+                  repeats: int = 5) -> Measurement:
+  """A PyTorch peer on JAX arrays: ``forward(*torch_tensors)`` (then ``.backward(cotangent)``
+  when ``backward``), timed by :func:`time_torch_cuda`; never raises (a failure is a
+  "failed" Measurement; past the deadline, "skipped"). The arrays cross by DLPack, no copy;
+  with ``backward`` the floating inputs are cloned to require gradients."""
+  if out_of_time():
+    return Measurement("skipped", note=OUT_OF_TIME)
+  import torch  # pylint: disable=import-outside-toplevel
+  args = [torch.from_dlpack(a) for a in inputs]
+  d_out = torch.from_dlpack(cotangent)
+  if backward:
+    args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+
+  def call():
+    out = forward(*args)
+    if backward:
+      out.backward(d_out)
+    return out
+
+  try:
+    seconds, peak = time_torch_cuda(call, warmup=warmup, repeats=repeats)
+  except Exception as error:  # A peer failing is a result to report.
+    return Measurement("failed", note=_short_error(error))
+  return Measurement("ok", seconds=seconds, measured_peak_bytes=peak)
+
+
 def measure(fn, *args, budget_bytes: int, warmup: int = 2, repeats: int = 5) -> Measurement:
   """Compiles ``fn`` for ``args`` once; records its memory and, if within budget, its time.
 
-  Never raises for a failure of ``fn``: the error becomes a "failed" Measurement.
+  Never raises for a failure of ``fn``: the error becomes a "failed" Measurement. Past the
+  deadline (:func:`set_deadline`) nothing is compiled: a "skipped" Measurement.
   """
+  if out_of_time():
+    return Measurement("skipped", note=OUT_OF_TIME)
   try:
     compiled = compile_fn(fn, *args)
     memory = compiled_memory_bytes(compiled)
@@ -230,6 +277,9 @@ def measure_interleaved(programs, *, budget_bytes: int, warmup: int = 2,
     raise ValueError(f"measure_interleaved: repeats must be >= 1, got {repeats}.")
   results, runnable = [], []
   for fn, args in programs:
+    if out_of_time():
+      results.append(Measurement("skipped", note=OUT_OF_TIME))
+      continue
     try:
       compiled = compile_fn(fn, *args)
       memory = compiled_memory_bytes(compiled)

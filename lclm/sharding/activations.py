@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from layers import activation_constraints, kernel_sharding
 from layers.partitioning import ContextParallelism, use_context_parallelism
 from lclm.sharding.context import with_context_rules
+from lclm.sharding.mesh import auto_axes
 from lclm.sharding.rules import axis_rules, logical_to_mesh_spec, normalize_rules
 
 
@@ -51,7 +52,11 @@ def activation_sharding(mesh: Mesh, rules: Sequence | None = None,
     under ``shard_map`` on the shards the rules give their operands;
   * ``layers.partitioning.context_parallelism()`` returns ``context_parallel`` (the plan of
     :func:`lclm.sharding.context.context_parallel_plan`), which attention layers follow.
+
+  ``mesh`` may have Explicit axes: the constraints and ``shard_map`` s use its Auto twin
+  (:func:`lclm.sharding.mesh.auto_axes`), as the models run in the pjit model.
   """
+  mesh = auto_axes(mesh)
   rules = with_context_rules(axis_rules() if rules is None else normalize_rules(rules), mesh)
 
   def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

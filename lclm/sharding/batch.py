@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lclm.sharding.context import with_context_rules
+from lclm.sharding.mesh import auto_axes
 from lclm.sharding.rules import axis_rules, logical_to_mesh_spec, normalize_rules
 
 
@@ -24,8 +25,11 @@ def batch_spec(mesh: Mesh, rules: Sequence | None = None) -> PartitionSpec:
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence | None = None) -> NamedSharding:
-  """NamedSharding of a [batch, length] array (``in_shardings`` of the train step)."""
-  return NamedSharding(mesh, batch_spec(mesh, rules))
+  """NamedSharding of a [batch, length] array (``in_shardings`` of the train step).
+
+  On :func:`lclm.sharding.mesh.auto_axes` of ``mesh`` (an Explicit mesh's axes become Auto).
+  """
+  return NamedSharding(auto_axes(mesh), batch_spec(mesh, rules))
 
 
 def _shards(spec_entry, mesh: Mesh) -> int:

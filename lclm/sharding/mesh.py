@@ -1,4 +1,11 @@
-"""The device mesh: named axes data, fsdp, tensor and context."""
+"""The device mesh: named axes data, fsdp, tensor and context.
+
+lclm's models and training run in the pjit model: Auto mesh axes, where XLA propagates the
+shardings given to ``jax.jit`` and ``with_sharding_constraint``. :func:`make_mesh` builds
+Auto axes; a mesh with Explicit axes (``jax.make_mesh``'s default since jax 0.10, where the
+sharding is part of every array's type) is accepted by every ``lclm.sharding`` helper that
+takes a mesh, which works on its :func:`auto_axes` twin (same devices, names and order).
+"""
 
 from __future__ import annotations
 
@@ -46,13 +53,31 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1,
 
   Returns:
     A ``jax.sharding.Mesh`` with Auto axis types (sharding is propagated by XLA from the
-    jit input/output shardings).
+    jit input/output shardings), unlike ``jax.make_mesh`` (Explicit by default); the
+    helpers of ``lclm.sharding`` and ``pallas_kernels.context_parallel_attention`` take
+    meshes of either kind.
   """
   devices = list(jax.devices() if devices is None else devices)
   device_array = mesh_device_array(
       {"data": data, "fsdp": fsdp, "tensor": tensor, "context": context}, devices, dcn=dcn,
       dcn_granule=dcn_granule)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def auto_axes(mesh: Mesh | AbstractMesh) -> Mesh | AbstractMesh:
+  """``mesh`` with its Explicit axes made Auto (same devices, names, sizes and order).
+
+  The ``lclm.sharding`` helpers call it on the mesh they are given, so that a mesh from
+  ``jax.make_mesh`` (Explicit axes by default) gives the same shardings and programs as
+  :func:`make_mesh`'s. Arrays placed by them (``shard_batch``, the train state) live on the
+  Auto twin; ``NamedSharding``s of the two meshes place shards on the same devices. Manual
+  axes (inside ``shard_map``) are kept. A mesh without Explicit axes is returned as is.
+  """
+  types = tuple(getattr(mesh, "axis_types", None) or ())
+  if AxisType.Explicit not in types:
+    return mesh
+  return mesh.update(axis_types=tuple(AxisType.Auto if kind == AxisType.Explicit else kind
+                                      for kind in types))
 
 
 def _resolve_sizes(sizes: dict[str, int], count: int) -> tuple[int, ...]:

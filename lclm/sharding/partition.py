@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layers import logical_axes_of
-from lclm.sharding.mesh import describe_mesh
+from lclm.sharding.mesh import auto_axes, describe_mesh
 from lclm.sharding.rules import axis_rules, normalize_rules, resolve_logical_axes
 
 
@@ -53,9 +53,12 @@ def named_shardings(tree: Any, mesh: Mesh, rules: Sequence | None = None) -> Any
   """``tree`` with each array (or Variable value) replaced by its NamedSharding.
 
   Pass the result as ``out_shardings`` / ``in_shardings`` of ``jax.jit``: its structure
-  (Variable metadata included) is the structure of ``tree``.
+  (Variable metadata included) is the structure of ``tree``. The shardings are over
+  :func:`lclm.sharding.mesh.auto_axes` of ``mesh`` (an Explicit mesh's axes become Auto: the
+  models run in the pjit model).
   """
   rules = axis_rules() if rules is None else normalize_rules(rules)
+  mesh = auto_axes(mesh)
 
   def sharding(node):
     named = NamedSharding(mesh, _resolve(node, mesh, rules)[0])

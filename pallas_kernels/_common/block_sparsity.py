@@ -13,9 +13,11 @@ is kinds x blocks x R x 4 int32 -- a causal sliding window at 1M tokens in 512-b
 and it is computed once per static configuration with numpy.
 
 Geometry: ``q_len``/``kv_len`` are the true lengths (queries end-aligned to keys); arrays are
-padded to ``num_q_blocks``/``num_kv_blocks`` whole blocks. Padded query rows follow the mask
-like real ones (their outputs are discarded); padded keys are never visible, so a key block
-holding any is never full.
+padded to ``num_q_blocks``/``num_kv_blocks`` whole blocks. Padded keys are never visible, so a
+key block holding any is never full. Padded query rows follow the mask like real ones (their
+outputs are discarded) unless ``valid_q_len`` says how many query rows are real: then a query
+block holding only padding rows visits nothing and is visited by no key block (a block that
+mixes real and padding rows is visited as the mask says).
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ def _key_blocks(block_k, kv_len, num_kv_blocks):
   return convert
 
 
-def _query_blocks(block_q, q_offset, num_q_blocks):
+def _query_blocks(block_q, q_offset, num_q_blocks, valid_q_len=None):
   padded_len = num_q_blocks * block_q
+  real_len = padded_len if valid_q_len is None else min(valid_q_len, padded_len)
 
   def convert(lo, hi, *, full):
-    lo = np.clip(lo - q_offset, 0, padded_len)
-    hi = np.clip(hi - q_offset, 0, padded_len)
+    # Visits stop at the last real row; full covers may span padding rows (they intersect
+    # the visits later, and padding rows in a visited block are computed like real ones).
+    end = padded_len if full else real_len
+    lo = np.clip(lo - q_offset, 0, end)
+    hi = np.clip(hi - q_offset, 0, end)
     lo, hi = np.where(lo < hi, lo, 0), np.where(lo < hi, hi, 0)  # Empty stays empty.
     if full:
       b_lo, b_hi = -(-lo // block_q), hi // block_q
@@ -139,8 +145,16 @@ def mask_kinds(mask: masks_lib.Mask) -> tuple[masks_lib.Mask, ...]:
 @functools.lru_cache(maxsize=256)
 def block_sparsity(mask: masks_lib.Mask, *, q_len: int, kv_len: int, block_q: int,
                    block_k: int, num_q_blocks: int, num_kv_blocks: int,
-                   rows_are_queries: bool = True) -> BlockSparsity:
-  """The visit lists of ``mask`` for one block geometry (cached: masks are hashable)."""
+                   rows_are_queries: bool = True,
+                   valid_q_len: int | None = None) -> BlockSparsity:
+  """The visit lists of ``mask`` for one block geometry (cached: masks are hashable).
+
+  ``valid_q_len``: number of real query rows of the padded query array (row indices, from
+  0); query blocks starting at or past it visit nothing and are visited by nobody. None: every
+  row of the ``num_q_blocks`` blocks is treated as a query that follows the mask.
+  """
+  if valid_q_len is not None and valid_q_len < 0:
+    raise ValueError(f"block_sparsity: valid_q_len must be >= 0 or None, got {valid_q_len}.")
   q_offset = kv_len - q_len
   if rows_are_queries:
     starts = np.arange(num_q_blocks, dtype=np.int64) * block_q + q_offset
@@ -149,7 +163,7 @@ def block_sparsity(mask: masks_lib.Mask, *, q_len: int, kv_len: int, block_q: in
   else:
     starts = np.arange(num_kv_blocks, dtype=np.int64) * block_k
     row_lo, row_hi, method = starts, np.minimum(starts + block_k, kv_len), "query_intervals"
-    to_blocks = _query_blocks(block_q, q_offset, num_q_blocks)
+    to_blocks = _query_blocks(block_q, q_offset, num_q_blocks, valid_q_len)
     row_hi = np.maximum(row_hi, row_lo + 1)  # Key blocks of only padding: see below.
   per_kind = [_rows(m, row_lo=row_lo, row_hi=row_hi, method=method, to_blocks=to_blocks)
               for m in mask_kinds(mask)]
@@ -157,6 +171,8 @@ def block_sparsity(mask: masks_lib.Mask, *, q_len: int, kv_len: int, block_q: in
   out = np.zeros((len(per_kind), len(row_lo), r, 4), np.int32)
   for k, p in enumerate(per_kind):
     out[k, :, :p.shape[1]] = p
+  if rows_are_queries and valid_q_len is not None:
+    out[:, np.arange(num_q_blocks) * block_q >= valid_q_len] = 0  # All-padding query blocks.
   if not rows_are_queries:
     out[:, row_lo >= kv_len] = 0  # Blocks of padded keys are seen by nobody.
     holds_padding = starts + block_k > kv_len  # ... and a block holding any is never full.

@@ -53,6 +53,11 @@ def target_platform(platform: str, *, device_kind: str | None = None):
     _TARGET_PLATFORM.reset(token)
 
 
+def target_platform_active() -> bool:
+  """True inside :func:`target_platform` (ahead-of-time lowering for another platform)."""
+  return _TARGET_PLATFORM.get() is not None
+
+
 def platform_of(*arrays) -> str:
   """Returns "tpu", "gpu" or "cpu": where the computation on ``arrays`` will run.
 

@@ -1,4 +1,11 @@
-"""Helpers for kernels traced inside ``shard_map`` (which checks varying manual axes)."""
+"""Helpers for kernels traced inside ``shard_map`` (which checks varying manual axes), and for
+entries that run their own ``shard_map`` over a mesh of any axis types.
+
+A mesh axis is Auto (XLA propagates shardings; ``jax.sharding.Mesh`` by default), Explicit
+(the sharding is part of every array's type; ``jax.make_mesh`` by default since jax 0.10)
+or Manual (inside ``shard_map``). ``shard_map`` takes an argument only if its type already
+has the ``in_specs`` sharding along the Explicit axes; :func:`reshard_explicit` moves it
+there (Auto axes are resharded by ``shard_map`` itself)."""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import contextlib
 
 import jax
 from jax import lax
+
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from pallas_kernels._common import dispatch
 
@@ -49,6 +58,51 @@ def varying_shape(shape, dtype, *like) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
   return jax.ShapeDtypeStruct(shape, dtype,
                               manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+
+
+def explicit_axis_names(mesh) -> frozenset:
+  """The names of the Explicit axes of ``mesh`` (a ``Mesh`` or ``AbstractMesh``)."""
+  types = getattr(mesh, "axis_types", None) or (AxisType.Auto,) * len(mesh.axis_names)
+  return frozenset(name for name, kind in zip(mesh.axis_names, types)
+                   if kind == AxisType.Explicit)
+
+
+def explicit_spec(spec: PartitionSpec, mesh) -> PartitionSpec:
+  """``spec`` with the axes of ``mesh`` that are not Explicit (Auto, Manual) dropped.
+
+  E.g. ``P(("data", "fsdp"), "context")`` on a mesh whose "fsdp" axis alone is Explicit
+  gives ``P("fsdp", None)``: what ``jax.sharding.reshard`` may be asked for.
+  """
+  explicit = explicit_axis_names(mesh)
+
+  def keep(entry):
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+      return None
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = tuple(name for name in names if name in explicit)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+  return PartitionSpec(*(keep(entry) for entry in spec))
+
+
+def reshard_explicit(x, spec: PartitionSpec, mesh):
+  """``x`` resharded to ``spec`` along the Explicit axes of ``mesh`` (eager or traced).
+
+  Before ``jax.shard_map(..., mesh=mesh, in_specs=spec)``: with Explicit axes the argument's
+  type must already carry the spec's Explicit part, whatever sharding the caller's array
+  has (none, another split, another mesh of the same devices); Auto axes in ``spec`` are
+  left to ``shard_map``, which reshards along them itself. Also before an op (a gather)
+  that an Explicit sharding along the gathered dimension would reject: pass a ``spec``
+  with that dimension None. ``x`` None, or a mesh without Explicit axes: ``x`` unchanged.
+
+  Args:
+    x: an array (any shape with ``len(spec) <= x.ndim``) or None.
+    spec: the target ``PartitionSpec`` over ``mesh``'s axes (any types).
+    mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh``.
+  """
+  if x is None or not explicit_axis_names(mesh):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, explicit_spec(spec, mesh)))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ on inputs already transposed to [batch, heads, len, head_dim] and padded to whol
   chunks, causality ...), building the mask only for partially visible blocks; a block pair
   whose segment ranges do not overlap is skipped by ``lax.cond``; the softmax is online, in
   float32;
+* query blocks made only of padding (past ``q_len``) visit no key block, in both passes;
 * the backward pass is a single sweep over key blocks that accumulates dK and dV for the
   block in hand and adds each (query block, key block) contribution to dQ, visiting only the
   query blocks that can see the key block.
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import block_sparsity, sharding
-from pallas_kernels.flash_attention import masking
+from pallas_kernels.flash_attention import common, masking
 
 MIN_BLOCK = 1
 DEFAULT_BLOCK_SIZES = dict(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)
@@ -85,12 +85,23 @@ def _block_mask(i, j, *, block_q, block_k, q_seg, kv_seg, mask, kind, q_offset, 
   return visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
 
 
-def _visits(mask, *, rows_are_queries, q_offset, kv_len, block_q, block_k, nq, nk):
-  """int32 [rows, R, 4] visit intervals for all heads at once (see ``block_sparsity``)."""
+def _visits(mask, *, rows_are_queries, q_offset, kv_len, block_q, block_k, nq, nk,
+            real_q_blocks):
+  """int32 [rows, R, 4] visit intervals for all heads at once (see ``block_sparsity``).
+
+  Query blocks from ``real_q_blocks`` on hold only padding: they visit nothing.
+  """
   sparsity = block_sparsity.block_sparsity(
       mask, q_len=kv_len - q_offset, kv_len=kv_len, block_q=block_q, block_k=block_k,
       num_q_blocks=nq, num_kv_blocks=nk, rows_are_queries=rows_are_queries)
-  return jnp.asarray(block_sparsity.union_of_kinds(sparsity)[0])
+  intervals = block_sparsity.union_of_kinds(sparsity)[0]
+  if real_q_blocks < nq:
+    if rows_are_queries:
+      intervals = intervals.copy()
+      intervals[real_q_blocks:] = 0
+    else:
+      intervals = common.clip_query_blocks(intervals, real_q_blocks)
+  return jnp.asarray(intervals)
 
 
 def _sweep(intervals, step, carry, *, has_segments, overlap):
@@ -135,15 +146,7 @@ def _ranges(q_seg, kv_seg, block_q, block_k):
           *masking.segment_block_ranges(kv_seg, block_k))
 
 
-def attention_delta(out, d_out, d_lse, accum=jnp.float32):
-  """rowsum(dO * O) - dLSE, [B, H, T]: the per-row term of dS = P * (dP - delta)."""
-  delta = jnp.sum(d_out.astype(accum) * out.astype(accum), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse.astype(accum)
-  return delta
-
-
-def _geometry(q, k, q_seg, kv_seg, mask, *, q_offset, kv_len, block_q, block_k):
+def _geometry(q, k, q_seg, kv_seg, mask, *, q_offset, kv_len, block_q, block_k, q_len):
   b, h, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
   nq, nk = tq // block_q, tk // block_k
@@ -152,13 +155,20 @@ def _geometry(q, k, q_seg, kv_seg, mask, *, q_offset, kv_len, block_q, block_k):
       _block_mask, block_q=block_q, block_k=block_k, q_seg=q_seg, kv_seg=kv_seg, mask=mask,
       kind=kind, q_offset=q_offset, kv_len=kv_len)
   visits = functools.partial(_visits, mask, q_offset=q_offset, kv_len=kv_len,
-                             block_q=block_q, block_k=block_k, nq=nq, nk=nk)
+                             block_q=block_q, block_k=block_k, nq=nq, nk=nk,
+                             real_q_blocks=-(-(tq if q_len is None else q_len) // block_q))
   return nq, nk, mask_fn, visits
 
 
 def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits_soft_cap,
-                  q_offset, kv_len, block_q, block_k, interpret=False):
-  """Returns out [B, H, Tq, D] (q.dtype) and lse [B, H, Tq] (float32; -inf where empty)."""
+                  q_offset, kv_len, block_q, block_k, interpret=False, q_len=None,
+                  out_dtype=None):
+  """Returns out [B, H, Tq, D] and lse [B, H, Tq] (float32; -inf where empty).
+
+  ``q_len``: true query length (None: Tq); query blocks made only of rows past it visit
+  nothing (out 0, lse -inf); padding rows in a block with real rows are computed normally.
+  ``out_dtype``: dtype of out (None: q.dtype; float32 keeps ring attention's partials exact).
+  """
   del interpret
   b, h, tq, d = q.shape
   hk = k.shape[1]
@@ -167,8 +177,9 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits
   ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
   nq, _, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
                                      q_offset=q_offset, kv_len=kv_len, block_q=block_q,
-                                     block_k=block_k)
+                                     block_k=block_k, q_len=q_len)
   intervals = visits(rows_are_queries=True)
+  out_dtype = q.dtype if out_dtype is None else out_dtype
 
   def one_q_block(i):
     q_i = _block(qg, 3, i, block_q)
@@ -197,7 +208,7 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits
                        overlap=overlap)
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
-    return out.astype(q.dtype), lse.astype(jnp.float32)
+    return out.astype(out_dtype), lse.astype(jnp.float32)
 
   out, lse = lax.map(one_q_block, jnp.arange(nq))  # [nq, B, Hkv, G, bq, (D)]
   out = jnp.moveaxis(out, 0, 3).reshape(b, h, tq, d)
@@ -207,10 +218,12 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits
 
 def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, scale, mask,
                    logits_soft_cap, q_offset, kv_len, block_q, block_k, d_lse=None,
-                   interpret=False):
+                   interpret=False, q_len=None, grad_dtype=None):
   """Returns dq [B, H, Tq, D], dk and dv [B, Hkv, Tk, D] (dk, dv summed over each group).
 
-  ``d_lse`` [B, H, Tq] is the cotangent of the log-sum-exp (None: zero).
+  ``d_lse`` [B, H, Tq] is the cotangent of the log-sum-exp (None: zero). ``q_len``: true
+  query length (None: Tq); padded query blocks are not visited. ``grad_dtype``: dtype of
+  dq, dk, dv (None: those of q, k, v).
   """
   del interpret
   b, h, tq, d = q.shape
@@ -218,14 +231,14 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   accum = _accum_dtype(q.dtype)
   qg, dog = _group(q, hk), _group(d_out, hk)
   inputs = (q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse)
-  delta = attention_delta(out, d_out, d_lse, accum)
+  delta = common.attention_delta(out, d_out, d_lse, accum)
   delta = _group(delta[..., None], hk)[..., 0]
   # A row that sees no key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse = _group(jnp.where(lse == -jnp.inf, jnp.inf, lse)[..., None], hk)[..., 0].astype(accum)
   ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
   _, nk, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
                                      q_offset=q_offset, kv_len=kv_len, block_q=block_q,
-                                     block_k=block_k)
+                                     block_k=block_k, q_len=q_len)
   intervals = visits(rows_are_queries=False)
 
   def one_kv_block(dq, j):
@@ -261,7 +274,7 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
 
   dq0 = sharding.match_varying(jnp.zeros(qg.shape, accum), *inputs)
   dq, (dk, dv) = lax.scan(one_kv_block, dq0, jnp.arange(nk))
-  dq = dq.reshape(b, h, tq, d).astype(q.dtype)
-  dk = jnp.moveaxis(dk, 0, 2).reshape(b, hk, tk, d).astype(k.dtype)
-  dv = jnp.moveaxis(dv, 0, 2).reshape(b, hk, tk, d).astype(v.dtype)
+  dq = dq.reshape(b, h, tq, d).astype(grad_dtype or q.dtype)
+  dk = jnp.moveaxis(dk, 0, 2).reshape(b, hk, tk, d).astype(grad_dtype or k.dtype)
+  dv = jnp.moveaxis(dv, 0, 2).reshape(b, hk, tk, d).astype(grad_dtype or v.dtype)
   return dq, dk, dv

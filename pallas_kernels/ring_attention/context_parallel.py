@@ -28,7 +28,9 @@ sequence per head anyway, so natural-order tokens need no balancing there.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from pallas_kernels._common import dispatch, padding
+from pallas_kernels._common import dispatch, sharding
 from pallas_kernels.flash_attention import ops as flash_ops
 from pallas_kernels.flash_attention.ops import flash_attention
 from pallas_kernels.ring_attention import layouts
@@ -100,7 +102,7 @@ def validate_configuration(*, strategy, load_balance, num_devices, seq_len=None,
 
 
 def _common_checks(query, key, value, scale, logits_soft_cap, implementation, op):
-  flash_ops._validate(query, key, value, scale, logits_soft_cap, op=op)
+  flash_ops.validate_inputs(query, key, value, scale, logits_soft_cap, op=op)
   if key.shape[1] != query.shape[1]:
     raise ValueError(f"{op}: query and key/value must have the same sequence length "
                      f"(self-attention over one sharded sequence), got query "
@@ -120,8 +122,11 @@ def context_parallel_attention(query, key, value, *, mesh, axis_name="context",
   Args:
     query: [batch, seq, num_heads, head_dim], natural token order (global array).
     key, value: [batch, seq, num_kv_heads, head_dim].
-    mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``). The other axes split the batch when
-      their product divides it (else every one of their devices computes the whole batch).
+    mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``) whose axes may be of any type: Auto
+      (``jax.sharding.Mesh``'s default), Explicit (``jax.make_mesh``'s default) or a mix.
+      The inputs may be sharded any way (or not at all): they are resharded here. The other
+      axes split the batch when their product divides it (else every one of their devices
+      computes the whole batch).
     axis_name: the mesh axis that splits the sequence.
     strategy: "ring", "all_gather" or "ulysses" (see the module doc).
     load_balance: None (contiguous), "zigzag" (device p holds chunks p and 2P-1-p of
@@ -132,7 +137,9 @@ def context_parallel_attention(query, key, value, *, mesh, axis_name="context",
     return_lse: also return the log-sum-exp [batch, seq, num_heads] (float32).
 
   Returns:
-    [batch, seq, num_heads, head_dim] in natural order (and the lse when asked).
+    [batch, seq, num_heads, head_dim] in natural order (and the lse when asked), sharded
+    ``PartitionSpec(batch_axes, axis_name)`` over ``mesh`` (batch_axes: the other axes, or
+    None as above); along Explicit axes that sharding is the outputs' type.
   """
   _common_checks(query, key, value, scale, logits_soft_cap, implementation, OP)
   if axis_name not in mesh.axis_names:
@@ -140,7 +147,7 @@ def context_parallel_attention(query, key, value, *, mesh, axis_name="context",
                      f"{dict(mesh.shape)}.")
   b, t, h, _ = query.shape
   p = mesh.shape[axis_name]
-  q_seg, kv_seg = flash_ops._split_segments(segment_ids, b, t, t, op=OP)
+  q_seg, kv_seg = flash_ops.split_segments(segment_ids, b, t, t, op=OP)
   # Tokens are moved to the balanced layout inside the shard when its shards allow it, else
   # the global arrays are permuted here (XLA may gather them to do so).
   in_shard = (layouts.in_shard_layout_error(t // p if t % p == 0 else 1, p, load_balance)
@@ -150,39 +157,75 @@ def context_parallel_attention(query, key, value, *, mesh, axis_name="context",
                          seq_len=t, num_heads=h, num_kv_heads=key.shape[2],
                          token_order=token_order, axis_name=axis_name)
   window = ring_ops._check_window(OP, local_window_size)
-  flash_ops._build_mask(h, is_causal, window, 0, None, None, None, op=OP)
+  flash_ops.build_mask(h, is_causal, window, 0, None, None, None, op=OP)
   impl = dispatch.resolve_implementation(OP, implementation,
                                          dispatch.platform_of(query, key, value))
 
   permute = token_order == "balanced" and load_balance is not None
   perm = load_balance_permutation(t, p, load_balance)
-  reorder = lambda x: x if x is None or not permute else jnp.take(x, perm, axis=1)  # noqa: E731
-
-  def local(q, k, v, q_seg, kv_seg):
-    return context_parallel_shard(
-        q, k, v, axis_name=axis_name, strategy=strategy, load_balance=load_balance,
-        token_order=token_order, is_causal=is_causal,
-        segment_ids=None if q_seg is None else (q_seg, kv_seg), local_window_size=window,
-        scale=scale, logits_soft_cap=logits_soft_cap, implementation=impl, return_lse=True)
 
   # Every mesh axis is manual (a Mosaic kernel cannot be partitioned automatically): the
   # other axes split the batch where their product divides it, else they replicate it.
   others = tuple(a for a in mesh.axis_names if a != axis_name)
   batch_axes = others if others and b % math.prod(mesh.shape[a] for a in others) == 0 else None
   seq = PartitionSpec(batch_axes, axis_name)
-  args = (reorder(query), reorder(key), reorder(value), reorder(q_seg), reorder(kv_seg))
+  # Explicit mesh axes: shard_map takes only arguments whose type already has its in_specs
+  # (Auto axes it reshards itself), and a gather along a dimension typed as split is refused:
+  # reshard to the whole sequence around the global permutations, to ``seq`` around shard_map.
+  whole = PartitionSpec(batch_axes)
+  place = lambda x, spec: sharding.reshard_explicit(x, spec, mesh)  # noqa: E731
+
+  def arrange(x, order):
+    """``x`` permuted by ``order`` along the sequence (when given), placed in ``seq``."""
+    if x is not None and order is not None:
+      x = jnp.take(place(x, whole), order, axis=1)
+    return place(x, seq)
+
+  order = perm if permute else None
+  args = tuple(arrange(x, order) for x in (query, key, value, q_seg, kv_seg))
   specs = tuple(None if a is None else seq for a in args)
+  config = (("axis_name", axis_name), ("strategy", strategy), ("load_balance", load_balance),
+            ("token_order", token_order), ("is_causal", bool(is_causal)),
+            ("local_window_size", window), ("scale", scale),
+            ("logits_soft_cap", logits_soft_cap), ("implementation", impl))
+  # The kernels are picked when the shard is traced, for the platform a trace sees (the
+  # default backend, or dispatch.target_platform's) and the GPU kernel family asked for:
+  # part of the cache key.
+  traced_platform = (dispatch.platform_of(), os.environ.get(flash_ops.GPU_KERNELS_ENV))
+  try:
+    fn = _sharded(mesh, specs, seq, config, traced_platform)
+  except TypeError:  # An unhashable setting (e.g. an array scale): not cached.
+    fn = _sharded.__wrapped__(mesh, specs, seq, config, traced_platform)
+  out, lse = fn(*args)
+  if permute:
+    inverse = np.argsort(perm)
+    out, lse = arrange(out, inverse), arrange(lse, inverse)
+  return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded(mesh, specs, seq, config, traced_platform):
+  """``jax.jit(jax.shard_map(context_parallel_shard))`` over ``mesh``, cached per settings.
+
+  ``config``: the keyword arguments of :func:`context_parallel_shard` as (name, value)
+  pairs; ``traced_platform``: only a cache key. Under jit: an inner call of the caller's
+  program. Eager: one compiled program (an eager ``shard_map`` would run the ring's loop op
+  by op, tens of seconds even at 64 tokens), compiled once per mesh, shapes and settings.
+  """
+  del traced_platform
+  kw = dict(config)
+
+  def local(q, k, v, q_seg, kv_seg):
+    return context_parallel_shard(
+        q, k, v, segment_ids=None if q_seg is None else (q_seg, kv_seg), return_lse=True,
+        **kw)
+
   # check_vma=True where every primitive declares how its outputs vary over the manual axes.
   # A pallas_call (compiled or interpreted) must be told through the manual_axis_type of its
   # out_shape, which the flash kernels do not set yet (see pallas_kernels/_common/sharding.py
   # ``varying_shape``): with them, shard_map's check is off.
-  fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(seq, seq),
-                     check_vma=(impl == "xla"))
-  out, lse = fn(*args)
-  if permute:
-    inverse = np.argsort(perm)
-    out, lse = jnp.take(out, inverse, axis=1), jnp.take(lse, inverse, axis=1)
-  return (out, lse) if return_lse else out
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(seq, seq),
+                               check_vma=(kw["implementation"] == "xla")))
 
 
 def context_parallel_shard(query, key, value, *, axis_name, strategy="ring", load_balance=None,
@@ -216,9 +259,9 @@ def context_parallel_shard(query, key, value, *, axis_name, strategy="ring", loa
   validate_configuration(strategy=strategy, load_balance=load_balance, num_devices=p,
                          seq_len=tl * p, num_heads=h, num_kv_heads=key.shape[2],
                          token_order=token_order, axis_name=axis_name, op=SHARD_OP)
-  q_seg, kv_seg = flash_ops._split_segments(segment_ids, b, tl, tl, op=SHARD_OP)
+  q_seg, kv_seg = flash_ops.split_segments(segment_ids, b, tl, tl, op=SHARD_OP)
   window = ring_ops._check_window(SHARD_OP, local_window_size)
-  flash_ops._build_mask(h, is_causal, window, 0, None, None, None, op=SHARD_OP)
+  flash_ops.build_mask(h, is_causal, window, 0, None, None, None, op=SHARD_OP)
   common = dict(axis_name=axis_name, is_causal=is_causal, window=window, scale=scale,
                 soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                 implementation=implementation, load_balance=load_balance, num_devices=p,
@@ -272,40 +315,38 @@ def _all_gather_local(q, k, v, q_seg, kv_seg, *, axis_name, is_causal, window, s
   platform = dispatch.platform_of(q, k, v)
   impl = dispatch.resolve_implementation(SHARD_OP, implementation, platform)
   backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
-  module = flash_ops._backend_module(backend)
-  mask = flash_ops._build_mask(h, is_causal, window, 0, None, None, None, op=SHARD_OP)
-  sizes = flash_ops._block_sizes(module, module.MIN_BLOCK, c, t, dict(
+  spec = flash_ops.backend_spec(backend)
+  mask = flash_ops.build_mask(h, is_causal, window, 0, None, None, None, op=SHARD_OP)
+  sizes = flash_ops.block_sizes(spec, c, t, dict(
       block_q=None, block_k=None, block_q_bwd=None, block_k_bwd=None), mask, op=SHARD_OP)
-  c_pad = padding.round_up(c, math.lcm(sizes["block_q"], sizes["block_q_bwd"]))
-  t_pad = padding.round_up(t, math.lcm(sizes["block_k"], sizes["block_k_bwd"]))
-  d_pad = module.padded_head_dim(d)
   scale = float(d ** -0.5 if scale is None else scale)
-
-  def layout(x, length):
-    x = jnp.transpose(x, (0, 2, 1, 3))
-    return padding.pad_axis(padding.pad_axis(x, 2, length), 3, d_pad)
-
-  kk, vv = layout(k, t_pad), layout(v, t_pad)
-  ks = None if kv_seg is None else jnp.pad(kv_seg, ((0, 0), (0, t_pad - t)), mode="edge")
+  # K/V are laid out once for every query chunk (transposed and padded on "bhtd" backends).
+  c_pad = t_pad = None
+  if spec.layout == "bhtd":
+    c_pad = flash_ops.padded_length(c, sizes["block_q"], sizes["block_q_bwd"])
+    t_pad = flash_ops.padded_length(t, sizes["block_k"], sizes["block_k_bwd"])
+  kk, vv = (flash_ops.to_kernel_layout(x, spec, t_pad) for x in (k, v))
+  ks = flash_ops.pad_segments(kv_seg, t_pad) if t_pad else kv_seg
   p_idx = lax.axis_index(axis_name)
   outs, lses = [], []
   for i in range(n):
-    qi = layout(q[:, i * c:(i + 1) * c], c_pad)
-    qs = None if q_seg is None else jnp.pad(q_seg[:, i * c:(i + 1) * c],
-                                            ((0, 0), (0, c_pad - c)), mode="edge")
+    qi = flash_ops.to_kernel_layout(q[:, i * c:(i + 1) * c], spec, c_pad)
+    qs = None if q_seg is None else q_seg[:, i * c:(i + 1) * c]
+    qs = flash_ops.pad_segments(qs, c_pad) if c_pad else qs
 
     def branch(start, qi, kk, vv, qs, ks):
-      config = flash_ops._Config(
+      config = flash_ops.FlashConfig(
           backend=backend, scale=scale, mask=mask, logits_soft_cap=soft_cap, q_offset=start,
-          kv_len=t, interpret=(impl == "interpret"), **sizes)
-      return flash_ops._flash(qi, kk, vv, qs, ks, config)
+          kv_len=t, interpret=(impl == "interpret"), q_len=c, **sizes)
+      return flash_ops.flash_core(qi, kk, vv, qs, ks, config)
 
     distinct = sorted({starts[p][i] for p in range(P)})
     branches = [lambda *a, s=s: branch(s, *a) for s in distinct]
     index = jnp.asarray([distinct.index(starts[p][i]) for p in range(P)], jnp.int32)[p_idx]
     o, lse = lax.switch(index, branches, qi, kk, vv, qs, ks)
-    outs.append(jnp.transpose(o[:, :, :c, :d], (0, 2, 1, 3)))
-    lses.append(jnp.transpose(lse[:, :, :c], (0, 2, 1)))
+    o, lse = flash_ops.from_kernel_layout(o, lse, spec, c, d)
+    outs.append(o)
+    lses.append(lse)
   return back(jnp.concatenate(outs, axis=1)), back(jnp.concatenate(lses, axis=1))
 
 

@@ -3,7 +3,10 @@
 Called inside ``shard_map`` with the sequence dimension split over ``axis_name``. Each device
 keeps its queries; the K/V blocks (with their own, fewer GQA heads: never repeated) travel
 around the ring with ``lax.ppermute`` while the flash kernel works on the block in hand, and
-the running output and log-sum-exp are merged in float32.
+the running output and log-sum-exp are merged in float32. The kernels return their partial
+outputs (and, in the backward, their partial gradients) in float32 where the backend can
+(``BackendSpec.takes_partial_dtypes``), so nothing is rounded to the input dtype before the
+merge; only the final output and gradients are.
 
 A (query chunk, key chunk) pair is one flash-kernel call with a *static* query offset and
 mask; which pair a device holds at a ring step depends on its traced ``axis_index``, so each
@@ -31,16 +34,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels._common import block_sparsity, dispatch, padding, sharding
+from pallas_kernels._common import block_sparsity, dispatch, sharding
 from pallas_kernels._common import masks as masks_lib
 from pallas_kernels.flash_attention import ops as flash_ops
+from pallas_kernels.flash_attention.backends import backend_spec
 
 OP = "ring_attention"
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -147,7 +150,9 @@ def chunk_geometry(layout: str, num_devices: int, local_len: int, mask, is_causa
 
 
 # ---------------------------------------------------------------------------------------
-# The ring, on kernel-layout chunks: q [n, B, H, Cp, Dp], k/v [n, B, Hk, Cp, Dp].
+# The ring, on kernel-layout chunks: for a "bhtd" backend q [n, B, H, Cp, Dp] and k/v
+# [n, B, Hk, Cp, Dp] (padded); for a "bthd" backend q [n, B, C, H, D], k/v [n, B, C, Hk, D]
+# (the user's arrays, reshaped). lse is [n, B, H, Cp or C] in both.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +172,32 @@ class _RingConfig:
   block_k_bwd: int
   interpret: bool
 
+  @property
+  def spec(self):
+    return backend_spec(self.backend)
+
+  @property
+  def partial_dtype(self):
+    """float32 when the backend returns float32 partials, else None (the input dtype)."""
+    return jnp.float32 if self.spec.takes_partial_dtypes else None
+
   def kernel_kwargs(self, pair, backward):
     mask, q_offset = pair
-    return dict(scale=self.scale, mask=mask, logits_soft_cap=self.logits_soft_cap,
-                q_offset=q_offset, kv_len=self.chunk_len, interpret=self.interpret,
-                block_q=self.block_q_bwd if backward else self.block_q,
-                block_k=self.block_k_bwd if backward else self.block_k)
+    kw = dict(scale=self.scale, mask=mask, logits_soft_cap=self.logits_soft_cap,
+              q_offset=q_offset, kv_len=self.chunk_len, interpret=self.interpret,
+              block_q=self.block_q_bwd if backward else self.block_q,
+              block_k=self.block_k_bwd if backward else self.block_k)
+    if backward:
+      kw.update(self.spec.backward_kwargs(q_len=self.chunk_len, grad_dtype=self.partial_dtype))
+    else:
+      kw.update(self.spec.forward_kwargs(q_len=self.chunk_len, out_dtype=self.partial_dtype))
+    return kw
+
+  def lse_shape(self, q_shape):
+    """[B, H, rows] of a query chunk of shape ``q_shape`` (without the chunk axis)."""
+    if self.spec.layout == "bthd":
+      return (q_shape[0], q_shape[2], q_shape[1])
+    return tuple(q_shape[:3])
 
   @property
   def axes(self):
@@ -194,25 +219,31 @@ def _chunk(x, i):
   return None if x is None else x[i]
 
 
-def _merge(o, lse, o_b, lse_b):
-  """Log-sum-exp merge of a running (o, lse) with one block's (o_b, lse_b), in float32."""
+def _merge(o, lse, o_b, lse_b, layout="bhtd"):
+  """Log-sum-exp merge of a running (o, lse) with one block's (o_b, lse_b), in float32.
+
+  lse is [B, H, T]; o is [B, H, T, D] (``layout="bhtd"``) or [B, T, H, D] (``"bthd"``).
+  """
   m = jnp.maximum(lse, lse_b)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
   w, w_b = jnp.exp(lse - m_safe), jnp.exp(lse_b - m_safe)
   total = w + w_b
   safe = jnp.where(total == 0, 1.0, total)
-  o = (o * w[..., None] + o_b.astype(jnp.float32) * w_b[..., None]) / safe[..., None]
+  rows = (lambda x: jnp.swapaxes(x, 1, 2)[..., None]) if layout == "bthd" else (  # noqa: E731
+      lambda x: x[..., None])
+  o = (o * rows(w) + o_b.astype(jnp.float32) * rows(w_b)) / rows(safe)
   lse = jnp.where(total == 0, -jnp.inf, m_safe + jnp.log(safe))
   return o, lse
 
 
 def _forward_branches(config):
-  module = flash_ops._backend_module(config.backend)
+  module = config.spec.module
+  out_dtype = config.partial_dtype
 
   def empty(q, k, v, qs, ks):
     vary = lambda x: sharding.match_varying(x, q, k, v, qs, ks, axes=config.axes)  # noqa: E731
-    return (vary(jnp.zeros(q.shape, q.dtype)),
-            vary(jnp.full(q.shape[:3], -jnp.inf, jnp.float32)))
+    return (vary(jnp.zeros(q.shape, out_dtype or q.dtype)),
+            vary(jnp.full(config.lse_shape(q.shape), -jnp.inf, jnp.float32)))
 
   def attend(pair, q, k, v, qs, ks):
     return module.flash_forward(q, k, v, qs, ks, **config.kernel_kwargs(pair, False))
@@ -221,13 +252,13 @@ def _forward_branches(config):
 
 
 def _backward_branches(config):
-  module = flash_ops._backend_module(config.backend)
+  module = config.spec.module
+  grad_dtype = config.partial_dtype
 
   def empty(q, k, v, qs, ks, out, lse, d_out, d_lse):
     vary = lambda x: sharding.match_varying(  # noqa: E731
         x, q, k, v, qs, ks, out, lse, d_out, d_lse, axes=config.axes)
-    return (vary(jnp.zeros(q.shape, q.dtype)), vary(jnp.zeros(k.shape, k.dtype)),
-            vary(jnp.zeros(v.shape, v.dtype)))
+    return tuple(vary(jnp.zeros(x.shape, grad_dtype or x.dtype)) for x in (q, k, v))
 
   def grads(pair, q, k, v, qs, ks, out, lse, d_out, d_lse):
     return module.flash_backward(q, k, v, qs, ks, out, lse, d_out, d_lse=d_lse,
@@ -255,7 +286,7 @@ def _forward(q, k, v, q_seg, kv_seg, config):
       for j in range(n):
         o_b, lse_b = lax.switch(config.branch(p, s, i, j), branches, q[i], k[j], v[j],
                                 _chunk(q_seg, i), _chunk(ks, j))
-        o_i, lse_i = _merge(o_i, lse_i, o_b, lse_b)
+        o_i, lse_i = _merge(o_i, lse_i, o_b, lse_b, config.spec.layout)
       out.append((o_i, lse_i))
     return tuple(out)
 
@@ -266,7 +297,8 @@ def _forward(q, k, v, q_seg, kv_seg, config):
 
   vary = lambda x: sharding.match_varying(x, q, k, v, q_seg, kv_seg, axes=config.axes)  # noqa: E731
   acc = tuple((vary(jnp.zeros(q.shape[1:], jnp.float32)),
-               vary(jnp.full(q.shape[1:4], -jnp.inf, jnp.float32))) for _ in range(n))
+               vary(jnp.full(config.lse_shape(q.shape[1:]), -jnp.inf, jnp.float32)))
+              for _ in range(n))
   kv, acc = lax.fori_loop(0, config.num_devices - 1, body, ((k, v, kv_seg), acc))
   acc = attend(config.num_devices - 1, kv, acc)
   out = jnp.stack([o for o, _ in acc]).astype(q.dtype)
@@ -381,17 +413,16 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False, segment_ids
 def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_ids,
                     local_window_size, scale, implementation, return_lse, blocks, op,
                     logits_soft_cap=None):
-  flash_ops._validate(query, key, value, scale, logits_soft_cap, op=op)
+  flash_ops.validate_inputs(query, key, value, scale, logits_soft_cap, op=op)
   b, tl, h, d = query.shape
-  hk = key.shape[2]
   if key.shape[1] != tl:
     raise ValueError(f"{op}: query and key/value must hold the same number of local tokens "
                      f"(self-attention over one sharded sequence), got query "
                      f"{tuple(query.shape)} and key {tuple(key.shape)}.")
   num_devices = axis_size(op, axis_name)
   window = _check_window(op, local_window_size)
-  mask = flash_ops._build_mask(h, is_causal, window, 0, None, None, None, op=op)
-  q_seg, kv_seg = flash_ops._split_segments(segment_ids, b, tl, tl, op=op)
+  mask = flash_ops.build_mask(h, is_causal, window, 0, None, None, None, op=op)
+  q_seg, kv_seg = flash_ops.split_segments(segment_ids, b, tl, tl, op=op)
   platform = dispatch.platform_of(query, key, value)
   impl = dispatch.resolve_implementation(op, implementation, platform)
   scale = float(d ** -0.5 if scale is None else scale)
@@ -417,21 +448,21 @@ def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_
 
   n, c, pairs, table = chunk_geometry(layout, num_devices, tl, mask, is_causal, window)
   backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
-  module = flash_ops._backend_module(backend)
-  sizes = flash_ops._block_sizes(module, module.MIN_BLOCK, c, c, blocks, mask, op=op)
-  c_pad = padding.round_up(c, math.lcm(sizes["block_q"], sizes["block_q_bwd"],
-                                       sizes["block_k"], sizes["block_k_bwd"]))
-  d_pad = module.padded_head_dim(d)
+  spec = backend_spec(backend)
+  sizes = flash_ops.block_sizes(spec, c, c, blocks, mask, op=op)
+  c_pad = c
+  if spec.layout == "bhtd":
+    c_pad = flash_ops.padded_length(c, *sizes.values())
 
-  def to_kernel_layout(x):  # [B, n*c, H, D] -> [n, B, H, c_pad, d_pad]
-    x = x.reshape(b, n, c, x.shape[2], d).transpose(1, 0, 3, 2, 4)
-    return padding.pad_axis(padding.pad_axis(x, 3, c_pad), 4, d_pad)
+  def to_kernel_layout(x):  # [B, n*c, H, D] -> [n, B, H, c_pad, d_pad] or [n, B, c, H, D]
+    x = jnp.moveaxis(x.reshape(b, n, c, x.shape[2], d), 1, 0)
+    return jax.vmap(lambda x: flash_ops.to_kernel_layout(x, spec, c_pad))(x)
 
   def seg_layout(s):
     if s is None:
       return None
-    s = s.reshape(b, n, c).transpose(1, 0, 2)
-    return jnp.pad(s, ((0, 0), (0, 0), (0, c_pad - c)), mode="edge")
+    return flash_ops.pad_segments(s.reshape(b * n, c), c_pad).reshape(b, n, c_pad).transpose(
+        1, 0, 2)
 
   config = _RingConfig(
       axis_name=axis_name, num_devices=num_devices, num_chunks=n, chunk_len=c, pairs=pairs,
@@ -440,7 +471,9 @@ def _ring_attention(query, key, value, *, axis_name, layout, is_causal, segment_
       interpret=(impl == "interpret"), **sizes)
   out, lse = _ring(to_kernel_layout(query), to_kernel_layout(key), to_kernel_layout(value),
                    seg_layout(q_seg), seg_layout(kv_seg), config)
-  out = out[..., :c, :d].transpose(1, 0, 3, 2, 4).reshape(b, tl, h, d)
+  if spec.layout == "bhtd":
+    out = out[..., :c, :d].transpose(0, 1, 3, 2, 4)  # [n, B, c, H, D]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, tl, h, d)
   if not return_lse:
     return out
   return out, lse[..., :c].transpose(1, 0, 3, 2).reshape(b, tl, h)

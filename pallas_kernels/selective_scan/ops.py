@@ -39,11 +39,13 @@ class _Config:
   block_d: int
   block_d_bwd: int
   interpret: bool
+  window: int | None = None  # GPU: tokens per register window (``chunk`` saves states)
 
   def kwargs(self, backward: bool) -> dict:
+    extra = {} if self.window is None else dict(window=self.window)
     return dict(seq_len=self.seq_len, delta_softplus=self.delta_softplus, chunk=self.chunk,
                 block_d=self.block_d_bwd if backward else self.block_d,
-                interpret=self.interpret)
+                interpret=self.interpret, **extra)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -180,16 +182,15 @@ def _tpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
 
 
 def _gpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
-  """(chunk, block_d, block_d_bwd, padded channels per group) for the GPU kernels.
+  """(window, block_d, block_d_bwd, padded channels per group, chunk) for the GPU kernels.
 
-  The default chunk fits the backward's chunk + 1 states of [block_d_bwd, d_state] float32
-  in registers (``module.default_chunk``: 16 up to d_state 64, 8 at 128).
+  ``chunk`` (``chunk_size``, default ``module.DEFAULT_STATE_CHUNK``) is the interval of the
+  states the forward saves, rounded up to a whole number of register windows and shrunk to
+  the sequence; ``window`` (``module.default_chunk``: 16 up to d_state 64, 8 at 128, at most
+  ``chunk_size``) fits the backward's window + 1 states of [block_d_bwd, d_state] float32 in
+  registers. The sequence is padded to whole windows only.
   """
   validation.check_positive_int(op, "chunk_size", chunk_size, allow_none=True)
-  if chunk_size is not None and chunk_size > module.MAX_CHUNK:
-    raise ValueError(f"{op}: chunk_size must be at most {module.MAX_CHUNK} for the GPU "
-                     f"kernels (the backward keeps a chunk's states in registers), got "
-                     f"{chunk_size}.")
   blocks = []
   for name, requested, default in (("block_d", block_d, module.DEFAULT_BLOCK_D),
                                    ("block_d_bwd", block_d_bwd, module.DEFAULT_BLOCK_D_BWD)):
@@ -200,9 +201,10 @@ def _gpu_sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd, op=OP):
                        f"the GPU kernels (Triton tiles), got {size}.")
     blocks.append(min(size, max(module.CHANNEL_MULTIPLE, padding.next_power_of_2(cpg))))
   cpg_pad = padding.round_up(cpg, max(blocks))
-  chunk = module.default_chunk(blocks[1], n) if chunk_size is None else chunk_size
-  chunk = min(chunk, max(seq, 1))
-  return chunk, blocks[0], blocks[1], cpg_pad
+  chunk = module.DEFAULT_STATE_CHUNK if chunk_size is None else chunk_size
+  window = min(module.default_chunk(blocks[1], n), chunk, max(seq, 1))
+  chunk = min(padding.round_up(chunk, window), padding.round_up(max(seq, 1), window))
+  return window, blocks[0], blocks[1], cpg_pad, chunk
 
 
 def _regroup(x, axis, g, cpg, cpg_pad):
@@ -259,10 +261,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       whose id differs from the previous token's.
     chunk_size: tokens per chunk: the associative-scan chunk of the XLA path (default 64),
       the time tile of the TPU kernels (a multiple of 16, default 128, less for
-      d_state > 64) or the state-saving interval of the GPU kernels (at most 64, default
-      16, less for d_state > 64 so the backward's states fit in registers: 8 at d_state
-      128). Shorter sequences shrink it; lengths need not be multiples (padded tokens
-      neither decay nor feed the state). The result does not depend on it.
+      d_state > 64) or the interval of the states the GPU forward saves (default 2048,
+      rounded up to whole register windows of 16 tokens, 8 from d_state 128; the backward
+      recomputes the states inside each chunk; chunk_size <= the window saves every
+      window's state and needs no backward workspace). Shorter sequences shrink it;
+      lengths need not be multiples (padded tokens neither decay nor feed the state). The
+      result does not depend on it.
     block_d, block_d_bwd: channels per program of the Pallas forward / backward kernels
       (TPU: multiples of 128 that divide the channels per group padded to a multiple of
       128, default 512 / 256, a ValueError lists the sizes that do; GPU: powers of two
@@ -332,15 +336,20 @@ def run_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, resets, *, ba
     sizes(module, max(seq, 1), max(cpg, 1), n, chunk_size, block_d, block_d_bwd)
     final = jnp.zeros((b, d, n), jnp.float32) if h0_f32 is None else h0_f32
     return jnp.zeros(u.shape, u.dtype), final
-  chunk, bd, bd_bwd, cpg_pad = sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd)
+  window = None
+  if backend == "tpu":
+    chunk, bd, bd_bwd, cpg_pad = sizes(module, seq, cpg, n, chunk_size, block_d, block_d_bwd)
+  else:  # The GPU kernels save a state every chunk and pad to whole register windows.
+    window, bd, bd_bwd, cpg_pad, chunk = sizes(module, seq, cpg, n, chunk_size, block_d,
+                                               block_d_bwd)
 
-  seq_pad = padding.round_up(seq, chunk)
+  seq_pad = padding.round_up(seq, chunk if window is None else window)
   regroup = functools.partial(_regroup, g=g, cpg=cpg, cpg_pad=cpg_pad)
   tokens = lambda x: None if x is None else regroup(padding.pad_axis(x, 1, seq_pad), 2)
   vector = lambda x: regroup(jnp.zeros((d,), jnp.float32) if x is None
                              else x.astype(jnp.float32), 0)
   config = _Config(backend=backend, seq_len=seq, delta_softplus=delta_softplus, chunk=chunk,
-                   block_d=bd, block_d_bwd=bd_bwd, interpret=interpret)
+                   block_d=bd, block_d_bwd=bd_bwd, interpret=interpret, window=window)
   y, final = _scan(
       tokens(u), tokens(delta), regroup(A.astype(jnp.float32), 0),
       padding.pad_axis(B, 1, seq_pad), padding.pad_axis(C, 1, seq_pad),

@@ -3,7 +3,7 @@
 Layouts as ``tpu.py``: x, dy [B, H, T, P]; B, C [B, G, T, N]; dt, acum [B, H, T] float32;
 run ids [B, T]; states [B, H, P, N] float32. T is a whole number of chunks, the chunk length
 ``L``, the head_dim tile ``bp`` and N are powers of two >= 16 (Triton's dot tiles) and P is
-a multiple of ``bp``; ``ops.py`` pads.
+a multiple of ``bp``; ``core.py`` pads.
 
 The rows of a state are independent (H[p, :] only ever meets x[:, p]), so each program owns
 one head_dim tile of one (batch, head) and walks all its chunks in a loop, the state tile

@@ -1,84 +1,26 @@
-"""Public SSD op (Mamba-2's state-space duality): validation, dispatch, custom VJP.
+"""Public SSD op (Mamba-2's state-space duality): validation and dispatch.
 
-The Pallas backends (``tpu.py``, ``gpu.py``) share one module interface and work on
-[batch, heads, seq, head_dim] arrays padded to whole chunks and to the head / state widths
-their tiles need; this module computes the effective step sizes and the per-token log decays
-a = dt' A, pads, transposes, calls them under a ``jax.custom_vjp`` (which forms the
-chunk-local cumulative log decays and takes the kernels' gradient of ``a``) and slices the
-padding off again. The skip term D x and the gate silu(z) are elementwise and left to XLA
-(and its autodiff), outside the kernels. The XLA path (``xla.py``) is differentiated by
-autodiff of a checkpointed scan over chunks whose exponents carry their own derivative
-(``xla.chunk_exponents``). Both take the gradient of the per-token log decays ``a`` directly,
-never as a reverse cumulative sum of d(cumulative decay), which cancels in float32.
+The chunked recurrence itself (padding, backends, custom VJP) is ``core.scalar_decay``, which
+lightning attention shares: this module validates the arguments, forms the effective step
+sizes dt' = softplus(dt + dt_bias) and hands over. The XLA path (``xla.py``) is differentiated
+by autodiff of a checkpointed scan over chunks whose exponents carry their own derivative
+(``xla.chunk_exponents``); the Pallas backends return the gradient of the per-token log
+decays a = dt' A directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from types import ModuleType
-
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import dispatch, padding, validation
-from pallas_kernels.ssd import xla
-from pallas_kernels.ssd.reference import (compute_dtype, effective_dt, skip_and_gate,
-                                          ssd_reference)
+from pallas_kernels._common import dispatch, validation
+from pallas_kernels.ssd import core
+from pallas_kernels.ssd.reference import compute_dtype, effective_dt, ssd_reference
 
 OP = "ssd"
 LAYOUT_X = "[batch, seq, heads, head_dim]"
 LAYOUT_DT = "[batch, seq, heads]"
 LAYOUT_BC = "[batch, seq, n_groups, d_state]"
 LAYOUT_STATE = "[batch, heads, head_dim, d_state]"
-
-
-def _backend_module(name: str) -> ModuleType:
-  return dispatch.backend_module(__package__, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """Everything static about one kernel call; hashable, so it rides as a nondiff argument."""
-  backend: str
-  chunk_size: int
-  block_head_dim: int
-  interpret: bool
-
-  def kernel_kwargs(self) -> dict:
-    return dict(chunk_size=self.chunk_size, block_head_dim=self.block_head_dim,
-                interpret=self.interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_core(x, dt, a, B, C, initial_states, run_ids, config: _Config):
-  """The kernels on [b, h, t, .] arrays; ``a`` [b, h, t] the per-token log decays."""
-  acum, acum_lo = xla.chunk_cumsums(a, config.chunk_size, axis=2)
-  y, final, _ = _backend_module(config.backend).ssd_forward(
-      x, dt, acum, acum_lo, B, C, initial_states, run_ids, return_states=False,
-      **config.kernel_kwargs())
-  return y, final
-
-
-def _ssd_core_fwd(x, dt, a, B, C, initial_states, run_ids, config):
-  acum, acum_lo = xla.chunk_cumsums(a, config.chunk_size, axis=2)
-  y, final, states = _backend_module(config.backend).ssd_forward(
-      x, dt, acum, acum_lo, B, C, initial_states, run_ids, return_states=True,
-      **config.kernel_kwargs())
-  return (y, final), (x, dt, acum, acum_lo, B, C, run_ids, states)
-
-
-def _ssd_core_bwd(config, residuals, cotangents):
-  x, dt, acum, acum_lo, B, C, run_ids, states = residuals
-  d_y, d_final = cotangents
-  # The kernels return d a directly (each exponent's cotangent summed over the tokens it
-  # spans), not d acum: a reverse cumulative sum of d acum would cancel (see tpu.py).
-  dx, ddt, da, dB, dC, d_initial = _backend_module(config.backend).ssd_backward(
-      x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, **config.kernel_kwargs())
-  return dx, ddt, da, dB, dC, d_initial, None
-
-
-_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
 def _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, segment_ids):
@@ -126,23 +68,9 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, segment_ids):
     validation.check_shape(op, "segment_ids", segment_ids, (b, t), "[batch, seq]")
 
 
-def _chunk_size(backend: str, module, requested, seq: int) -> int:
-  """The chunk length to run: the request (or the backend default), shrunk for short inputs.
-
-  XLA takes any positive size; the Pallas backends say which sizes their tiles allow.
-  """
-  validation.check_positive_int(OP, "chunk_size", requested, allow_none=True)
-  if backend == "xla":
-    size = xla.DEFAULT_CHUNK_SIZE if requested is None else requested
-    return max(1, min(size, seq))
-  size = module.DEFAULT_CHUNK_SIZE if requested is None else requested
-  module.check_chunk_size(size)
-  return module.shrink_chunk_size(size, seq)
-
-
 def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
         initial_states=None, return_final_states=False, implementation=None, segment_ids=None,
-        block_head_dim=None):
+        block_head_dim=None, precision=None):
   """Mamba-2's selective state-space model by state-space duality (chunked).
 
   With dt' = dt + dt_bias (then softplus if ``dt_softplus``), per batch row and head:
@@ -178,7 +106,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
       every token whose id differs from the previous token's.
     block_head_dim: head_dim tile of the GPU kernels (power of two >= 16; default 64, or
       less while batch * heads * tiles < 128, to fill the GPU); the TPU kernels take the
-      whole (padded) head_dim.
+      whole head_dim (unpadded).
+    precision: products of the TPU kernels: None ("bf16x2" for bfloat16 x, else "highest"),
+      "highest" (float32 products at full precision) or "bf16x2" (bfloat16 operands with
+      float32 accumulation; float32 states split into two bfloat16 halves).
 
   Returns:
     y [batch, seq, heads, head_dim] in x's dtype; with ``return_final_states`` also the
@@ -203,42 +134,11 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
 
   b, t, h, p = x.shape
   n = B.shape[3]
-  backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
-  module = None if backend == "xla" else _backend_module(backend)
-  chunk = _chunk_size(backend, module, chunk_size, max(t, 1))
-  block_p = None if module is None else module.block_head_dim(block_head_dim, p, b * h)
   init = (jnp.zeros((b, h, p, n), cdt) if initial_states is None
           else initial_states.astype(cdt))
-
-  if 0 in (b, t, h, p, n):
-    y = jnp.zeros(x.shape, cdt)
-    final = init
-  else:
-    t_pad = padding.round_up(t, chunk)
-    dt_eff = padding.pad_axis(effective_dt(dt, dt_bias, dt_softplus, cdt), 1, t_pad)
-    a = xla.log_decays(dt_eff, A.astype(cdt))
-    xp = padding.pad_axis(x, 1, t_pad)
-    Bp = padding.pad_axis(B, 1, t_pad)
-    Cp = padding.pad_axis(C, 1, t_pad)
-    run_ids = None
-    if segment_ids is not None:
-      seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)), mode="edge")
-      run_ids = xla.relative_run_ids(seg, chunk)
-    if backend == "xla":
-      y, final = xla.ssd_chunked(xp, dt_eff, a, Bp, Cp, init, run_ids, chunk_size=chunk)
-    else:
-      hp, ns = module.padded_head_dim(p, block_p), module.padded_state_dim(n)
-      xk = padding.pad_axis(jnp.transpose(xp, (0, 2, 1, 3)), 3, hp)
-      Bk = padding.pad_axis(jnp.transpose(Bp, (0, 2, 1, 3)), 3, ns)
-      Ck = padding.pad_axis(jnp.transpose(Cp, (0, 2, 1, 3)), 3, ns)
-      initk = padding.pad_axis(padding.pad_axis(init, 2, hp), 3, ns)
-      config = _Config(backend=backend, chunk_size=chunk, block_head_dim=block_p,
-                       interpret=(impl == "interpret"))
-      heads_major = lambda a: jnp.transpose(a, (0, 2, 1)).astype(jnp.float32)
-      y, final = _ssd_core(xk, heads_major(dt_eff), heads_major(a), Bk, Ck, initk, run_ids,
-                           config)
-      y = jnp.transpose(y[..., :p], (0, 2, 1, 3))
-      final = final[:, :, :p, :n]
-    y = y[:, :t].astype(cdt)
-  y = skip_and_gate(y, x, D, z).astype(x.dtype)
+  y, final = core.scalar_decay(
+      x, effective_dt(dt, dt_bias, dt_softplus, cdt), A.astype(cdt), B, C,
+      initial_states=init, D=D, z=z, segment_ids=segment_ids, implementation=impl,
+      platform=platform, chunk_size=chunk_size, block_head_dim=block_head_dim,
+      precision=precision, op=OP)
   return (y, final) if return_final_states else y

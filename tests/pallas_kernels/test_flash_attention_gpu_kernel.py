@@ -1,14 +1,14 @@
 """The Pallas GPU (Triton) flash-attention kernels of gpu.py against the naive reference.
 
-The kernels are called directly (not through ops.py) on [B, H, T, Dp] inputs padded to whole
-blocks, in interpret mode on CPU; the lowering tests build the real Triton kernels for CUDA
-with jax.export, and the ``gpu`` class runs them compiled when a GPU is present.
+The kernels are called directly (not through ops.py) on the user's [B, T, H, D] arrays, with
+lengths that are not multiples of the blocks and head dims that are not powers of two (the
+kernels mask the tails; nothing is padded in HBM), in interpret mode on CPU; the lowering
+tests build the real Triton kernels for CUDA with jax.export, and the ``gpu`` class runs them compiled when a GPU is present.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,46 +19,27 @@ from export_lowering import TRITON_CALL
 from pallas_kernels._common import block_sparsity, dispatch, masks, padding
 from pallas_kernels._common.testing import assert_close
 from pallas_kernels.flash_attention import gpu, masking, reference
-
-
-def _to_kernel(x, length, head_dim):
-  """[B, T, H, D] -> [B, H, length, head_dim], zero padded."""
-  x = jnp.transpose(x, (0, 2, 1, 3))
-  return padding.pad_axis(padding.pad_axis(x, 2, length), 3, head_dim)
-
-
-def _from_kernel(x, length, head_dim):
-  """[B, H, T_p, D_p] -> [B, length, H, head_dim]."""
-  return jnp.transpose(x[:, :, :length, :head_dim], (0, 2, 1, 3))
+from pallas_kernels.flash_attention.ops import flash_attention as flash_attention_op
 
 
 def _run_kernels(q, k, v, segments, d_out, d_lse, *, mask, soft_cap, blocks, scale,
-                 interpret=True):
-  """gpu.flash_forward + flash_backward on [B, T, H, D] inputs, results sliced back.
+                 interpret=True, grad_dtype=None):
+  """gpu.flash_forward + flash_backward on the user's [B, T, H, D] arrays, unpadded.
 
   Returns out, lse [B, Tq, H], dq, dk, dv in the reference's layouts.
   """
-  _, tq, _, d = q.shape
-  tk = k.shape[1]
+  tq, tk = q.shape[1], k.shape[1]
   block_q, block_k, block_q_bwd, block_k_bwd = blocks
-  tq_p = padding.round_up(tq, math.lcm(block_q, block_q_bwd))
-  tk_p = padding.round_up(tk, math.lcm(block_k, block_k_bwd))
-  dp = gpu.padded_head_dim(d)
-  qp, kp, vp = _to_kernel(q, tq_p, dp), _to_kernel(k, tk_p, dp), _to_kernel(v, tk_p, dp)
-  q_seg = kv_seg = None
-  if segments is not None:
-    q_seg = jnp.pad(segments[0], ((0, 0), (0, tq_p - tq)), mode="edge")
-    kv_seg = jnp.pad(segments[1], ((0, 0), (0, tk_p - tk)), mode="edge")
+  q_seg, kv_seg = (None, None) if segments is None else segments
   common = dict(scale=scale, mask=mask, logits_soft_cap=soft_cap,
                 q_offset=masking.causal_offset(tq, tk), kv_len=tk, interpret=interpret)
-  out, lse = gpu.flash_forward(qp, kp, vp, q_seg, kv_seg, block_q=block_q, block_k=block_k,
+  out, lse = gpu.flash_forward(q, k, v, q_seg, kv_seg, block_q=block_q, block_k=block_k,
                                **common)
-  d_lse_p = padding.pad_axis(jnp.transpose(d_lse, (0, 2, 1)), 2, tq_p)
+  assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], tq)
   dq, dk, dv = gpu.flash_backward(
-      qp, kp, vp, q_seg, kv_seg, out, lse, _to_kernel(d_out, tq_p, dp), d_lse=d_lse_p,
-      block_q=block_q_bwd, block_k=block_k_bwd, **common)
-  return (_from_kernel(out, tq, d), jnp.transpose(lse[:, :, :tq], (0, 2, 1)),
-          _from_kernel(dq, tq, d), _from_kernel(dk, tk, d), _from_kernel(dv, tk, d))
+      q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse=jnp.transpose(d_lse, (0, 2, 1)),
+      block_q=block_q_bwd, block_k=block_k_bwd, grad_dtype=grad_dtype, **common)
+  return out, jnp.transpose(lse, (0, 2, 1)), dq, dk, dv
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "soft_cap", "scale"))
@@ -298,17 +279,20 @@ LOWERING_MASKS = {
 }
 
 
-@pytest.mark.parametrize("mask_name,segmented,soft_cap", [
-    ("causal", False, None), ("causal", True, 30.0), ("window_sinks", False, None),
-    ("window_sinks", True, None), ("per_head", False, 30.0),
+@pytest.mark.parametrize("mask_name,segmented,soft_cap,t,d", [
+    ("causal", False, None, 1024, 128), ("causal", True, 30.0, 1024, 128),
+    ("window_sinks", False, None, 1024, 128), ("window_sinks", True, None, 1024, 128),
+    ("per_head", False, 30.0, 1024, 128),
+    # Masked tails: a length that is not a multiple of the blocks, head_dim 80 (tiles of 128).
+    ("causal", True, None, 1000, 80), ("per_head", False, 30.0, 1000, 80),
 ])
-def test_lowers_for_cuda(mask_name, segmented, soft_cap):
+def test_lowers_for_cuda(mask_name, segmented, soft_cap, t, d):
   """Forward and backward lower to Triton for CUDA at a realistic size (on a CPU machine).
 
   This runs the Pallas -> Triton IR lowering (where Triton's shape and op restrictions are
   checked), not Triton's own compilation to PTX, which happens only on a GPU.
   """
-  b, h, hkv, t, d = 1, 4, 2, 1024, 128
+  b, h, hkv = 1, 4, 2
   blocks = gpu.DEFAULT_BLOCK_SIZES
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -326,14 +310,14 @@ def test_lowers_for_cuda(mask_name, segmented, soft_cap):
                               d_lse=d_lse, block_q=blocks["block_q_bwd"],
                               block_k=blocks["block_k_bwd"], **common)
 
-  q, kv = bf16(b, h, t, d), bf16(b, hkv, t, d)
+  q, kv = bf16(b, t, h, d), bf16(b, t, hkv, d)
   fwd = _export_for_cuda(forward, q, kv, kv, seg, seg)
   bwd = _export_for_cuda(backward, q, kv, kv, seg, seg, q, f32(b, h, t), q, f32(b, h, t))
   assert fwd.platforms == ("cuda",) and bwd.platforms == ("cuda",)
   assert fwd.mlir_module().count(f"custom_call @{TRITON_CALL}") == 1
   assert bwd.mlir_module().count(f"custom_call @{TRITON_CALL}") == 2  # dK/dV and dQ kernels.
-  assert [o.shape for o in fwd.out_avals] == [(b, h, t, d), (b, h, t)]
-  assert [o.shape for o in bwd.out_avals] == [(b, h, t, d), (b, hkv, t, d), (b, hkv, t, d)]
+  assert [o.shape for o in fwd.out_avals] == [(b, t, h, d), (b, h, t)]
+  assert [o.shape for o in bwd.out_avals] == [(b, t, h, d), (b, t, hkv, d), (b, t, hkv, d)]
 
 
 @pytest.mark.gpu
@@ -354,3 +338,38 @@ class TestCompiledOnGpu:
     ref = _run_reference(q, k, v, segments, d_out, d_lse, **kw)
     got = _run_kernels(q, k, v, segments, d_out, d_lse, blocks=blocks, interpret=False, **kw)
     _check("gpu", got, ref, jnp.bfloat16)
+
+
+def test_op_on_gpu_passes_user_arrays_without_copies():
+  """flash_attention on the GPU backend makes no padded or transposed copy of a [B, T, H, D]
+  array, forward or backward, at a length that is not a multiple of any block and head_dim
+  40 (tiles of 64): the kernels read the user's arrays, which are also the residuals.
+  (Values and gradients through the op: test_flash_attention.py::TestInterpretGpuKernels.)"""
+  q, k, v, _, d_out, d_lse = _inputs(21, 1, 50, 50, 4, 2, 40, jnp.float32, False)
+
+  def loss(q, k, v):
+    out, lse = flash_attention_op(q, k, v, implementation="interpret", is_causal=True,
+                                  return_lse=True, block_q=32, block_k=16, block_q_bwd=16,
+                                  block_k_bwd=32)
+    return (out * d_out).sum() + (lse * d_lse).sum()
+
+  with dispatch.target_platform("gpu"):
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  assert sum(e.primitive.name == "custom_vjp_call" for e in jaxpr.jaxpr.eqns) == 1
+
+  def equations(jaxpr):  # Every equation, nested programs included, kernel bodies excluded.
+    for e in jaxpr.eqns:
+      yield e
+      if e.primitive.name == "pallas_call":
+        continue
+      for param in e.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from equations(sub)
+
+  eqns = list(equations(jaxpr.jaxpr))
+  assert sum(e.primitive.name == "pallas_call" for e in eqns) >= 3  # fwd (+ recompute), bwd
+  copies = [e for e in eqns if e.primitive.name in ("pad", "transpose")
+            and any(len(getattr(x.aval, "shape", ())) == 4 for x in e.invars)]
+  assert not copies, copies

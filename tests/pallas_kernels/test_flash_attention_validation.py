@@ -39,3 +39,36 @@ def test_bad_inputs(kwargs, match):
       pytest.skip("pallas is available on this platform")
   with pytest.raises(ValueError, match=match):
     flash_attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+
+
+def test_backend_specs_and_short_input_blocks():
+  """Each backend states its facts in one spec; short inputs shrink the forward and backward
+  blocks so that one divides the other (300 queries on TPU: 384 rows, not lcm(384, 256))."""
+  from pallas_kernels import masks
+  from pallas_kernels.flash_attention import ops
+  from pallas_kernels.flash_attention.backends import backend_spec
+  assert [backend_spec(n).layout for n in ("xla", "tpu", "gpu")] == ["bhtd", "bhtd", "bthd"]
+  assert backend_spec("gpu").padded_head_dim(80) == 80  # No head_dim padding in HBM on GPU.
+  causal = masks.make_mask(is_causal=True)
+  blocks = dict.fromkeys(ops.BLOCK_NAMES)
+  sizes = ops.block_sizes(backend_spec("tpu"), 300, 300, blocks, causal)
+  assert (sizes["block_q"], sizes["block_q_bwd"]) == (384, 128)
+  assert ops.padded_length(300, sizes["block_q"], sizes["block_q_bwd"]) == 384
+  sizes = ops.block_sizes(backend_spec("tpu"), 5000, 5000, blocks, causal)
+  assert (sizes["block_q"], sizes["block_q_bwd"]) == (512, 256)
+  # Explicit sizes for long inputs are kept as given.
+  sizes = ops.block_sizes(backend_spec("tpu"), 5000, 5000, dict(blocks, block_q=384), causal)
+  assert (sizes["block_q"], sizes["block_q_bwd"]) == (384, 256)
+
+
+def test_xla_skips_query_blocks_of_padding():
+  """The XLA path visits no key block for query blocks past q_len (both directions)."""
+  import numpy as np
+  from pallas_kernels import masks
+  from pallas_kernels.flash_attention import xla
+  geometry = dict(mask=masks.make_mask(), q_offset=0, kv_len=300, block_q=64, block_k=128,
+                  nq=6, nk=3, real_q_blocks=5)
+  rows = np.asarray(xla._visits(rows_are_queries=True, **geometry))
+  assert (rows[:5, :, 1] > rows[:5, :, 0]).all() and (rows[5:] == 0).all()
+  cols = np.asarray(xla._visits(rows_are_queries=False, **geometry))
+  assert cols[..., :2].max() == 5 and (cols[:, 0, 1] == 5).all()

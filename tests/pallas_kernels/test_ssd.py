@@ -277,6 +277,42 @@ def test_two_pieces_in_the_interpreter():
   assert_close("recurrent", jnp.float32, s2, final)
 
 
+def test_tpu_block_plan_states_every_interval_and_head_blocks():
+  """The TPU kernels' block plan off its defaults: a state saved every 2 chunks of 128 (3
+  chunks, padded to 4: the backward recomputes the states between), 16 heads of one group in
+  two blocks of 8 (C B^T per block, dB/dC summed over the blocks), with segments, D, z and an
+  initial state; outputs, final state and every gradient against the reference."""
+  from pallas_kernels.ssd import core, reference
+  a = _inputs(21, 1, 300, 16, 8, 1, 8)
+  a["A"] = a["A"] * 1e-2  # slow decays: the states carry across chunks
+  seg = _packed_segments(21, 1, 300, num_segments=2)
+  names = ("x", "dt", "A", "B", "C", "D", "z", "initial_states")
+
+  def ours(x, dt, A, B, C, D, z, initial_states):
+    return core.scalar_decay(
+        x, reference.effective_dt(dt, a["dt_bias"], True, jnp.float32), A, B, C,
+        initial_states=initial_states, D=D, z=z, segment_ids=seg, implementation="interpret",
+        platform="tpu", chunk_size=128, interval=2, heads_per_block=8)
+
+  def ref(x, dt, A, B, C, D, z, initial_states):
+    return ssd_reference(x, dt, A, B, C, D=D, z=z, dt_bias=a["dt_bias"], dt_softplus=True,
+                         initial_states=initial_states, return_final_states=True,
+                         segment_ids=seg)
+
+  @jax.jit
+  def run(args):
+    got, vjp = jax.vjp(ours, *args)
+    want, vjp_ref = jax.vjp(ref, *args)
+    cot = (a["dy"], a["d_final"])
+    return got, vjp(cot), want, vjp_ref(cot)
+
+  (y, final), grads, (y_ref, final_ref), grads_ref = run(tuple(a[n] for n in names))
+  assert_close("recurrent", jnp.float32, y, y_ref, name="y")
+  assert_close("recurrent", jnp.float32, final, final_ref, name="final state")
+  for name, g, g_ref in zip(names, grads, grads_ref):
+    assert_close("recurrent", jnp.float32, g, g_ref, name=f"d{name}")
+
+
 # ----------------------------------------------------------------------------- segments
 
 
