@@ -8,10 +8,12 @@
 Every configuration is a tiny model (``configs/model/tiny.gin``: 64 features, a 4-wide
 short convolution, vocabulary 256; 4 heads): each mixer alone in two layers (``attention``,
 ``local_attention``, ``mamba``, ``mamba2``, ``lightning``, ``s4d``) and the hybrid layer
-patterns of ``configs/mixers/`` at their full depth (6 or 8 layers, or 2 for DuoAttention).
-Sliding windows (``local_attention``, the hybrids' ``LOCAL_WINDOW``, DuoAttention's
-``STREAMING_WINDOW``) are 1024 tokens, or the shortest length when that is shorter (the
-cache holds ``L + steps`` tokens, more than the window, so every window is a ring).
+patterns of ``configs/mixers/`` at their full depth (6 or 8 layers, or 2 for DuoAttention);
+``attention_streaming_llm`` and ``attention_h2o`` are ``attention`` decoding with a KV-cache
+policy (``layers/kv_policies.py``) whose budget is the window. Sliding windows
+(``local_attention``, the hybrids' ``LOCAL_WINDOW``, DuoAttention's ``STREAMING_WINDOW``) and
+budgets are 1024 tokens, or the shortest length when that is shorter (the cache holds
+``L + steps`` tokens, more than the window, so every window is a ring).
 
 At each context length L:
 
@@ -59,6 +61,13 @@ CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "local_attention": (("configs/mixers/attention.gin",), (
         "LAYER_PATTERN = ['local_attention', 'local_attention']",
         "DecoderLM.mixer_options = {'local_attention': {'num_heads': 4, 'window': {window}}}")),
+    # KV-cache policies (layers/kv_policies.py) on the full-attention layers, budget = window.
+    "attention_streaming_llm": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'streaming_llm', 'budget': {window}}}}",)),
+    "attention_h2o": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'h2o', 'budget': {window}}}}",)),
     "mamba": (("configs/mixers/mamba.gin",), ()),
     "mamba2": (("configs/mixers/mamba2.gin",), ()),
     "lightning": (("configs/mixers/lightning.gin",), ()),

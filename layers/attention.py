@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from layers import attention_cache
+from layers import attention_cache, kv_policies
 from layers.attention_cache import AttentionCache
 from layers.norms import RMSNorm
 from layers.partitioning import (ContextParallelism, context_parallelism, shard_kernel,
@@ -150,6 +150,11 @@ class Attention(nnx.Module):
     deterministic: evaluation mode (flax's train/eval switch: ``module.eval()`` sets it);
       only S²-Attn depends on it.
     logits_soft_cap: if set, logits -> cap * tanh(logits / cap).
+    cache_policy: None (the exact cache), or a KV-cache policy for decoding, a dict such as
+      ``{"name": "h2o", "budget": 256}`` (see :mod:`layers.kv_policies`: StreamingLLM, H2O):
+      the decode cache keeps ``budget`` entries per key/value head. Full causal attention
+      only (no window, chunks, per-head masks or position extension). Training and calls
+      without a cache are unaffected.
     implementation: passed to the kernel: None, "pallas", "interpret", "xla", "reference".
     dtype: computation dtype of the projections; None promotes inputs and parameters.
     param_dtype: dtype of the parameters.
@@ -169,7 +174,8 @@ class Attention(nnx.Module):
                local_window_size: int | Sequence[int] | None = None, num_sink_tokens: int = 0,
                chunk_size: int | None = None, mask: masks.Mask | None = None,
                shifted_sparse_group_size: int | None = None, deterministic: bool = False,
-               logits_soft_cap: float | None = None, implementation: str | None = None,
+               logits_soft_cap: float | None = None,
+               cache_policy: Mapping[str, Any] | None = None, implementation: str | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads <= 0 or num_kv_heads <= 0:
@@ -228,6 +234,7 @@ class Attention(nnx.Module):
     self._set_mask_options(local_window_size, num_sink_tokens, chunk_size, mask,
                            shifted_sparse_group_size)
     self._set_position_extension(position_extension)
+    self._set_cache_policy(cache_policy)
     self._check_context_parallelism(context_parallelism())
 
     def projection(in_features, out_features, axis, logical_axes, use_bias=False):
@@ -319,6 +326,22 @@ class Attention(nnx.Module):
     self.position_extension = extension
     self._inference_mask = extension.inference_mask()
 
+  def _set_cache_policy(self, spec):
+    """Validates ``cache_policy``: it replaces the exact cache of full causal attention."""
+    try:
+      self.cache_policy = kv_policies.make_cache_policy(spec)
+    except ValueError as error:
+      raise ValueError(f"Attention: {error}") from None
+    if self.cache_policy is None:
+      return
+    full = all(attention_cache.window_of(m) == attention_cache.HeadWindow()
+               for m in attention_cache.head_masks(self._inference_mask, self.num_heads))
+    if not full or self.position_extension is not None:
+      raise ValueError(
+          f"Attention: cache_policy {self.cache_policy.name!r} needs full causal attention; "
+          "this layer has a window, chunks, per-head masks or a position extension (their "
+          "caches are already bounded or need every key).")
+
   def _check_context_parallelism(self, plan: ContextParallelism | None) -> None:
     """Raises a ValueError for options the context-parallel kernels cannot run.
 
@@ -390,6 +413,8 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention.kv_cache_tokens: seq_len must be an int >= 0, got {seq_len!r}.")
     if not self.is_causal or seq_len == 0:
       return (int(seq_len),) * self.num_kv_heads
+    if self.cache_policy is not None:
+      return (min(int(seq_len), self.cache_policy.budget),) * self.num_kv_heads
     mask = self._inference_mask
     head_masks = mask.masks if isinstance(mask, masks.PerHeadMask) else (mask,) * self.num_heads
     q_lo, q_hi = np.array([seq_len - 1], np.int64), np.array([masks.INF], np.int64)
@@ -546,13 +571,15 @@ class Attention(nnx.Module):
     """The cache parts this layer decodes with (full, or sinks + ring, per kv-head group)."""
     return attention_cache.plan_parts(self._inference_mask, self.num_heads, self.num_kv_heads)
 
-  def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> AttentionCache:
+  def init_cache(self, batch_size: int, max_length: int, *,
+                 dtype=None) -> AttentionCache | kv_policies.PolicyCache:
     """An empty decode cache for ``batch_size`` rows of up to ``max_length`` tokens.
 
     Full-attention heads get ``max_length`` slots; sliding-window heads (``local_attention``,
-    DuoAttention's streaming heads) ``sinks + window`` slots whatever ``max_length``. Keys
-    and values are stored in ``dtype`` (default the layer's computation dtype, float32 if
-    unset).
+    DuoAttention's streaming heads) ``sinks + window`` slots whatever ``max_length``; with a
+    ``cache_policy`` a :class:`~layers.kv_policies.PolicyCache` of ``min(budget,
+    max_length)`` slots per key/value head. Keys and values are stored in ``dtype`` (default
+    the layer's computation dtype, float32 if unset).
     """
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
       if not _is_int(value) or value < 1:
@@ -560,19 +587,28 @@ class Attention(nnx.Module):
     if not self.is_causal:
       raise ValueError("Attention.init_cache: a bidirectional layer cannot decode.")
     dtype = jnp.dtype(dtype or self.q_proj.dtype or jnp.float32)
+    if self.cache_policy is not None:
+      return kv_policies.init_policy_cache(self.cache_policy, int(batch_size), int(max_length),
+                                           self.num_kv_heads, self.head_dim, dtype)
     return attention_cache.init_cache(self.cache_plan(), int(batch_size), int(max_length),
                                       self.head_dim, dtype)
 
   def _check_cache(self, cache, batch, segment_ids):
-    if not isinstance(cache, AttentionCache):
-      raise ValueError(f"Attention: cache must be the AttentionCache of init_cache, got "
-                       f"{type(cache).__name__}.")
+    kind = AttentionCache if self.cache_policy is None else kv_policies.PolicyCache
+    if not isinstance(cache, kind):
+      raise ValueError(f"Attention: cache must be the {kind.__name__} of this layer's "
+                       f"init_cache, got {type(cache).__name__}.")
     if cache.batch_size != batch:
       raise ValueError(f"Attention: the cache was built for batch size {cache.batch_size}, "
                        f"but x has {batch} rows; build it with init_cache({batch}, ...).")
-    specs = self.cache_plan()
-    layout = tuple((p.kv_heads, p.keys.shape[-1]) for p in cache.parts)
-    if layout != tuple((s.kv_heads, self.head_dim) for s in specs):
+    if self.cache_policy is not None:
+      layout, expected = cache.keys.shape[2:], (self.num_kv_heads, self.head_dim)
+      if cache.policy != self.cache_policy:
+        layout = None
+    else:
+      layout = tuple((p.kv_heads, p.keys.shape[-1]) for p in cache.parts)
+      expected = tuple((s.kv_heads, self.head_dim) for s in self.cache_plan())
+    if layout != expected:
       raise ValueError("Attention: the cache does not match this layer's heads (it was built "
                        "by another layer); use this layer's init_cache.")
     if segment_ids is not None:
@@ -609,6 +645,10 @@ class Attention(nnx.Module):
       q, k = q_raw, k_raw  # No RoPE, or keys cached before it (position extensions).
     int_positions = (position_ids if jnp.issubdtype(position_ids.dtype, jnp.integer)
                      else jnp.floor(position_ids)).astype(jnp.int32)
+    if self.cache_policy is not None:
+      out, new_cache = kv_policies.step(cache, self._logits, q, k, v, token_index, int_positions,
+                                        valid, new_lengths, block=_DENSE_QUERY_BLOCK)
+      return self.o_proj(out), new_cache
 
     def write_all(parts):
       return tuple(attention_cache.write(

@@ -99,7 +99,8 @@ class TeacherForcedScorer:
 
   def __init__(self, model, *, mesh=None, rules=None):
     self.graphdef, self.params = nnx.split(model)
-    self.mesh = sharding.make_mesh() if mesh is None else mesh
+    # An Explicit-axis mesh (jax.make_mesh's default) works on its Auto twin.
+    self.mesh = sharding.auto_axes(sharding.make_mesh() if mesh is None else mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
     # [batch] arrays (scalar features) split over the rows like the batch.
     self.row_sharding = jax.sharding.NamedSharding(

@@ -118,7 +118,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
               logits_soft_cap: float | None = None,
               implementation: str | None = None, per_head_windows: Sequence | None = None,
               num_sink_tokens: int = 0,
-              shifted_sparse_group_size: int | None = None) -> Attention:
+              shifted_sparse_group_size: int | None = None,
+              cache_policy: Mapping[str, Any] | None = None) -> Attention:
   """Causal self-attention (:class:`layers.Attention`); ``rope_theta=None`` is NoPE.
 
   ``num_heads`` is required; the other options default as in the layer. Sparse options:
@@ -129,6 +130,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
     head needs.
   * ``shifted_sparse_group_size``: LongLoRA's S²-Attn while training; evaluation
     (``model.eval()``) and the KV cache use full causal attention.
+  * ``cache_policy``: a decode-time KV-cache policy (:mod:`layers.kv_policies`), e.g.
+    ``{"name": "h2o", "budget": 256}``; not with ``per_head_windows``.
   """
   _require_num_heads("attention", num_heads)
   _check_sinks("attention", num_sink_tokens)
@@ -141,7 +144,7 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
         "(sinks widen a window); for a sliding window in every head use 'local_attention'.")
   return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads, mask=mask,
-                shifted_sparse_group_size=shifted_sparse_group_size)
+                shifted_sparse_group_size=shifted_sparse_group_size, cache_policy=cache_policy)
 
 
 @register_mixer("local_attention")
@@ -189,13 +192,15 @@ def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                      max_position_embeddings: int | None = None,
                      position_extension: Mapping[str, Any] | None = None,
                      logits_soft_cap: float | None = None, implementation: str | None = None,
-                     shifted_sparse_group_size: int | None = None) -> Attention:
+                     shifted_sparse_group_size: int | None = None,
+                     cache_policy: Mapping[str, Any] | None = None) -> Attention:
   """Full causal attention with its own RoPE base: 1 000 000 by default (Gemma 3's global
   layers beside local layers at 10 000); ``rope_theta=None`` is NoPE (RNoPE-SWA).
 
-  ``shifted_sparse_group_size``: LongLoRA's training-time S²-Attn, as in ``"attention"``.
+  ``shifted_sparse_group_size`` (LongLoRA's training-time S²-Attn) and ``cache_policy`` (a
+  decode-time KV-cache policy) as in ``"attention"``.
   """
   _require_num_heads("global_attention", num_heads)
   return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads,
-                shifted_sparse_group_size=shifted_sparse_group_size)
+                shifted_sparse_group_size=shifted_sparse_group_size, cache_policy=cache_policy)

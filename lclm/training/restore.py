@@ -219,7 +219,9 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
       back (:mod:`lclm.model.layer_stack`).
     mesh, rules: the parameters are placed in the shardings of their logical axes on
       ``mesh`` (default ``sharding.make_mesh()``, the gin-configured mesh) under ``rules``
-      (default ``sharding.axis_rules()``), as ``step.init_train_state`` places them.
+      (default ``sharding.axis_rules()``), as ``step.init_train_state`` places them. A mesh
+      with Explicit axes (``jax.make_mesh``'s default) places them on its
+      ``sharding.auto_axes`` twin (same devices), as ``init_train_state`` does.
 
   Returns:
     ``(step, model)``: the checkpoint's step and the model holding its parameters, cast to
@@ -246,7 +248,9 @@ def restore_params(path: str, model_factory: Callable[[], nnx.Module], *,
       raise FileNotFoundError(f"restore_params: no checkpoint of step {step} in {directory}; "
                               f"it holds steps {steps}.")
     steps = [step]
-  mesh = sharding.make_mesh() if mesh is None else mesh
+  # An Explicit-axis mesh (``jax.make_mesh``'s default) works on its Auto twin, where the
+  # train state lives (lclm.sharding.auto_axes).
+  mesh = sharding.auto_axes(sharding.make_mesh() if mesh is None else mesh)
   rules = sharding.axis_rules() if rules is None else rules
   graphdef, target = _abstract_model(model_factory, mesh, rules)
   expected = param_shapes(target)

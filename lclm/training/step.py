@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from layers.partitioning import use_context_parallelism
 from lclm.sharding.activations import activation_sharding
 from lclm.sharding.context import check_model, check_sequence_length, context_parallel_plan
+from lclm.sharding.mesh import auto_axes
 from lclm.sharding.partition import named_shardings
 from lclm.training import losses
 
@@ -241,10 +242,13 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
 
   Args:
     optimizer_tx: the optax transformation the state was initialised with.
-    mesh: the device mesh (metrics come back replicated on it).
+    mesh: the device mesh (metrics come back replicated on it). Its Explicit axes, if any
+      (``jax.make_mesh``'s default), are made Auto (``lclm.sharding.auto_axes``): the step
+      runs in the pjit model, as the state from :func:`init_train_state` does.
     state_shardings: from :func:`init_train_state`.
     batch_sharding: sharding of every [batch, length] array, e.g.
-      ``lclm.sharding.batch_sharding(mesh)``.
+      ``lclm.sharding.batch_sharding(mesh)``; on a mesh with Explicit axes, its Auto twin's.
+      Batch arrays placed on a mesh with Explicit axes are first put in this sharding.
     grad_accum_steps: number of micro-batches per step; must divide the batch size.
     rules: axis rules for the activations the model pins (``activation_sharding``);
       default ``axis_rules()``. Use the rules the state shardings came from.
@@ -286,6 +290,10 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
                            if loss_chunk_size is None else None))
   use_z_loss = z_loss_weight > 0
   sum_names = _SUM_NAMES + ((_Z_LOSS_SUM,) if use_z_loss else ())
+  # Meshes with Explicit axes (jax.make_mesh's default) work on their Auto twins, where the
+  # helpers of lclm.sharding place the state and the batches.
+  mesh = auto_axes(mesh)
+  state_shardings, batch_sharding = _on_auto_twin((state_shardings, batch_sharding))
   param_shardings = state_shardings.params
   plan = context_parallel_plan(mesh, context_parallel)
 
@@ -336,5 +344,61 @@ def make_train_step(optimizer_tx: optax.GradientTransformation, *, mesh: Mesh,
     return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return _TrainStep(jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                            out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+                    batch_sharding)
+
+
+def _on_auto_twin(tree: Any) -> Any:
+  """``tree`` with each NamedSharding on a mesh with Explicit axes moved to its Auto twin."""
+  def twin(leaf):
+    if _on_explicit_mesh(leaf, is_sharding=True):
+      return NamedSharding(auto_axes(leaf.mesh), leaf.spec, memory_kind=leaf.memory_kind)
+    return leaf
+
+  return jax.tree.map(twin, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _on_explicit_mesh(x, is_sharding: bool = False) -> bool:
+  """Whether ``x`` (an array or ShapeDtypeStruct; a sharding with ``is_sharding``) has a
+  NamedSharding on a mesh with Explicit axes."""
+  sharding = x if is_sharding else getattr(x, "sharding", None)
+  return (isinstance(sharding, NamedSharding)
+          and AxisType.Explicit in tuple(getattr(sharding.mesh, "axis_types", ()) or ()))
+
+
+class _TrainStep:
+  """The jitted step of :func:`make_train_step`, callable and lowerable like ``jax.jit``'s.
+
+  A batch array (or ShapeDtypeStruct) placed on a mesh with Explicit axes (e.g. by
+  ``jax.device_put(x, NamedSharding(jax.make_mesh(...), spec))``) is first put in
+  ``batch_sharding`` (on the Auto twin of that mesh): the step runs in the pjit model, and
+  jit refuses inputs whose meshes differ in axis types. Other attributes are the jitted
+  function's.
+  """
+
+  def __init__(self, jitted, batch_sharding: NamedSharding):
+    self._jitted = jitted
+    self._batch_sharding = batch_sharding
+
+  def _place(self, batch: Batch) -> Batch:
+    def place(x):
+      if not _on_explicit_mesh(x):
+        return x
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding)
+      return jax.device_put(x, self._batch_sharding)
+
+    return jax.tree.map(place, batch)
+
+  def __call__(self, state: TrainState, batch: Batch):
+    return self._jitted(state, self._place(batch))
+
+  def lower(self, state: TrainState, batch: Batch):
+    return self._jitted.lower(state, self._place(batch))
+
+  def trace(self, state: TrainState, batch: Batch):
+    return self._jitted.trace(state, self._place(batch))
+
+  def __getattr__(self, name: str):
+    return getattr(self._jitted, name)

@@ -85,20 +85,29 @@ def _normalise(platform: str) -> str:
   return platform
 
 
-def resolve_implementation(op_name: str, implementation: str | None, platform: str) -> str:
-  """Returns the concrete implementation to run, or raises a ValueError that says why not."""
+def resolve_implementation(op_name: str, implementation: str | None, platform: str, *,
+                           float64: bool = False) -> str:
+  """Returns the concrete implementation to run, or raises a ValueError that says why not.
+
+  ``float64``: the inputs are float64. The Pallas kernels compute in float32, so for them
+  None picks "xla" and an explicit "pallas" or "interpret" raises.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"{op_name}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}."
     )
   if implementation is None:
-    return "pallas" if platform in PALLAS_PLATFORMS else "xla"
+    return "xla" if float64 or platform not in PALLAS_PLATFORMS else "pallas"
   if implementation == "pallas" and platform not in PALLAS_PLATFORMS:
     raise ValueError(
         f"{op_name}: implementation='pallas' needs a TPU or GPU, but the inputs are on "
         f"{platform!r}. Use implementation='interpret' to run the Pallas kernels in the "
         "interpreter, 'xla' for the blockwise path, or None to choose automatically."
     )
+  if float64 and implementation in ("pallas", "interpret"):
+    raise ValueError(f"{op_name}: float64 inputs run with implementation='xla' or 'reference' "
+                     f"(or None, which picks 'xla' for them), got "
+                     f"implementation={implementation!r}.")
   return implementation
 
 

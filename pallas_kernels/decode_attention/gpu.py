@@ -10,6 +10,11 @@ head_dim], strided by the BlockSpec; never repeated, transposed or padded): the 
 spans the whole cache length rounded up to block_k and the padded head dim, and every load
 is masked to the row's length and the true head dim (masked lanes read as 0).
 
+Block retrieval: one program per (row, kv head) loops over its own visit list
+(``xla.retrieval_visits``: block ids and selection flags, a power-of-two-padded row of the
+list per program, and its count), so each kv head loads exactly its sink, window and
+selected blocks.
+
 Matmuls take the input dtype and accumulate in float32; float32 inputs multiply in full
 precision (IEEE, not TF32: decoding is bound by memory, not by the tensor cores).
 """
@@ -24,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import padding
+from pallas_kernels._common import numerics, padding
 from pallas_kernels.decode_attention.xla import BackendSpec, BlockPlan
 
 MIN_BLOCK_K = 16
@@ -58,19 +63,22 @@ SPEC = BackendSpec(
 )
 
 
-def _dot(a, b, contract_b: int, precision):
-  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: BlockPlan, scale,
-            logits_soft_cap, group, head_dim, precision):
+def _kernel(*refs, plan: BlockPlan, scale, logits_soft_cap, group, head_dim, precision,
+            head_selectors):
+  if plan.retrieval:
+    lengths_ref, counts_ref, blocks_ref, flags_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  else:
+    lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   split = pl.program_id(2)
   length = lengths_ref[0]
   rows, dp = q_ref.shape
   bk = plan.block_k
   q = q_ref[...]
   n_sink, w_lo, n = plan.row(length)
+  if plan.retrieval:
+    n = counts_ref[0]
+    row_bit = (lax.rem(jnp.arange(rows, dtype=jnp.int32), jnp.int32(group))[:, None]
+               if head_selectors > 1 else jnp.zeros((rows, 1), jnp.int32))
   piece = lax.div(n + (plan.num_splits - 1), jnp.int32(plan.num_splits))
   first = split * piece
   stop = jnp.maximum(jnp.minimum(first + piece, n), first)
@@ -79,21 +87,28 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: BlockPlan
 
   def body(visit, carry):
     acc, m, l = carry
-    block = visit + (visit >= n_sink).astype(jnp.int32) * (w_lo - n_sink)
+    if plan.retrieval:
+      block = blocks_ref[visit]
+      selected = jnp.bitwise_and(jnp.right_shift(flags_ref[visit], row_bit), 1) == 1
+    else:
+      block = visit + (visit >= n_sink).astype(jnp.int32) * (w_lo - n_sink)
     start = block * bk
     keys = start + jnp.arange(bk, dtype=jnp.int32)
     load_mask = jnp.logical_and((keys < length)[:, None], lane_ok)
     k = plgpu.load(k_ref.at[pl.ds(start, bk), :], mask=load_mask, other=0.0)
     v = plgpu.load(v_ref.at[pl.ds(start, bk), :], mask=load_mask, other=0.0)
-    s = _dot(q, k, 1, precision) * scale
-    if logits_soft_cap is not None:
-      s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-    s = jnp.where(plan.visible(length, query, keys[None, :]), s, -jnp.inf)
+    s = numerics.dot(q, k, numerics.NT, precision=precision) * scale
+    s = numerics.soft_cap(s, logits_soft_cap)
+    if plan.retrieval:
+      seen = plan.visible(length, query, keys[None, :], selected=selected)
+    else:
+      seen = plan.visible(length, query, keys[None, :])
+    s = jnp.where(seen, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe[:, None])
     alpha = jnp.exp(m - m_safe)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0, precision)
+    acc = acc * alpha[:, None] + numerics.dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l * alpha + p.sum(axis=-1)
 
   carry = (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -106,8 +121,11 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: BlockPlan
 
 
 def decode_partials(q, key_cache, value_cache, lengths, *, plan: BlockPlan, scale: float,
-                    logits_soft_cap: float | None, group: int, interpret: bool = False):
-  """Per-split partial attention (interface in ``xla.py``)."""
+                    logits_soft_cap: float | None, group: int, interpret: bool = False,
+                    visits=None, head_selectors: int = 1):
+  """Per-split partial attention (interface in ``xla.py``). With block retrieval,
+  ``visits`` = (blocks, flags, counts) of ``xla.retrieval_visits``, one program per
+  (row, kv head); each program loops over its own list."""
   b, hk, rows, dp = q.shape
   cache_len, d = key_cache.shape[1], key_cache.shape[3]
   bk, splits = plan.block_k, plan.num_splits
@@ -119,12 +137,23 @@ def decode_partials(q, key_cache, value_cache, lengths, *, plan: BlockPlan, scal
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   kernel = functools.partial(_kernel, plan=plan, scale=scale,
                              logits_soft_cap=logits_soft_cap, group=group, head_dim=d,
-                             precision=precision)
+                             precision=precision, head_selectors=head_selectors)
   num_warps = 4 if bk * dp <= 128 * 128 else 8
+  prefetch = [lengths]
+  prefetch_specs = [pl.BlockSpec((1,), lambda bi, hi, si: (bi,))]
+  if visits is not None:
+    blocks, flags, counts = visits
+    # The program's list as a power-of-two block (Triton); padding slots are never read.
+    width = padding.next_power_of_2(blocks.shape[-1])
+    blocks, flags = (padding.pad_axis(x, 2, width) for x in (blocks, flags))
+    list_spec = pl.BlockSpec((None, None, width), lambda bi, hi, si: (bi, hi, 0))
+    prefetch += [counts.reshape(b, hk, 1), blocks, flags]
+    prefetch_specs += [pl.BlockSpec((None, None, 1), lambda bi, hi, si: (bi, hi, 0)),
+                       list_spec, list_spec]
   return pl.pallas_call(
       kernel,
       grid=(b, hk, splits),
-      in_specs=[pl.BlockSpec((1,), lambda bi, hi, si: (bi,)),
+      in_specs=[*prefetch_specs,
                 pl.BlockSpec((None, None, rows, dp), lambda bi, hi, si: (bi, hi, 0, 0)),
                 kv_spec, kv_spec],
       out_specs=[pl.BlockSpec((None, None, None, rows, dp),
@@ -135,4 +164,4 @@ def decode_partials(q, key_cache, value_cache, lengths, *, plan: BlockPlan, scal
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="lclm_decode_attention",
-  )(lengths, q, key_cache, value_cache)
+  )(*prefetch, q, key_cache, value_cache)

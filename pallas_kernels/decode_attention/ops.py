@@ -17,7 +17,8 @@ import numpy as np
 from pallas_kernels._common import dispatch, padding, validation
 from pallas_kernels._common import masks as masks_lib
 from pallas_kernels.decode_attention.reference import decode_attention_reference
-from pallas_kernels.decode_attention.xla import BlockPlan, merge_partials
+from pallas_kernels.decode_attention.xla import (MAX_SELECTORS, BlockPlan, merge_partials,
+                                                 retrieval_visits)
 
 OP = "decode_attention"
 LAYOUT_Q = "[batch, q_len, num_heads, head_dim]"
@@ -55,17 +56,35 @@ def _validate(query, key_cache, value_cache, lengths, scale, logits_soft_cap):
   validation.check_positive_float(OP, "logits_soft_cap", logits_soft_cap, allow_none=True)
 
 
-def _window(local_window_size, num_sink_tokens):
+def _validate_block_indices(block_indices, block_k, query, key_cache):
+  """Checks ``block_indices`` (and that ``block_k`` names its block size): int
+  [batch, num_kv_heads or num_heads, max_selected]."""
+  validation.check_rank(OP, "block_indices", block_indices, 3,
+                        "[batch, num_kv_heads, max_selected]")
+  validation.check_int_dtype(OP, "block_indices", block_indices)
+  b, _, h, _ = query.shape
+  hk = key_cache.shape[2]
+  if block_indices.shape[0] != b or block_indices.shape[1] not in (hk, h):
+    raise ValueError(
+        f"{OP}: block_indices must be [batch, num_kv_heads, max_selected] with batch={b} and "
+        f"num_kv_heads={hk} (or [batch, num_heads={h}, max_selected], one list per query "
+        f"head), got {tuple(block_indices.shape)}.")
+  if block_k is None:
+    raise ValueError(f"{OP}: block_indices name blocks of block_k keys: pass block_k too "
+                     "(the block size the ids were chosen for).")
+
+
+def _window(local_window_size, num_sink_tokens, retrieval=False):
   """(left reach or None, sinks), validated like flash_attention's mask keywords."""
   if (isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, (int, np.integer))
       or num_sink_tokens < 0):
     raise ValueError(f"{OP}: num_sink_tokens must be a non-negative int, got "
                      f"{num_sink_tokens!r}.")
-  if num_sink_tokens and local_window_size is None:
+  if num_sink_tokens and local_window_size is None and not retrieval:
     raise ValueError(f"{OP}: num_sink_tokens={num_sink_tokens} only widens a sliding window; "
                      "pass local_window_size too (without a window every key is visible).")
   if local_window_size is None:
-    return None, 0
+    return None, int(num_sink_tokens) if retrieval else 0
   try:
     left, _ = masks_lib.window_sizes(local_window_size)
   except ValueError as e:
@@ -90,7 +109,8 @@ def _block_k(spec, requested, cache_len, kv_heads, head_dim, itemsize):
 
 def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
                      local_window_size=None, num_sink_tokens=0, logits_soft_cap=None,
-                     return_lse=False, implementation=None, block_k=None, num_splits=None):
+                     return_lse=False, implementation=None, block_k=None, num_splits=None,
+                     block_indices=None):
   """Attention of a few new tokens over a KV cache (flash-decoding).
 
   The cache is cut into ``num_splits`` pieces processed in parallel (each a partial softmax
@@ -129,6 +149,24 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
     num_splits: pieces the cache is cut into (parallel programs); None takes the backend's
       default (GPU: enough programs to fill the device; TPU: 1, or 2 for a single
       (row, kv head); XLA: 1). Clamped to the number of blocks a row can visit.
+    block_indices: block retrieval (InfLLM, Quest): int [batch, num_kv_heads, max_selected]
+      ids of key blocks (``block_k`` keys each; block_k is then required) each kv head
+      attends to besides the sinks and the window; -1 (any negative id) marks an unused
+      slot, duplicates are allowed, ids at or past a row's ceil(lengths[b] / block_k) are
+      ignored. The query heads of a kv head (and the q_len queries) share its list; a list
+      per query head, [batch, num_heads, max_selected], is accepted too (the kv head then
+      visits the union of its group's lists). Query i of row b then sees key j iff j <= p,
+      j < lengths[b] and (j's block is selected, or j >= p - left with a window, or
+      j < num_sink_tokens); without ``local_window_size`` only sinks and selected blocks
+      are seen (num_sink_tokens needs no window here). Exactly those blocks are read: the
+      sink blocks, the window's blocks and the selected ones, each once (the visit lists
+      are built in XLA from the ids: sorted, deduplicated, past-length ids dropped). TPU:
+      a block holds every kv head (the cache's tiled layout puts a token's kv heads in one
+      tile), so a row reads the union of its kv heads' lists, each block once; a kv head
+      computes only on its own blocks. block_k follows the backend's rules (TPU: a
+      multiple of 128; GPU: a power of two >= 16; XLA: any); at most 32 lists share a
+      program (TPU: num_kv_heads, or num_heads with per-query-head lists; GPU / XLA: 1, or
+      the group size).
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query's dtype (and the lse if asked). A query
@@ -136,11 +174,12 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
     zeros and lse -inf. Forward only: decoding is inference (no custom VJP).
   """
   _validate(query, key_cache, value_cache, lengths, scale, logits_soft_cap)
-  left, sinks = _window(local_window_size, num_sink_tokens)
+  if block_indices is not None:
+    _validate_block_indices(block_indices, block_k, query, key_cache)
+  left, sinks = _window(local_window_size, num_sink_tokens, block_indices is not None)
   validation.check_positive_int(OP, "block_k", block_k, allow_none=True)
   validation.check_positive_int(OP, "num_splits", num_splits, allow_none=True)
   b, tq, h, d = query.shape
-  cache_len, hk = key_cache.shape[1], key_cache.shape[2]
   platform = dispatch.platform_of(query, key_cache, value_cache)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
   scale = float(d ** -0.5 if scale is None else scale)
@@ -150,17 +189,18 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
     return decode_attention_reference(
         query, key_cache, value_cache, lengths, scale=scale,
         local_window_size=None if left is None else (left, 0), num_sink_tokens=sinks,
-        logits_soft_cap=soft_cap, return_lse=return_lse)
+        logits_soft_cap=soft_cap, return_lse=return_lse, block_indices=block_indices,
+        block_k=block_k)
 
   backend = "xla" if impl == "xla" else dispatch.pallas_backend(platform)
   return _decode(query, key_cache, value_cache, lengths, backend=backend,
                  interpret=(impl == "interpret"), scale=scale, left=left, sinks=sinks,
                  logits_soft_cap=soft_cap, return_lse=return_lse, block_k=block_k,
-                 num_splits=num_splits)
+                 num_splits=num_splits, block_indices=block_indices)
 
 
 def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale, left,
-            sinks, logits_soft_cap, return_lse, block_k, num_splits):
+            sinks, logits_soft_cap, return_lse, block_k, num_splits, block_indices=None):
   """Runs backend "xla", "tpu" or "gpu" on validated arguments and merges its splits.
 
   Internal API, also used by the tests to run the GPU kernels in interpret mode on a CPU.
@@ -176,12 +216,30 @@ def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale
   module = _backend_module(backend)
   spec = module.SPEC
   bk = _block_k(spec, block_k, cache_len, hk, d, query.dtype.itemsize)
+  max_selected = selected = None
+  head_selectors = 1
+  if block_indices is not None:
+    # Each program's visit list is the union of the lists of its kv heads (and of their
+    # query heads, for per-query-head lists); a bit per list says who selected a block.
+    head_selectors = group if block_indices.shape[1] != hk else 1
+    per_program = spec.kv_heads_per_program(hk, d)
+    selectors = per_program * head_selectors
+    if selectors > MAX_SELECTORS:
+      raise ValueError(
+          f"{OP}: block_indices {tuple(block_indices.shape)} give one program of the "
+          f"{spec.name} implementation {selectors} lists (at most {MAX_SELECTORS}); pass "
+          f"per-kv-head lists [batch, num_kv_heads={hk}, max_selected] (e.g. the union or "
+          "the best-scored blocks of each group).")
+    k_sel = block_indices.shape[2]
+    selected = block_indices.astype(jnp.int32).reshape(
+        b, hk // per_program, selectors, k_sel)
+    max_selected = selectors * k_sel
   plan = BlockPlan.build(cache_len=cache_len, q_len=tq, block_k=bk, left=left,
-                         num_sinks=sinks, num_splits=1)
+                         num_sinks=sinks, num_splits=1, max_selected=max_selected)
   if num_splits is None:
     num_splits = spec.default_num_splits(b, hk, plan.max_visits)
   plan = BlockPlan.build(cache_len=cache_len, q_len=tq, block_k=bk, left=left,
-                         num_sinks=sinks, num_splits=num_splits)
+                         num_sinks=sinks, num_splits=num_splits, max_selected=max_selected)
 
   rows = tq * group
   # [B, Tq, Hkv, G, D] -> [B, Hkv, Tq * G, D]: row r is query r // G of head kv * G + r % G.
@@ -190,9 +248,13 @@ def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale
   q = padding.pad_axis(padding.pad_axis(q, 2, spec.padded_rows(rows)), 3,
                        spec.padded_head_dim(d))
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, cache_len)
+  extra = {}
+  if selected is not None:
+    extra = dict(visits=retrieval_visits(plan, lengths, selected),
+                 head_selectors=head_selectors)
   out, lse = module.decode_partials(q, key_cache, value_cache, lengths, plan=plan,
                                     scale=scale, logits_soft_cap=logits_soft_cap,
-                                    group=group, interpret=interpret)
+                                    group=group, interpret=interpret, **extra)
   out, lse = merge_partials(out, lse)
   out = out[:, :, :rows, :d].reshape(b, hk, tq, group, d)
   out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, tq, h, d).astype(query.dtype)

@@ -46,7 +46,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import block_sparsity
 from pallas_kernels._common import masks as masks_lib
-from pallas_kernels._common import padding, sharding
+from pallas_kernels._common import numerics, padding, segments, sharding
 from pallas_kernels.flash_attention import masking
 from pallas_kernels.flash_attention.common import LN2, LOG2E, attention_delta
 
@@ -94,15 +94,13 @@ def _store(ref, value, mask):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
-  """2-D matmul in the input dtype with float32 accumulation."""
-  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+# Products in the operands' dtype at the backend's default precision, float32 accumulation.
+_dot = functools.partial(numerics.dot, precision=None)
 
 
 def _logits(q, k, scale, soft_cap):
   """Base-2 logits q k^T [bq, bk] (float32) and tanh(s / cap) for the soft-cap gradient."""
-  s = _dot(q, k, 1, 1)
+  s = _dot(q, k, numerics.NT)
   if soft_cap is None:
     return s * (scale * LOG2E), None
   t = jnp.tanh(s * (scale / soft_cap))
@@ -151,7 +149,7 @@ def _visits(mask, *, num_heads, q_offset, kv_len, block_q, block_k, nq, nk, rows
 
 def _segment_ranges(segment_ids, block):
   """[B, T] segment ids -> [B, 2, T // block]: per-block (min, max)."""
-  return jnp.stack(masking.segment_block_ranges(segment_ids, block), axis=1)
+  return jnp.stack(segments.block_ranges(segment_ids, block), axis=1)
 
 
 def _overlap(q_range_ref, q_block, kv_range_ref, kv_block):
@@ -362,7 +360,7 @@ def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
   if mask is not None:
     s = mask(s)
   p = jnp.exp2(s - lse2[:, None])
-  ds = p * (_dot(d_out, v, 1, 1) - delta[:, None])
+  ds = p * (_dot(d_out, v, numerics.NT) - delta[:, None])
   if t is not None:
     ds = ds * (1.0 - t * t)
   return p, ds
@@ -396,8 +394,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *r
           mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
     p, ds = _probs_and_dlogits(q, k, v, d_out, lse_ref[g, rows], delta_ref[g, rows],
                                tile_mask, scale, soft_cap)
-    dv = dv + _dot(p.astype(d_out.dtype), d_out, 0, 0)
-    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+    dv = dv + _dot(p.astype(d_out.dtype), d_out, numerics.TN)
+    dk = dk + _dot(ds.astype(q.dtype), q, numerics.TN)
     return dk, dv
 
   overlap = None

@@ -91,15 +91,3 @@ def nth_visited_block(get, num_intervals: int, t):
     start = start + counts[r]
   is_full = jnp.logical_and(block >= full_lo, block < full_hi)
   return block, is_full, active
-
-
-def segment_block_ranges(segment_ids, block: int):
-  """Per-block (min, max) of segment ids: [batch, len] -> two [batch, len // block] arrays.
-
-  A (query block, key block) pair can hold a visible entry only when the two ranges overlap;
-  this is how kernels skip block pairs that segments mask entirely, without an L x L array.
-  ``len`` must be a multiple of ``block`` (kernels pad first).
-  """
-  b, n = segment_ids.shape
-  blocks = segment_ids.reshape(b, n // block, block)
-  return blocks.min(axis=-1), blocks.max(axis=-1)

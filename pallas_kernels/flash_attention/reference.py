@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import masks as masks_lib
+from pallas_kernels._common import numerics
 from pallas_kernels.flash_attention import masking
 
 
@@ -34,13 +34,12 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
   b, tq, h, d = query.shape
   tk, hk = key.shape[1], key.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  compute = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+  compute = numerics.compute_dtype(query)
   q = query.astype(compute).reshape(b, tq, hk, h // hk, d)
   k = key.astype(compute)
   v = value.astype(compute)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * scale
-  if logits_soft_cap is not None:
-    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  logits = numerics.soft_cap(logits, logits_soft_cap)
 
   q_seg = kv_seg = None
   if segment_ids is not None:

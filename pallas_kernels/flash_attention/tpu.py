@@ -45,11 +45,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import block_sparsity
+from pallas_kernels._common import block_sparsity, numerics, segments, tiles
 from pallas_kernels.flash_attention import masking
 from pallas_kernels.flash_attention.common import attention_delta
 
-LANES = 128
+LANES = tiles.LANES
 MIN_BLOCK = 128
 DEFAULT_BLOCK_SIZES = dict(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
 # Head dims below 128 stay unpadded when they are multiples of 4 from 8 up: the block spans
@@ -59,7 +59,7 @@ DEFAULT_BLOCK_SIZES = dict(block_q=512, block_k=512, block_q_bwd=256, block_k_bw
 MIN_UNPADDED_HEAD_DIM = 8
 # Scalar prefetch (visit metadata + segment block ranges) per pallas_call, in bytes: half of
 # the ~1 MiB SMEM of a TPU core, leaving room for Mosaic's own scalars.
-SCALAR_PREFETCH_LIMIT_BYTES = 512 * 1024
+SCALAR_PREFETCH_LIMIT_BYTES = tiles.SCALAR_PREFETCH_LIMIT_BYTES
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
 
@@ -69,15 +69,6 @@ def padded_head_dim(head_dim: int) -> int:
   if head_dim % LANES == 0 or (MIN_UNPADDED_HEAD_DIM <= head_dim < LANES and head_dim % 4 == 0):
     return head_dim
   return -(-head_dim // LANES) * LANES
-
-
-def _lanes(x, width):
-  """A lane-replicated [rows, 128] statistic as [rows, width] (width < 128 or % 128 == 0)."""
-  if width == LANES:
-    return x
-  if width < LANES:
-    return x[:, :width]
-  return jnp.tile(x, (1, width // LANES))
 
 
 def _column(row):
@@ -161,9 +152,9 @@ class _Geometry:
     k_idx = j * self.block_k + lax.broadcasted_iota(jnp.int32, shape, k_axis)
     if self.has_segments:
       if transposed:
-        kv_seg = _lanes(kv_seg, self.block_q)
+        kv_seg = tiles.lanes(kv_seg, self.block_q)
       else:
-        q_seg = _lanes(q_seg, self.block_k)
+        q_seg = tiles.lanes(q_seg, self.block_k)
     else:
       q_seg = kv_seg = None
     return masking.visible(q_idx, k_idx, mask=self.mask, q_offset=self.q_offset,
@@ -182,17 +173,14 @@ class _Geometry:
 def _logits(a, b, scale, logits_soft_cap):
   """a @ b.T (float32), scaled and soft-capped: q kᵀ, or k qᵀ for the transposed tile."""
   s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * scale
-  if logits_soft_cap is not None:
-    s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-  return s
+  return numerics.soft_cap(s, logits_soft_cap)
 
 
 def _segment_inputs(q_segment_ids, kv_segment_ids, geo):
   """Scalar-prefetch block ranges and the segment ids as int32 rows [batch, 1, len]."""
   if not geo.has_segments:
     return (), ()
-  ranges = (*masking.segment_block_ranges(q_segment_ids, geo.block_q),
-            *masking.segment_block_ranges(kv_segment_ids, geo.block_k))
+  ranges = segments.pair_block_ranges(q_segment_ids, kv_segment_ids, geo.block_q, geo.block_k)
   return ranges, (q_segment_ids[:, None, :], kv_segment_ids[:, None, :])
 
 
@@ -247,12 +235,12 @@ def _forward_kernel(*refs, geo, scale, logits_soft_cap):
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    p = jnp.exp(s - _lanes(m_safe, geo.block_k))
+    p = jnp.exp(s - tiles.lanes(m_safe, geo.block_k))
     alpha = jnp.exp(m_prev - m_safe)
     m_scr[...] = m_new
     l_scr[...] = alpha * l_prev + p.sum(axis=1, keepdims=True)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    acc_scr[...] = acc_scr[...] * _lanes(alpha, acc_scr.shape[1]) + pv
+    acc_scr[...] = acc_scr[...] * tiles.lanes(alpha, acc_scr.shape[1]) + pv
 
   geo.run(jnp.logical_and(active, geo.segments_overlap(b, i, j, ranges)), full, attend)
 
@@ -261,7 +249,7 @@ def _forward_kernel(*refs, geo, scale, logits_soft_cap):
     l = l_scr[...]
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_scr[...] / _lanes(l_safe, acc_scr.shape[1])).astype(o_ref.dtype)
+    o_ref[...] = (acc_scr[...] / tiles.lanes(l_safe, acc_scr.shape[1])).astype(o_ref.dtype)
     lse = jnp.where(empty, -jnp.inf, m_scr[...] + jnp.log(l_safe))  # [block_q, 128]
     lse_ref[...] = lse.T[:1, :]  # One transpose per query block: the row [1, block_q].
 
@@ -398,11 +386,11 @@ def _dq_kernel(*refs, geo, scale, logits_soft_cap):
   def accumulate(masked):
     k = k_ref[...]
     s = _logits(q_ref[...], k, scale, logits_soft_cap)
-    p = jnp.exp(s - _lanes(lse_scr[...], geo.block_k))
+    p = jnp.exp(s - tiles.lanes(lse_scr[...], geo.block_k))
     if masked:
       p = jnp.where(geo.mask_tile(h, i, j, *_q_major_segments(seg_refs, seg_scr)), p, 0.0)
     dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes(delta_scr[...], geo.block_k))
+    ds = p * (dp - tiles.lanes(delta_scr[...], geo.block_k))
     if logits_soft_cap is not None:
       ds = ds * (1.0 - jnp.square(s / logits_soft_cap))
     dq_scr[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)

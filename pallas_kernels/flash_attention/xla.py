@@ -27,7 +27,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import block_sparsity, sharding
+from pallas_kernels._common import block_sparsity, numerics, segments, sharding
 from pallas_kernels.flash_attention import common, masking
 
 MIN_BLOCK = 1
@@ -56,10 +56,6 @@ def default_block_size(mask, q_len: int, kv_len: int) -> int:
 
 def padded_head_dim(head_dim: int) -> int:
   return head_dim
-
-
-def _accum_dtype(dtype):
-  return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def _group(x, num_kv_heads):
@@ -126,9 +122,7 @@ def _sweep(intervals, step, carry, *, has_segments, overlap):
 
 def _logits(q, k, scale, logits_soft_cap, accum):
   s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=accum) * scale
-  if logits_soft_cap is not None:
-    s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-  return s
+  return numerics.soft_cap(s, logits_soft_cap)
 
 
 def _segments_overlap(ranges, i, j):
@@ -137,13 +131,6 @@ def _segments_overlap(ranges, i, j):
     return True
   q_min, q_max, k_min, k_max = ranges
   return jnp.any((q_min[:, i] <= k_max[:, j]) & (k_min[:, j] <= q_max[:, i]))
-
-
-def _ranges(q_seg, kv_seg, block_q, block_k):
-  if q_seg is None:
-    return None
-  return (*masking.segment_block_ranges(q_seg, block_q),
-          *masking.segment_block_ranges(kv_seg, block_k))
 
 
 def _geometry(q, k, q_seg, kv_seg, mask, *, q_offset, kv_len, block_q, block_k, q_len):
@@ -172,9 +159,9 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale, mask, logits
   del interpret
   b, h, tq, d = q.shape
   hk = k.shape[1]
-  accum = _accum_dtype(q.dtype)
+  accum = numerics.compute_dtype(q)
   qg = _group(q, hk)
-  ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
+  ranges = segments.pair_block_ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
   nq, _, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
                                      q_offset=q_offset, kv_len=kv_len, block_q=block_q,
                                      block_k=block_k, q_len=q_len)
@@ -228,14 +215,14 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   del interpret
   b, h, tq, d = q.shape
   hk, tk = k.shape[1], k.shape[2]
-  accum = _accum_dtype(q.dtype)
+  accum = numerics.compute_dtype(q)
   qg, dog = _group(q, hk), _group(d_out, hk)
   inputs = (q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse)
   delta = common.attention_delta(out, d_out, d_lse, accum)
   delta = _group(delta[..., None], hk)[..., 0]
   # A row that sees no key has lse = -inf; +inf makes its probabilities exp(-inf) = 0.
   lse = _group(jnp.where(lse == -jnp.inf, jnp.inf, lse)[..., None], hk)[..., 0].astype(accum)
-  ranges = _ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
+  ranges = segments.pair_block_ranges(q_segment_ids, kv_segment_ids, block_q, block_k)
   _, nk, mask_fn, visits = _geometry(q, k, q_segment_ids, kv_segment_ids, mask,
                                      q_offset=q_offset, kv_len=kv_len, block_q=block_q,
                                      block_k=block_k, q_len=q_len)

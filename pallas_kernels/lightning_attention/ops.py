@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._common import dispatch, validation
+from pallas_kernels._common import dispatch, numerics, validation
 from pallas_kernels.lightning_attention.reference import lightning_attention_reference
 from pallas_kernels.ssd import core
 
@@ -117,7 +117,7 @@ def lightning_attention(q, k, v, *, decay, chunk_size=None, initial_state=None,
     chunk_size_bwd: accepted for compatibility and validated (a positive int); the backward
       kernels run the forward's chunks (they recompute its states).
     block_head_dim: GPU kernels only: the d_v tile of one program, a power of two >= 16
-      (None: 64, or less to fill the GPU). Ignored elsewhere.
+      (None: 64). Ignored elsewhere.
     precision: TPU products: None ("bf16x2" for bfloat16 inputs, else "highest"),
       "highest" or "bf16x2" (see ``ssd``).
 
@@ -128,15 +128,10 @@ def lightning_attention(q, k, v, *, decay, chunk_size=None, initial_state=None,
   decay = _validate(q, k, v, decay, initial_state, segment_ids)
   b, t, h, dk = q.shape
   dv = v.shape[3]
-  accum = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+  accum = numerics.compute_dtype(q)
   platform = dispatch.platform_of(q, k, v)
-  impl = dispatch.resolve_implementation(OP, implementation, platform)
-  if accum == jnp.float64:  # The Pallas kernels compute in float32 (as ssd, selective_scan).
-    if implementation is None:
-      impl = "xla"
-    elif impl in ("pallas", "interpret"):
-      raise ValueError(f"{OP}: float64 inputs run with implementation='xla' or 'reference' "
-                       f"(or None, which picks 'xla' for them), got implementation={impl!r}.")
+  impl = dispatch.resolve_implementation(OP, implementation, platform,
+                                         float64=accum == jnp.float64)
   for name, value in (("chunk_size", chunk_size), ("chunk_size_bwd", chunk_size_bwd)):
     validation.check_positive_int(OP, name, value, allow_none=True)
 

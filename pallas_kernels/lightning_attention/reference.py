@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import numerics
+
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -38,7 +40,7 @@ def lightning_attention_reference(q, k, v, *, decay, initial_state=None,
   """
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  compute = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+  compute = numerics.compute_dtype(q)
   qc, kc, vc = (jnp.moveaxis(x.astype(compute), 1, 0) for x in (q, k, v))  # [T, B, H, D]
   lam = jnp.asarray(decay).astype(compute)[None, :, None, None]
   state = (jnp.zeros((b, h, dk, dv), compute) if initial_state is None

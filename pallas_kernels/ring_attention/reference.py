@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import masks as masks_lib
+from pallas_kernels._common import numerics
 from pallas_kernels.flash_attention import masking
 from pallas_kernels.flash_attention.reference import masked_softmax_attention
 
@@ -23,7 +24,7 @@ def ring_attention_reference(query, key, value, *, axis_name, is_causal=False,
   b, tl, h, d = query.shape
   hk = key.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  compute = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+  compute = numerics.compute_dtype(query)
   q_seg = kv_seg = None
   if segment_ids is not None:
     q_seg, kv_seg = (segment_ids if isinstance(segment_ids, (tuple, list))

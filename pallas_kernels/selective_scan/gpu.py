@@ -56,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import padding
+from pallas_kernels._common import numerics, padding
 
 CHANNEL_MULTIPLE = 16
 CHUNK_MULTIPLE = 1
@@ -179,15 +179,6 @@ def state_bytes(*, batch: int, seq_pad: int, d_pad: int, n: int, n_groups: int, 
   }
 
 
-def _softplus(x):
-  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def _silu_and_grad(z):
-  sig = jax.nn.sigmoid(z)
-  return z * sig, sig * (1.0 + z * (1.0 - sig))
-
-
 class _Static:
   """Static sizes of one call: ``window`` tokens per unrolled step, ``per_chunk`` windows
   per saved chunk, ``num_windows`` windows in all, ``num_chunks`` saved states."""
@@ -204,7 +195,7 @@ class _Static:
 
   def dt_row(self, delta_row, bias, t):
     pre = delta_row.astype(jnp.float32) + bias
-    dt = _softplus(pre) if self.delta_softplus else pre
+    dt = numerics.softplus(pre) if self.delta_softplus else pre
     valid = t < self.seq_len
     return jnp.where(valid, dt, 0.0), pre, valid
 
@@ -262,7 +253,7 @@ def _forward_kernel(*refs, st: _Static):
       h = _step(h, dt, u, decay, b_row)
       y = jnp.sum(h * r["C"][t, :].astype(jnp.float32)[None, :], axis=1) + D * u
       if st.has_z:
-        y = y * _silu_and_grad(r["z"][t, :].astype(jnp.float32))[0]
+        y = y * numerics.silu_and_grad(r["z"][t, :].astype(jnp.float32))[0]
       r["y"][t, :] = y.astype(r["y"].dtype)
     return h
 
@@ -303,7 +294,7 @@ def _backward_kernel(*refs, st: _Static):
       c_row = r["C"][t, :].astype(jnp.float32)
       dy = r["dy"][t, :].astype(jnp.float32)
       if st.has_z:
-        silu_z, dsilu_z = _silu_and_grad(r["z"][t, :].astype(jnp.float32))
+        silu_z, dsilu_z = numerics.silu_and_grad(r["z"][t, :].astype(jnp.float32))
         gy = dy * silu_z
       else:
         gy = dy

@@ -16,9 +16,9 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import dispatch, padding, validation
+from pallas_kernels._common import dispatch, numerics, padding, segments, validation
 from pallas_kernels.selective_scan import xla as xla_backend
-from pallas_kernels.selective_scan.reference import segment_resets, selective_scan_reference
+from pallas_kernels.selective_scan.reference import selective_scan_reference
 
 OP = "selective_scan"
 LAYOUT_X = "[batch, seq, d_inner]"
@@ -280,15 +280,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   _check_bool("delta_softplus", delta_softplus)
   _check_bool("return_final_state", return_final_state)
   platform = dispatch.platform_of(u, delta, A, B, C)
-  impl = dispatch.resolve_implementation(OP, implementation, platform)
-  arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-  if any(x is not None and x.dtype == jnp.float64 for x in arrays):
-    # The Pallas kernels compute in float32 (as ssd's and lightning_attention's).
-    if implementation is None:
-      impl = "xla"
-    elif impl in ("pallas", "interpret"):
-      raise ValueError(f"{OP}: float64 inputs run with implementation='xla' or 'reference' "
-                       f"(or None, which picks 'xla' for them), got implementation={impl!r}.")
+  cdt = numerics.compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  impl = dispatch.resolve_implementation(OP, implementation, platform,
+                                         float64=cdt == jnp.float64)
   if impl == "reference":
     return selective_scan_reference(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
@@ -297,7 +291,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   grouped = B.ndim == 4
   Bg = B if grouped else B[:, :, None]
   Cg = C if grouped else C[:, :, None]
-  resets = segment_resets(segment_ids)
+  resets = segments.run_starts(segment_ids)
 
   if impl == "xla":
     validation.check_positive_int(OP, "chunk_size", chunk_size, allow_none=True)

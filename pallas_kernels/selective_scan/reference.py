@@ -9,26 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def softplus(x):
-  """log(1 + exp(x)), stable for large |x| (no expm1: the Mosaic lowering lacks it)."""
-  return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def compute_dtype(*arrays):
-  """float64 when any input is float64, else float32."""
-  return jnp.float64 if any(a is not None and a.dtype == jnp.float64 for a in arrays) else (
-      jnp.float32)
-
-
-def segment_resets(segment_ids):
-  """bool [batch, seq]: True where a token's segment id differs from the previous token's.
-
-  The first token never resets (``initial_state`` applies to the row's first segment)."""
-  if segment_ids is None:
-    return None
-  changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+from pallas_kernels._common.numerics import compute_dtype, softplus
+from pallas_kernels._common.segments import run_starts
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -69,7 +51,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
   if delta_softplus:
     dt = softplus(dt)
   h0 = (jnp.zeros((b, d, n), dtype) if initial_state is None else cast(initial_state))
-  resets = segment_resets(segment_ids)
+  resets = run_starts(segment_ids)
   if resets is None:
     resets = jnp.zeros((b, seq), bool)
 

@@ -48,10 +48,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import padding
+from pallas_kernels._common import numerics, padding, tiles
 
-LANES = 128
-SUBLANES = 8
+LANES, SUBLANES = tiles.LANES, tiles.SUBLANES
 CHANNEL_MULTIPLE = LANES  # channel blocks are whole multiples of 128 lanes
 CHUNK_MULTIPLE = 16       # bfloat16 tiles hold 16 rows
 DEFAULT_CHUNK = 128
@@ -73,20 +72,6 @@ def vmem_bytes(chunk: int, block_d: int, n: int, backward: bool) -> int:
 # Tokens per iteration of the compiled kernels' time loops (``fori_loop(unroll=...)``, the
 # same program); interpret mode keeps 1, which halves its XLA compile time.
 UNROLL = 8
-
-
-def _softplus(x):
-  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def _silu_and_grad(z):
-  sig = jax.nn.sigmoid(z)
-  return z * sig, sig * (1.0 + z * (1.0 - sig))
-
-
-def _lanes(x, width):
-  """A lane-replicated [rows, 128] array as [rows, width] (width % 128 == 0)."""
-  return x if width == LANES else jnp.tile(x, (1, width // LANES))
 
 
 def _eye(rows, cols):
@@ -118,7 +103,7 @@ class _Static:
   def dt_tile(self, delta, bias, chunk_index):
     """dt [chunk, block_d] float32 from the delta tile; 0 on padded tokens."""
     pre = delta.astype(jnp.float32) + bias
-    dt = _softplus(pre) if self.delta_softplus else pre
+    dt = numerics.softplus(pre) if self.delta_softplus else pre
     position = chunk_index * self.chunk + lax.broadcasted_iota(jnp.int32, dt.shape, 0)
     valid = position < self.seq_len
     return jnp.where(valid, dt, 0.0), pre, valid
@@ -165,7 +150,7 @@ def _forward_kernel(*refs, st: _Static):
   b_scr[...] = r["B"][...].astype(jnp.float32)
   c_scr[...] = r["C"][...].astype(jnp.float32)
   if st.has_resets:
-    keep_scr[...] = _lanes(1.0 - r["resets"][...], bd)
+    keep_scr[...] = tiles.lanes(1.0 - r["resets"][...], bd)
   A = r["A"][...]
   eye = _eye(st.n_pad, st.n_lanes)
 
@@ -183,7 +168,7 @@ def _forward_kernel(*refs, st: _Static):
   h_scr[...] = h
   y = y_scr[...] + params[0:1, :] * u
   if st.has_z:
-    y = y * _silu_and_grad(r["z"][...].astype(jnp.float32))[0]
+    y = y * numerics.silu_and_grad(r["z"][...].astype(jnp.float32))[0]
   r["y"][...] = y.astype(r["y"].dtype)
 
   @pl.when(c == st.num_chunks - 1)
@@ -216,7 +201,7 @@ def _backward_kernel(*refs, st: _Static):
   dy = r["dy"][...].astype(jnp.float32)
   if st.has_z:
     z = r["z"][...].astype(jnp.float32)
-    silu_z, dsilu_z = _silu_and_grad(z)
+    silu_z, dsilu_z = numerics.silu_and_grad(z)
     gy = dy * silu_z
   else:
     gy = dy
@@ -226,7 +211,7 @@ def _backward_kernel(*refs, st: _Static):
   b_scr[...] = r["B"][...].astype(jnp.float32)
   c_scr[...] = r["C"][...].astype(jnp.float32)
   if st.has_resets:
-    keep_scr[...] = _lanes(1.0 - r["resets"][...], bd)
+    keep_scr[...] = tiles.lanes(1.0 - r["resets"][...], bd)
   A = r["A"][...]
   eye = _eye(st.n_pad, st.n_lanes)
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import padding
-from pallas_kernels.selective_scan.reference import compute_dtype, softplus
+from pallas_kernels._common.numerics import compute_dtype, softplus
 
 DEFAULT_CHUNK = 64
 METHODS = ("associative", "sequential")

@@ -31,7 +31,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import dispatch, padding, validation
+from pallas_kernels._common import dispatch, padding, segments, validation
 from pallas_kernels.ssd import xla
 from pallas_kernels.ssd.reference import skip_and_gate
 
@@ -204,7 +204,7 @@ def scalar_decay(x, dt, A, B, C, *, initial_states, D=None, z=None, segment_ids=
   block_p = None
   if backend == "gpu":
     try:
-      block_p = _gpu().block_head_dim(block_head_dim, p, b * h)
+      block_p = _gpu().block_head_dim(block_head_dim, p)
     except ValueError as e:
       raise ValueError(str(e).replace("ssd:", f"{op}:", 1)) from None
   else:
@@ -227,7 +227,7 @@ def scalar_decay(x, dt, A, B, C, *, initial_states, D=None, z=None, segment_ids=
   run_ids = None
   if segment_ids is not None:
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)), mode="edge")
-    run_ids = xla.relative_run_ids(seg, chunk)
+    run_ids = segments.relative_run_ids(seg, chunk)
 
   if backend == "xla":
     y, final = xla.ssd_chunked(xp, dt, a, Bp, Cp, initial_states, run_ids, chunk_size=chunk)

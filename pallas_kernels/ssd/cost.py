@@ -17,13 +17,15 @@ several blocks); the gate's gradient is elementwise XLA (dout, z, y_pre, x read;
 written; dx += D dy).
 
 GPU plan (``gpu.py``): x, B, C transposed and padded (P to the head tile, N to a power of two
->= 16), y written float32 and re-read by XLA for D x and the gate, the state saved at every
-chunk, dB and dC written per head in float32 and summed by XLA.
+>= 16); the chunk-parallel kernels: chunk states (float32, every chunk), the state passing
+(reads them, writes the entering states in place), the chunk output (y in x's dtype, re-read
+by XLA for D x and the gate); the backward's chunk cotangents, reverse passing and chunk
+gradients, dB and dC written per head (and head tile) in float32 and summed by XLA.
 
 FLOPs are MXU FLOPs including the passes each product takes: 1 for bfloat16 operands, 2 for a
 float32 operand split into bfloat16 halves ("bf16x2"), 6 for float32 products at HIGHEST
-("highest", float32 inputs on TPU) and 1 on the GPU (its float32 products at HIGHEST run on
-CUDA cores: the bound from the tensor-core rate is optimistic there).
+("highest", float32 inputs on TPU); on the GPU 1 for 16-bit inputs and 6 for float32 ones
+(TF32x3: three TF32 passes at half the bf16 tensor-core rate).
 """
 
 from __future__ import annotations
@@ -136,29 +138,41 @@ def _gpu_cost(*, batch, seq_len, num_heads, head_dim, num_groups, d_state, dtype
   s = itemsize(dtype)
   b, h, g, P, N = batch, num_heads, num_groups, head_dim, d_state
   L = gpu.shrink_chunk_size(chunk_size or gpu.DEFAULT_CHUNK_SIZE, seq_len)
-  bp = gpu.block_head_dim(block_head_dim, P, b * h)
+  bp = gpu.block_head_dim(block_head_dim, P)
   Pp, Np = gpu.padded_head_dim(P, bp), gpu.padded_state_dim(N)
   T = _round_up(seq_len, L)
   nc = T // L
   tiles = Pp // bp
   xs, xp = b * h * T * P * s, b * h * T * Pp * s
   bcp = b * g * T * Np * s
+  bc_reads = bcp * h // g * tiles  # B or C, once per (head, tile) program
   rows = b * h * T * 4
   state = b * h * Pp * Np * 4
+  chunk_states = nc * state  # float32, every chunk
+  stored = chunk_states * s // 4 if s == 2 else chunk_states  # the passed states, operand dtype
+  # 16-bit inputs: one tensor-core pass; float32: TF32x3, three passes at half the bf16 rate.
+  passes = 1 if s == 2 else 6
   layout = xs + xp + 2 * (b * g * T * N * s + bcp) + 4 * rows
-  y32 = b * h * T * Pp * 4
-  gate = y32 + (2 * xs if gated else 0) + xs  # y read with x (and z), out written
-  parts = [("layout", layout), ("fwd.x", xp + y32), ("fwd.bc", 2 * bcp * h // g * tiles),
-           ("fwd.rows", 3 * rows * tiles), ("fwd.states", 2 * state + (nc * state if backward
-                                                                      else 0)),
-           ("fwd.gate", gate)]
-  flops = b * h * nc * (tiles * 2 * L * L * N + 2 * L * L * bp * tiles + 4 * L * N * Pp)
+  gate = xp + (2 * xs if gated else 0) + xs  # y read with x (and z), out written
+  # chunk states (x, B, 3 rows in; S out), passing (S in, states out), output (x, B, C,
+  # 3 rows, states in; y out).
+  parts = [("layout", layout), ("fwd.x", 2 * xp + xp), ("fwd.bc", 3 * bc_reads),
+           ("fwd.rows", 6 * rows * tiles + b * h * nc * 4),
+           ("fwd.states", 2 * chunk_states + 2 * stored + 2 * state), ("fwd.gate", gate)]
+  per_chunk = tiles * (2 * L * bp * Np + 2 * L * L * Np + 2 * L * L * bp + 2 * L * Np * bp)
+  flops = b * h * nc * per_chunk * passes
   if backward:
-    dbc32 = b * h * T * Np * 4
-    parts += [("bwd.x", 3 * xp), ("bwd.bc", 2 * bcp * h // g), ("bwd.dbc", 2 * 2 * dbc32),
-              ("bwd.rows", 5 * rows), ("bwd.states", nc * state + 2 * state),
+    dbc32 = b * h * tiles * T * Np * 4
+    # cotangents (dy, C, 2 rows in; G out), reverse passing (G in, ends out), gradients
+    # (x, B, C, 3 rows, states, ends, dy in; dx, dB/dC/ddt/da partials out), XLA's sums.
+    parts += [("bwd.x", xp + 3 * xp), ("bwd.bc", bc_reads + 2 * bc_reads),
+              ("bwd.dbc", 2 * dbc32 + 2 * bcp),
+              ("bwd.rows", (2 + 3) * rows * tiles + 2 * 2 * rows * tiles + 2 * rows),
+              ("bwd.states", 2 * chunk_states + 3 * stored + 2 * state),
               ("bwd.layout", 2 * (xs + xp)), ("bwd.gate", (6 * xs) if gated else 2 * xs)]
-    flops += b * h * nc * (4 * 2 * L * L * max(Pp, Np) + 6 * 2 * L * Np * Pp + 2 * L ** 3)
+    per_chunk = tiles * (2 * L * bp * Np + 3 * 2 * L * L * Np + 2 * 2 * L * L * bp
+                         + 5 * 2 * L * Np * bp + 2 * L ** 3)
+    flops += b * h * nc * per_chunk * passes
   return Cost(flops=float(flops), hbm_bytes=float(sum(v for _, v in parts)),
               parts=tuple(parts))
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels._common import dispatch, validation
+from pallas_kernels._common import dispatch, numerics, validation
 from pallas_kernels.ssd import core
-from pallas_kernels.ssd.reference import compute_dtype, effective_dt, ssd_reference
+from pallas_kernels.ssd.reference import effective_dt, ssd_reference
 
 OP = "ssd"
 LAYOUT_X = "[batch, seq, heads, head_dim]"
@@ -104,9 +104,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
       "reference".
     segment_ids: int [batch, seq] or None: packed rows; the state restarts from zero at
       every token whose id differs from the previous token's.
-    block_head_dim: head_dim tile of the GPU kernels (power of two >= 16; default 64, or
-      less while batch * heads * tiles < 128, to fill the GPU); the TPU kernels take the
-      whole head_dim (unpadded).
+    block_head_dim: head_dim tile of the GPU kernels (power of two >= 16; default 64; the
+      GPU kernels run one program per chunk and tile, on tensor cores: bfloat16/float16
+      operands for 16-bit inputs, TF32x3 for float32); the TPU kernels take the whole
+      head_dim (unpadded).
     precision: products of the TPU kernels: None ("bf16x2" for bfloat16 x, else "highest"),
       "highest" (float32 products at full precision) or "bf16x2" (bfloat16 operands with
       float32 accumulation; float32 states split into two bfloat16 halves).
@@ -118,14 +119,9 @@ def ssd(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_sof
   _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, segment_ids)
   validation.check_positive_int(OP, "block_head_dim", block_head_dim, allow_none=True)
   platform = dispatch.platform_of(x, dt, B, C)
-  impl = dispatch.resolve_implementation(OP, implementation, platform)
-  cdt = compute_dtype(x)
-  if cdt == jnp.float64:
-    if implementation is None:
-      impl = "xla"
-    elif impl in ("pallas", "interpret"):
-      raise ValueError(f"{OP}: float64 inputs run with implementation='xla' or 'reference' "
-                       f"(or None, which picks 'xla' for them), got implementation={impl!r}.")
+  cdt = numerics.compute_dtype(x)
+  impl = dispatch.resolve_implementation(OP, implementation, platform,
+                                         float64=cdt == jnp.float64)
   kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                 initial_states=initial_states, return_final_states=return_final_states,
                 segment_ids=segment_ids)

@@ -15,12 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import numerics
+
 _HIGHEST = lax.Precision.HIGHEST
-
-
-def compute_dtype(x) -> jnp.dtype:
-  """float64 for float64 inputs, float32 otherwise (bfloat16/float16/float32)."""
-  return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def effective_dt(dt, dt_bias, dt_softplus, dtype):
@@ -65,7 +62,7 @@ def ssd_reference(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=No
     after the last token, [batch, heads, head_dim, d_state] float32 (float64 for float64 x).
   """
   del chunk_size, unused_block_sizes
-  cdt = compute_dtype(x)
+  cdt = numerics.compute_dtype(x)
   b, t, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   dt = effective_dt(dt, dt_bias, dt_softplus, cdt)

@@ -50,9 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import padding
-
-LANES = 128
+from pallas_kernels._common import numerics, padding
+from pallas_kernels._common.tiles import LANES
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_INTERVAL = 4  # chunks between saved states: 512 tokens at the default chunk
 VMEM_BUDGET = 12 * 2 ** 20  # blocks + scratch of one program; ~4 MiB left for temporaries
@@ -245,10 +244,6 @@ def _terms(geo, acum_row, lo_row, dt_row, run_row, *, intra=True):
                 through=through)
 
 
-def _silu(z):
-  return z * jax.nn.sigmoid(z)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -295,7 +290,7 @@ def _forward_kernel(*refs, plan, has_run, has_d, has_z, save):
     if has_z:
       if ypre_ref is not None:
         ypre_ref[r] = y.astype(ypre_ref.dtype)
-      y = y * _silu(z_ref[r].astype(_F32))
+      y = y * numerics.silu_and_grad(z_ref[r].astype(_F32))[0]
     y_ref[r] = y.astype(y_ref.dtype)
     h_scr[r] = through * h + _mm(x, w_col * bm.astype(_F32), _TN, prec)
     return carry

@@ -139,22 +139,6 @@ def _chunk_exponents_jvp(primals, tangents):
   return chunk_exponents(a), _exponent_tangents(da)
 
 
-def relative_run_ids(segment_ids, chunk_size: int):
-  """int32 [b, t]: index of the run of equal segment ids, counted from each chunk's start.
-
-  segment_ids: int [b, t] with t a multiple of chunk_size (the padding repeats the last id).
-  A run begins at every token whose id differs from the previous token's. 0 marks the run
-  that continues from the previous chunk (or the row's first run in the first chunk).
-  """
-  b, t = segment_ids.shape
-  change = jnp.concatenate(
-      [jnp.zeros((b, 1), jnp.int32),
-       (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], axis=1)
-  run = jnp.cumsum(change, axis=1).reshape(b, t // chunk_size, chunk_size)
-  before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), run[:, :-1, -1]], axis=1)
-  return (run - before[..., None]).reshape(b, t)
-
-
 def _chunks(a, chunk_size):
   """[b, t, ...] -> [t / L, b, L, ...] (chunk-major for the scan)."""
   b, t = a.shape[:2]

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import padding
+from pallas_kernels._common.numerics import NT, TN, dot
 
 MIN_BLOCK = 16
 MAX_CHUNK = 128
@@ -68,13 +69,6 @@ def block_v(d_v: int, programs: int) -> int:
   return block
 
 
-def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
-  """2-D matmul with float32 accumulation; float32 operands in IEEE precision."""
-  precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
-  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                         precision=precision, preferred_element_type=_F32)
-
-
 class _Terms:
   """Decay terms of one chunk (see ``tpu._Terms``), 1-D per-token vectors."""
 
@@ -87,7 +81,7 @@ class _Terms:
 
     def decay(l):
       l_incl = jnp.where(self.causal, l[None, :], 0.0)
-      seg = _dot(l_incl, strict_lower)  # [i, j] = sum_{j<m<=i} l_m
+      seg = dot(l_incl, strict_lower)  # [i, j] = sum_{j<m<=i} l_m
       return jnp.where(self.causal, jnp.exp(seg), 0.0), jnp.sum(l_incl, axis=1)
 
     def to_end(l):
@@ -107,7 +101,7 @@ class _Terms:
       self.la_mat, a = decay(lk)
       self.a = jnp.exp(a)
       self.c = jnp.sum(self.la_mat * self.e[None, :], axis=1)
-      self.w_mat = _dot(self.la_mat, self.le_mat)
+      self.w_mat = dot(self.la_mat, self.le_mat)
 
 
 def _end_row(ci, c, nc, last_row):
@@ -132,13 +126,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, th_ref, lk_ref, le_ref, m0_ref, s0_ref,
     t = _Terms(c, lk_ref[rows], le_ref[rows], n, full=True)
     k32 = k.astype(_F32)
     q32 = q.astype(_F32)
-    u = _dot(k32, m0) - v.astype(_F32)
-    b = _dot(q, k, 1, 1) * t.w_mat * theta[None, :]
-    o = (t.a[:, None] * _dot(q32, m0) + t.c[:, None] * _dot(q32, s0)
-         - _dot(b.astype(cdt), u.astype(cdt)))
+    u = dot(k32, m0) - v.astype(_F32)
+    b = dot(q, k, NT) * t.w_mat * theta[None, :]
+    o = (t.a[:, None] * dot(q32, m0) + t.c[:, None] * dot(q32, s0)
+         - dot(b.astype(cdt), u.astype(cdt)))
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    m1 = t.a_n * m0 + t.c_n * s0 - _dot(k32, (t.wn * theta)[:, None] * u, 0, 0)
-    s1 = t.e_n * s0 - _dot(k32, (t.en * theta)[:, None] * u, 0, 0)
+    m1 = t.a_n * m0 + t.c_n * s0 - dot(k32, (t.wn * theta)[:, None] * u, TN)
+    s1 = t.e_n * s0 - dot(k32, (t.en * theta)[:, None] * u, TN)
     return m1, s1
 
   m, s = lax.fori_loop(0, nc, body, (m0_ref[...], s0_ref[...]))
@@ -154,7 +148,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, th_ref, lk_ref, le_ref, ms_ref, ss_ref
   before = (idx[:, None] < idx[None, :]).astype(_F32)  # [j, m]: j < m
 
   def segment_grad(causal, dseg, dcum):
-    r = _dot(dseg, before) + dcum[:, None]
+    r = dot(dseg, before) + dcum[:, None]
     return jnp.sum(jnp.where(causal, r, 0.0), axis=0)
 
   def body(i, carry):
@@ -168,44 +162,44 @@ def _backward_kernel(q_ref, k_ref, v_ref, th_ref, lk_ref, le_ref, ms_ref, ss_ref
     t = _Terms(c, lk_ref[rows], le_ref[rows], n, full=True)
     is_end = idx == n
     q32, k32, do32 = q.astype(_F32), k.astype(_F32), d_o.astype(_F32)
-    u = _dot(k32, m0) - v.astype(_F32)
-    p = _dot(q, k, 1, 1)
+    u = dot(k32, m0) - v.astype(_F32)
+    p = dot(q, k, NT)
     pw = p * t.w_mat
     b = pw * theta[None, :]
     g = t.wn * theta
     h = t.en * theta
     # o = A (Q M0) + c (Q S0) - B U.
-    d_a = jnp.sum(do32 * _dot(q32, m0), axis=1)
-    d_c = jnp.sum(do32 * _dot(q32, s0), axis=1)
-    d_b = -_dot(d_o, u.astype(cdt), 1, 1)
+    d_a = jnp.sum(do32 * dot(q32, m0), axis=1)
+    d_c = jnp.sum(do32 * dot(q32, s0), axis=1)
+    d_b = -dot(d_o, u.astype(cdt), NT)
     d_p = d_b * t.w_mat * theta[None, :]
     d_w = d_b * p * theta[None, :]
     d_theta = jnp.sum(d_b * pw, axis=0)
     # The end state.
-    k_dm = _dot(k32, dm1)
-    k_ds = _dot(k32, ds1)
+    k_dm = dot(k32, dm1)
+    k_ds = dot(k32, ds1)
     d_g = -jnp.sum(k_dm * u, axis=1)
     d_h = -jnp.sum(k_ds * u, axis=1)
     d_theta = d_theta + d_g * t.wn + d_h * t.en
     d_a = d_a + jnp.where(is_end, jnp.sum(dm1 * m0), 0.0)
     d_c = d_c + jnp.where(is_end, jnp.sum(dm1 * s0), 0.0)
     # U = K M0 - V.
-    d_u = -_dot(b.astype(cdt), d_o, 0, 0) - g[:, None] * k_dm - h[:, None] * k_ds
+    d_u = -dot(b.astype(cdt), d_o, TN) - g[:, None] * k_dm - h[:, None] * k_ds
     ado = t.a[:, None] * do32
     cdo = t.c[:, None] * do32
-    dq = _dot(d_p.astype(cdt), k) + _dot(ado, m0, 1, 1) + _dot(cdo, s0, 1, 1)
-    dk = (_dot(d_p.astype(cdt), q, 0, 0) + _dot(d_u, m0, 1, 1)
-          - _dot(g[:, None] * u, dm1, 1, 1) - _dot(h[:, None] * u, ds1, 1, 1))
+    dq = dot(d_p.astype(cdt), k) + dot(ado, m0, NT) + dot(cdo, s0, NT)
+    dk = (dot(d_p.astype(cdt), q, TN) + dot(d_u, m0, NT)
+          - dot(g[:, None] * u, dm1, NT) - dot(h[:, None] * u, ds1, NT))
     dq_ref[rows, :] = dq
     dk_ref[rows, :] = dk
     dv_ref[rows, :] = (-d_u).astype(dv_ref.dtype)
-    dm0 = t.a_n * dm1 + _dot(q32, ado, 0, 0) + _dot(k32, d_u, 0, 0)
-    ds0 = t.e_n * ds1 + t.c_n * dm1 + _dot(q32, cdo, 0, 0)
+    dm0 = t.a_n * dm1 + dot(q32, ado, TN) + dot(k32, d_u, TN)
+    ds0 = t.e_n * ds1 + t.c_n * dm1 + dot(q32, cdo, TN)
     # Gates.
     end_row = idx[:, None] == n
     d_w = d_w + jnp.where(end_row, (d_g * theta)[None, :], 0.0)
-    d_la = d_c[:, None] * t.e[None, :] + _dot(d_w, t.le_mat, 1, 1)
-    d_le = _dot(t.la_mat, d_w, 0, 0) + jnp.where(end_row, (d_h * theta)[None, :], 0.0)
+    d_la = d_c[:, None] * t.e[None, :] + dot(d_w, t.le_mat, NT)
+    d_le = dot(t.la_mat, d_w, TN) + jnp.where(end_row, (d_h * theta)[None, :], 0.0)
     d_e = jnp.sum(t.la_mat * d_c[:, None], axis=0) + jnp.where(is_end, jnp.sum(ds1 * s0), 0.0)
     dth_ref[rows] = d_theta
     dlk_ref[rows] = segment_grad(t.causal, d_la * t.la_mat, d_a * t.a)

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import dispatch, padding, validation
+from pallas_kernels._common.numerics import compute_dtype
 from pallas_kernels.titans_memory import xla
-from pallas_kernels.titans_memory.reference import (as_weight_tuple, compute_dtype,
-                                                    titans_memory_reference, zero_state)
+from pallas_kernels.titans_memory.reference import (as_weight_tuple, titans_memory_reference,
+                                                    zero_state)
 
 OP = "titans_memory"
 LAYOUT_QK = "[batch, seq, heads, d_k]"

@@ -24,12 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common.numerics import compute_dtype
+
 _HIGHEST = lax.Precision.HIGHEST
-
-
-def compute_dtype(x) -> jnp.dtype:
-  """float64 for float64 inputs, float32 otherwise (bfloat16/float16/float32)."""
-  return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def memory_apply(weights, x):

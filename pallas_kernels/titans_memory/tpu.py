@@ -63,6 +63,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._common.numerics import NN, NT, TN, dot
+
 CHUNK_MULTIPLE = 8
 MAX_CHUNK = 256
 GROUP_TOKENS = 512  # tokens per grid step at d <= 128; the forward saves one state per group
@@ -70,9 +72,7 @@ MAX_STRIDE = 8  # chunks per grid step at most
 MAX_STATE = 128 * 256  # d_k * d_v above which d_v is split into tiles (VMEM, spills)
 TILE_V = 128
 
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN, _NT, _TN = NN, NT, TN  # contracting dims for dot: a @ b, a @ b.T, a.T @ b
 _F32 = jnp.float32
 
 
@@ -111,26 +111,20 @@ def group_stride(num_chunks: int, chunk: int, d_k: int = 128, b_v: int = 128) ->
 # Chunk math (2-D values; shared by the forward, the recompute and the backward).
 
 
-def _dot(a, b, dims=_NN):
-  """MXU matmul with float32 accumulation; float32 operands at HIGHEST precision."""
-  precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
-
-
 def _split_dot(a, b, dims, cdt, split_lhs=False):
   """a · b with one float32 operand (``b``, or ``a`` if ``split_lhs``) kept accurate: for
   float32 ``cdt`` both at HIGHEST precision; for bfloat16 the other operand in bfloat16 and
   the float32 one as hi + lo bfloat16 halves (two matmuls)."""
   if cdt == _F32:
-    return _dot(a.astype(_F32), b.astype(_F32), dims)
+    return dot(a.astype(_F32), b.astype(_F32), dims)
   x, y = (b, a) if split_lhs else (a, b)
   x = x.astype(cdt)
   y = y.astype(_F32)
   hi = y.astype(cdt)
   lo = (y - hi.astype(_F32)).astype(cdt)
   if split_lhs:
-    return _dot(hi, x, dims) + _dot(lo, x, dims)
-  return _dot(x, hi, dims) + _dot(x, lo, dims)
+    return dot(hi, x, dims) + dot(lo, x, dims)
+  return dot(x, hi, dims) + dot(x, lo, dims)
 
 
 def _total(a):
@@ -167,7 +161,7 @@ class _Geo:
     """L[i, j] = exp(sum_{j<m<=i} l_m) (0 for j > i) and the cumulative sums
     sum_{m<=i} l_m as a column, from a [1, C] row of log gates."""
     l_incl = jnp.where(self.causal, l_row, 0.0)  # [i, m]: l_m for m <= i
-    seg = _dot(l_incl, self.strict_lower)  # [i, j] = sum_{j<m<=i} l_m (0 for j >= i)
+    seg = dot(l_incl, self.strict_lower)  # [i, j] = sum_{j<m<=i} l_m (0 for j >= i)
     return (jnp.where(self.causal, jnp.exp(seg), 0.0),
             jnp.sum(l_incl, axis=1, keepdims=True))
 
@@ -202,7 +196,7 @@ class _Terms:
       self.a_col = jnp.exp(a_col)
       self.e_row = geo.row(self.e_col)
       self.c_col = jnp.sum(self.la_mat * self.e_row, axis=1, keepdims=True)
-      self.w_mat = _dot(self.la_mat, self.le_mat)
+      self.w_mat = dot(self.la_mat, self.le_mat)
 
 
 def _chunk_forward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, n, with_output):
@@ -211,9 +205,9 @@ def _chunk_forward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, n, with
   u = _split_dot(k, m0, _NN, cdt) - v.astype(_F32)  # [C, d_v]: errors at the chunk start
   o = None
   if with_output:
-    b = _dot(q, k, _NT) * t.w_mat * theta_row  # [i, t]
+    b = dot(q, k, _NT) * t.w_mat * theta_row  # [i, t]
     o = (t.a_col * _split_dot(q, m0, _NN, cdt) + t.c_col * _split_dot(q, s0, _NN, cdt)
-         - _dot(b.astype(cdt), u.astype(cdt)))
+         - dot(b.astype(cdt), u.astype(cdt)))
   theta_col = geo.column(theta_row)
   m1 = t.a_n * m0 + t.c_n * s0 - _split_dot(k, (t.wn_col * theta_col) * u, _TN, cdt)
   s1 = t.e_n * s0 - _split_dot(k, (t.en_col * theta_col) * u, _TN, cdt)
@@ -224,7 +218,7 @@ def _segment_grad(geo, dseg, dcum_col):
   """Cotangent of the log gates [1, C] from the cotangents of their segment sums
   (dseg[i, j] of sum_{j<m<=i} l_m) and cumulative sums (dcum_i of sum_{m<=i} l_m):
   d l_m = sum_{i>=m} (sum_{j<m} dseg[i, j] + dcum_i), each stretch summed on its own."""
-  r = _dot(dseg, geo.before) + dcum_col
+  r = dot(dseg, geo.before) + dcum_col
   return jnp.sum(jnp.where(geo.causal, r, 0.0), axis=0, keepdims=True)
 
 
@@ -237,7 +231,7 @@ def _chunk_backward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, d_o, d
   d_o = d_o.astype(cdt)
   do32 = d_o.astype(_F32)
   u = _split_dot(k, m0, _NN, cdt) - v.astype(_F32)
-  p = _dot(q, k, _NT)  # [i, t]
+  p = dot(q, k, _NT)  # [i, t]
   pw = p * t.w_mat
   b = pw * theta_row
   g_col = t.wn_col * theta_col  # the end state's weights of the tokens' errors
@@ -246,7 +240,7 @@ def _chunk_backward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, d_o, d
   # o = A (Q M0) + c (Q S0) - B U.
   d_a = jnp.sum(do32 * _split_dot(q, m0, _NN, cdt), axis=1, keepdims=True)
   d_c = jnp.sum(do32 * _split_dot(q, s0, _NN, cdt), axis=1, keepdims=True)
-  d_b = -_dot(d_o, u.astype(cdt), _NT)  # [i, t]
+  d_b = -dot(d_o, u.astype(cdt), _NT)  # [i, t]
   d_p = d_b * t.w_mat * theta_row
   d_w = d_b * p * theta_row
   d_theta = jnp.sum(d_b * pw, axis=0, keepdims=True)
@@ -261,10 +255,10 @@ def _chunk_backward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, d_o, d
   d_c = d_c + jnp.where(end_sublane, _total(dm1 * s0), 0.0)
 
   # U = K M0 - V.
-  d_u = -_dot(b.astype(cdt), d_o, _TN) - g_col * k_dm - h_col * k_ds
-  dq = (_dot(d_p.astype(cdt), k) + _split_dot(t.a_col * do32, m0, _NT, cdt)
+  d_u = -dot(b.astype(cdt), d_o, _TN) - g_col * k_dm - h_col * k_ds
+  dq = (dot(d_p.astype(cdt), k) + _split_dot(t.a_col * do32, m0, _NT, cdt)
         + _split_dot(t.c_col * do32, s0, _NT, cdt))
-  dk = (_dot(d_p.astype(cdt), q, _TN) + _split_dot(d_u, m0, _NT, cdt)
+  dk = (dot(d_p.astype(cdt), q, _TN) + _split_dot(d_u, m0, _NT, cdt)
         - _split_dot(g_col * u, dm1, _NT, cdt) - _split_dot(h_col * u, ds1, _NT, cdt))
   dm0 = (t.a_n * dm1 + _split_dot(q, t.a_col * do32, _TN, cdt)
          + _split_dot(k, d_u, _TN, cdt))
@@ -272,8 +266,8 @@ def _chunk_backward(geo, cdt, q, k, v, theta_row, lk_row, le_row, m0, s0, d_o, d
 
   # Gates: c = LA E, W = LA LE (W[n, :] and LE[n, :] also feed the end state), A, E.
   d_w = d_w + jnp.where(end_row, geo.row(d_g * theta_col), 0.0)
-  d_la = d_c * t.e_row + _dot(d_w, t.le_mat, _NT)
-  d_le = _dot(t.la_mat, d_w, _TN) + jnp.where(end_row, geo.row(d_h * theta_col), 0.0)
+  d_la = d_c * t.e_row + dot(d_w, t.le_mat, _NT)
+  d_le = dot(t.la_mat, d_w, _TN) + jnp.where(end_row, geo.row(d_h * theta_col), 0.0)
   d_e = (jnp.sum(t.la_mat * d_c, axis=0, keepdims=True)
          + jnp.where(end_lane, _total(ds1 * s0), 0.0))
   d_lk = _segment_grad(geo, d_la * t.la_mat, d_a * t.a_col)

@@ -59,6 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._common.numerics import dot, silu_and_grad
 from pallas_kernels.titans_memory import tpu
 from pallas_kernels.titans_memory.tpu import _NN, _NT, _TN, _Geo, _Terms
 
@@ -101,15 +102,14 @@ def _halves(x, cdt):
 
 def _mm_impl(a, b, dims, cdt):
   if cdt == _F32:
-    return lax.dot_general(a.astype(_F32), b.astype(_F32), dims,
-                           precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+    return dot(a.astype(_F32), b.astype(_F32), dims)  # HIGHEST precision
   pa, pb = _halves(a, cdt), _halves(b, cdt)
   out = None
   for i, x in enumerate(pa):
     for j, y in enumerate(pb):
       if i + j > 1:  # lo x lo: below float32 accumulation's noise
         continue
-      term = lax.dot_general(x, y, dims, preferred_element_type=_F32)
+      term = dot(x, y, dims, precision=None)
       out = term if out is None else out + term
   return out
 
@@ -138,11 +138,6 @@ def _mm_bwd(dims, cdt, res, g):
 _mm.defvjp(_mm_fwd, _mm_bwd)
 
 
-def _silu_grad(z):
-  s = jax.nn.sigmoid(z)
-  return s * (1 + z * (1 - s))
-
-
 def _chunk(geo, cdt, n, with_output, q, k, v, theta_row, lk_row, le_row, w1, w2, s1, s2):
   """One chunk: (o float32 [C, d_v] or None, (W1', W2', S1', S2')).
 
@@ -157,7 +152,7 @@ def _chunk(geo, cdt, n, with_output, q, k, v, theta_row, lk_row, le_row, w1, w2,
   x1 = jax.nn.silu(z1)
   x1c = x1.astype(cdt)
   d2 = mm(x1c, w2, _NN) - v.astype(_F32)  # [C, d_v]: the errors
-  d1 = mm(d2, w2, _NT) * _silu_grad(z1)  # [C, d_h]: backpropagated through the SiLU
+  d1 = mm(d2, w2, _NT) * silu_and_grad(z1)[1]  # [C, d_h]: backpropagated through the SiLU
   o = None
   if with_output:
     q = q.astype(cdt)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common.numerics import silu_and_grad
+
 DEFAULT_CHUNK_SIZE = 64
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -71,11 +73,6 @@ def chunk_coefficients(log_keep, log_eta):
               e_end=decay_eta[..., -1, :], e_all=e[..., -1])
 
 
-def _silu_grad(z):
-  s = jax.nn.sigmoid(z)
-  return s * (1 + z * (1 - s))
-
-
 def chunk_step(weights, moments, q, k, v, theta, log_keep, log_eta):
   """One chunk for every (batch, head).
 
@@ -98,7 +95,7 @@ def chunk_step(weights, moments, q, k, v, theta, log_keep, log_eta):
   deltas = [pre[-1] - v]
   for l in range(depth - 2, -1, -1):
     back = _mm("bhce,bhde->bhcd", deltas[0], weights[l + 1])
-    deltas.insert(0, back * _silu_grad(pre[l]))
+    deltas.insert(0, back * silu_and_grad(pre[l])[1])
   # The queries through the memory as it stands after each of their own writes.
   lr_w = co["w"] * theta[..., None, :]  # [b, h, i, t]
   y = q

@@ -15,12 +15,14 @@ from lclm.model import DecoderLM, registered_mixers
 VOCAB = 48
 # One layer per registered mixer; windows (4 tokens + 1 sink) far shorter than the rows, so
 # the ring buffers wrap. The "attention" layer has DuoAttention heads (one retrieval head,
-# one streaming head).
+# one streaming head); the "global_attention" layer decodes through an H2O cache policy whose
+# budget holds every token (layers/kv_policies.py: then exact).
 PATTERN = ["local_attention", "attention", "global_attention", "mamba", "mamba2", "lightning",
            "s4d"]
 MIXER_OPTIONS = {
     "local_attention": {"window": 4, "num_sink_tokens": 1},
     "attention": {"per_head_windows": [None, 3], "num_sink_tokens": 1},
+    "global_attention": {"cache_policy": {"name": "h2o", "budget": 64}},
     "mamba": {"d_state": 4},
     "mamba2": {"head_dim": 8, "d_state": 4, "chunk_size": 4},
     "lightning": {"num_heads": 2},

@@ -116,13 +116,13 @@ def test_window_edges_and_sinks(impl):
 #          block_k per backend, num_splits). Lengths: 0, shorter than q_len, not a multiple of
 # the block, past cache_len (clamped), full.
 CASES = {
-    # TPU: all-kv-head blocks (head_dim 64 with GQA).
+    # TPU: blocks of all kv heads (GQA), head_dim 64.
     "gqa_d64_q3_f32": (4, 3, 8, 300, 2, 64, jnp.float32, [0, 2, 137, 300], {}, 2),
-    # TPU: per-kv-head blocks (head_dim 128).
+    # TPU: blocks of all kv heads (GQA), head_dim 128.
     "gqa_d128_q3_window_sinks_cap_f32": (
         3, 3, 8, 300, 2, 128, jnp.float32, [300, 180, 1], dict(
             local_window_size=(70, 0), num_sink_tokens=5, logits_soft_cap=4.0), 3),
-    # TPU: a single kv head tiles per head whatever head_dim.
+    # TPU: a single kv head: (block_k, head_dim) blocks of the free [.., head_dim] view.
     "mqa_d80_q1_window_bf16": (2, 1, 4, 200, 1, 80, jnp.bfloat16, [450, 77], dict(
         local_window_size=40), 2),
     "mha_d64_q1_bf16": (2, 1, 4, 200, 4, 64, jnp.bfloat16, [200, 129], {}, 1),

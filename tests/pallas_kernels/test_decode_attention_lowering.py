@@ -5,8 +5,9 @@ a primitive or layout the lowering rejects fails here. Each case exports the pub
 (forward only: decoding is inference) at a realistic size, traced for the target platform.
 With a libtpu wheel at hand (``LCLM_LIBTPU_PATH``), the TPU kernel is also compiled by
 Mosaic for v4, v5e and v6e (``libtpu_compile.py``: layouts and VMEM, no TPU needed), for
-both of its cache layouts (per-kv-head blocks when head_dim % 128 == 0 or a single kv head,
-all-kv-head blocks otherwise); Triton -> PTX still needs a GPU.
+both of its cache layouts (blocks of every kv head, or one kv head's blocks for MQA), with
+block retrieval at a realistic size, and its compiled memory plan holds no copy of the
+caches; Triton -> PTX still needs a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from export_lowering import CUSTOM_CALL, export_mlir
-from libtpu_compile import TOPOLOGIES, compile_programs, requires_libtpu
+from libtpu_compile import TOPOLOGIES, compile_programs, memory_analyses, requires_libtpu
 from pallas_kernels import decode_attention
 
 # (batch, q_len, num_heads, cache_len, num_kv_heads, head_dim), keyword arguments.
@@ -27,19 +28,34 @@ CASES = {
                                                      num_sink_tokens=4, logits_soft_cap=30.0)),
     "gqa_d80_awkward_length": dict(shape=(2, 3, 8, 1000, 2, 80)),
     "mqa_d64_window": dict(shape=(2, 1, 8, 4096, 1, 64), kwargs=dict(local_window_size=256)),
+    # Block retrieval (``block_indices``): 16 selected blocks per kv head (block_k 128 tiles
+    # on both platforms) with a window and sinks; one list per query head; all-kv-head TPU
+    # blocks (head_dim 64) serving the union of the kv heads' lists.
+    "retrieval_gqa_8k_d128_window_sinks": dict(
+        shape=(4, 1, 32, 8192, 8, 128), selected=(8, 16),
+        kwargs=dict(block_k=128, local_window_size=(1024, 0), num_sink_tokens=4)),
+    "retrieval_per_query_head_speculative": dict(
+        shape=(2, 3, 8, 4096, 2, 128), selected=(8, 4), kwargs=dict(block_k=128)),
+    "retrieval_gqa_d64_all_kv_head_blocks": dict(
+        shape=(2, 1, 16, 4096, 4, 64), selected=(4, 8),
+        kwargs=dict(block_k=128, local_window_size=512, num_sink_tokens=4)),
 }
 
 
 def _program(case, dtype):
+  """(fn, args); with ``selected`` = (lists, max_selected), fn also takes block_indices
+  int32 [batch, lists, max_selected]."""
   b, tq, h, t, hk, d = case["shape"]
   args = [jax.ShapeDtypeStruct((b, tq, h, d), dtype),
           jax.ShapeDtypeStruct((b, t, hk, d), dtype),
           jax.ShapeDtypeStruct((b, t, hk, d), dtype),
           jax.ShapeDtypeStruct((b,), jnp.int32)]
+  if "selected" in case:
+    args.append(jax.ShapeDtypeStruct((b, *case["selected"]), jnp.int32))
 
-  def decode(q, k, v, lengths):
+  def decode(q, k, v, lengths, block_indices=None):
     return decode_attention(q, k, v, lengths, return_lse=True, implementation="pallas",
-                            **case.get("kwargs", {}))
+                            block_indices=block_indices, **case.get("kwargs", {}))
 
   return decode, args
 
@@ -65,6 +81,13 @@ COMPILE_CASES = {
         "gqa_8k_d128_speculative_window_sinks_cap"],
     "gqa_d80_awkward_length": CASES["gqa_d80_awkward_length"],
     "mha_d64_32_kv_heads": dict(shape=(2, 1, 32, 4096, 32, 64)),
+    # Block retrieval at a realistic size: 128K cache, TPU block 512, top-32 blocks per kv
+    # head plus a 4K window and sinks, GQA 32/8, head_dim 128.
+    "retrieval_128k_top32_d128": dict(
+        shape=(4, 1, 32, 131072, 8, 128), selected=(8, 32),
+        kwargs=dict(block_k=512, local_window_size=(4096, 0), num_sink_tokens=4)),
+    "retrieval_gqa_d64_all_kv_head_blocks": CASES["retrieval_gqa_d64_all_kv_head_blocks"],
+    "mqa_d64_window": CASES["mqa_d64_window"],
 }
 
 
@@ -74,8 +97,20 @@ def tpu_programs(case):
           for dtype in (jnp.bfloat16, jnp.float32)]
 
 
-@pytest.mark.slow  # about 2.5 minutes on 2 cores
+@pytest.mark.slow  # about 4.5 minutes of CPU (7 cases x 3 topologies x 2 dtypes)
 @requires_libtpu
 def test_tpu_kernel_compiles_with_mosaic():
   compiled = compile_programs("test_decode_attention_lowering", COMPILE_CASES)
   assert len(compiled) == len(TOPOLOGIES) * len(COMPILE_CASES) * 2, compiled
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+@requires_libtpu
+def test_tpu_memory_plan_copies_no_cache():
+  """The kernel reads the caches in place: no temporary near their size (viewing a GQA
+  cache as [batch, cache_len, kv_heads * head_dim] made XLA copy both caches every call)."""
+  cases = ("gqa_64k_d128", "retrieval_128k_top32_d128")
+  plans = memory_analyses("test_decode_attention_lowering", cases)
+  assert len(plans) == 2 * len(cases), plans
+  for key, plan in plans.items():
+    assert plan["temp"] < plan["argument"] // 100, (key, plan)

@@ -19,7 +19,7 @@ import pytest
 
 from pallas_kernels._common.testing import assert_close
 from pallas_kernels.selective_scan import gpu, ops, selective_scan_reference
-from pallas_kernels.selective_scan.reference import segment_resets
+from pallas_kernels._common.segments import run_starts
 
 from test_selective_scan import _inputs, _run, _segments  # noqa: E402  (same folder)
 
@@ -30,7 +30,7 @@ def _gpu_scan(interpret, chunk_size, block_d, block_d_bwd, segment_ids):
     grouped = B.ndim == 4
     Bg, Cg = (B, C) if grouped else (B[:, :, None], C[:, :, None])
     return ops.run_pallas(u, delta, A, Bg, Cg, D, z, delta_bias, initial_state,
-                          segment_resets(segment_ids), backend="gpu", interpret=interpret,
+                          run_starts(segment_ids), backend="gpu", interpret=interpret,
                           delta_softplus=delta_softplus, chunk_size=chunk_size,
                           block_d=block_d, block_d_bwd=block_d_bwd)
   return fn
