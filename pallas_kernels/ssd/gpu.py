@@ -153,15 +153,17 @@ def _chunk_specs(rep, L, bp, N, has_run):
 #   pass_fwd/bwd (4)       64       58            39                   64
 #   chunk_output (8|4)     119      255 336/336   93                   112
 #   chunk_cotangents (8|4) 74       165           74                   74
-#   chunk_gradients (8)    255 16/16 255 4088/4400 250                 255 16/16
-# ((8|4): 8 warps at N 128, 4 at N 64.) The gradient kernel's d a term was a TF32x3
-# [L, L] x [L, L] product with a triangular mask (1.7 KB of spills in bfloat16); it is an
-# exclusive cumsum now. At 4 warps it spilled 1.6-3 KB, so it gets 8 from tiles of 1024
-# floats. Float32 inputs still spill: TF32x3 triples the operand registers (4 KB in the
-# gradient kernel at chunk 64, 25-58 KB at chunk 16-32), and at chunk 128 the gradient
-# kernel needs 256-320 KiB of shared memory, above the 227 KiB an sm_90 block may have:
-# keep float32 at the default chunk 64. num_stages changes nothing (no kernel pipelines a
-# loop but the passing walk, which does not spill).
+#   chunk_gradients (8)    255 1736/1768 4644/5012  1060/1060          1712/1736
+#   chunk_gradients (4)    255 3024/3096 8744/9912  1612/1616          3008/3100
+# ((8|4): 8 warps at N 128, 4 at N 64.) The gradient kernel spills in bfloat16 too: its d a
+# term, a TF32x3 [L, L] x [L, L] product with a triangular mask, does it (an exclusive cumsum
+# in its place spills 16 bytes but loses accuracy, see the kernel; splitting the kernel in
+# (dx, d dt, d a) and (dB, dC) alone leaves 1.2 KB). 8 warps spill least, so it gets 8 from
+# tiles of 1024 floats. Float32 inputs spill more: TF32x3 triples the operand registers
+# (25-58 KB in the gradient kernel at chunk 16-32), and at chunk 128 the gradient kernel
+# needs 256-320 KiB of shared memory, above the 227 KiB an sm_90 block may have: keep
+# float32 at the default chunk 64. num_stages changes nothing (no kernel pipelines a loop
+# but the passing walk, which does not spill).
 GRADIENT_WARPS_FROM = 1024  # L * max(bp, N, L) from which the gradient kernel gets 8 warps
 
 
@@ -240,6 +242,7 @@ def _chunk_gradient_kernel(x_ref, b_ref, c_ref, acum_ref, lo_ref, dt_ref, *refs,
   f32 = jnp.float32
   idx = jnp.arange(L)
   causal = idx[:, None] >= idx[None, :]
+  before = (idx[:, None] < idx[None, :]).astype(f32)  # [j, m]: 1 where j < m
   last_row = idx[:, None] == L - 1
   x, bm, cm, dy = x_ref[...], b_ref[...], c_ref[...], dy_ref[...]
   dt = dt_ref[...]
@@ -265,9 +268,11 @@ def _chunk_gradient_kernel(x_ref, b_ref, c_ref, acum_ref, lo_ref, dt_ref, *refs,
   d_into = jnp.sum(dy.astype(f32) * (into[:, None] * dot(cm, h, 1, 1)), axis=1)
   d_through = through * jnp.sum(dh * h)
   m = dseg + jnp.where(last_row, (dw * w)[None, :], 0.0)
-  # r[i, k] = sum_{j < k} m[i, j] (+ the boundary terms): an exclusive cumulative sum (a
-  # product with a triangular mask here made ptxas spill ~1.7 KB per thread).
-  r = (jnp.cumsum(m, axis=1) - m) + (d_into + jnp.where(is_last, d_through, 0.0))[:, None]
+  # r[i, k] = sum_{j < k} m[i, j] (+ the boundary terms) as a product with a triangular mask:
+  # an exclusive jnp.cumsum (cumsum(m) - m) spills less but cancels where one term dwarfs the
+  # prefix (relative error 5e-5 in d A at dt A = -1e4, test_ssd's extreme decays).
+  r = (_dot(m, before, 1, 0, dtype=f32, f32_precision=f32_precision)
+       + (d_into + jnp.where(is_last, d_through, 0.0))[:, None])
   da_ref[...] = jnp.sum(jnp.where(causal, r, 0.0), axis=0)
 
 
