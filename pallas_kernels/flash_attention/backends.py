@@ -75,26 +75,19 @@ class BackendSpec:
 
   def forward_kwargs(self, *, q_len: int, out_dtype=None) -> dict:
     """The optional keywords of ``flash_forward`` this backend takes."""
-    kw = {}
-    if self.takes_q_len:
-      kw["q_len"] = q_len
-    if out_dtype is not None:
-      if not self.takes_partial_dtypes:
-        raise ValueError(f"flash_attention ({self.name}): this backend cannot return "
-                         f"out_dtype={out_dtype} partials.")
-      kw["out_dtype"] = out_dtype
-    return kw
+    return self._kwargs(q_len, "out_dtype", out_dtype, "partials")
 
   def backward_kwargs(self, *, q_len: int, grad_dtype=None) -> dict:
     """The optional keywords of ``flash_backward`` this backend takes."""
-    kw = {}
-    if self.takes_q_len:
-      kw["q_len"] = q_len
-    if grad_dtype is not None:
+    return self._kwargs(q_len, "grad_dtype", grad_dtype, "gradients")
+
+  def _kwargs(self, q_len: int, dtype_name: str, dtype, what: str) -> dict:
+    kw = {"q_len": q_len} if self.takes_q_len else {}
+    if dtype is not None:
       if not self.takes_partial_dtypes:
         raise ValueError(f"flash_attention ({self.name}): this backend cannot return "
-                         f"grad_dtype={grad_dtype} gradients.")
-      kw["grad_dtype"] = grad_dtype
+                         f"{dtype_name}={dtype} {what}.")
+      kw[dtype_name] = dtype
     return kw
 
 
