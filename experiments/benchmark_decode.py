@@ -9,8 +9,12 @@ Every configuration is a tiny model (``configs/model/tiny.gin``: 64 features, a 
 short convolution, vocabulary 256; 4 heads): each mixer alone in two layers (``attention``,
 ``local_attention``, ``mamba``, ``mamba2``, ``lightning``, ``s4d``) and the hybrid layer
 patterns of ``configs/mixers/`` at their full depth (6 or 8 layers, or 2 for DuoAttention);
-``attention_streaming_llm`` and ``attention_h2o`` are ``attention`` decoding with a KV-cache
-policy (``layers/kv_policies.py``) whose budget is the window. Sliding windows
+``attention_streaming_llm``, ``attention_h2o``, ``attention_h2o_merge`` and
+``attention_snapkv`` are ``attention`` decoding with a KV-cache policy
+(``layers/kv_policies.py``) whose budget is the window; ``attention_quest`` and
+``attention_infllm`` keep the whole cache and read the window's worth of keys per step
+(``layers/kv_retrieval.py``; at a 1024 budget: 64-key blocks, a 256-token local window, the
+rest top-k blocks; ``{block}`` and ``{local}`` are the budget / 16 and / 4). Sliding windows
 (``local_attention``, the hybrids' ``LOCAL_WINDOW``, DuoAttention's ``STREAMING_WINDOW``) and
 budgets are 1024 tokens, or the shortest length when that is shorter (the cache holds
 ``L + steps`` tokens, more than the window, so every window is a ring).
@@ -55,7 +59,7 @@ from experiments import benchmarking, train as train_main
 TINY = "configs/model/tiny.gin"
 VOCAB = 256
 # Mixers alone (two layers each) and hybrids: name -> gin files after tiny.gin (+ bindings).
-# {window} is filled in.
+# {window}, {block} and {local} are filled in (build_model).
 CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention": (("configs/mixers/attention.gin",), ()),
     "local_attention": (("configs/mixers/attention.gin",), (
@@ -68,6 +72,19 @@ CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention_h2o": (("configs/mixers/attention.gin",), (
         "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
         "{'name': 'h2o', 'budget': {window}}}}",)),
+    "attention_h2o_merge": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'h2o', 'budget': {window}, 'merge': True}}}",)),
+    "attention_snapkv": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'snapkv', 'budget': {window}}}}",)),
+    # Block retrieval (layers/kv_retrieval.py): the whole cache stays, a step reads the budget.
+    "attention_quest": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'quest', 'budget': {window}, 'block_size': {block}, 'window': {local}}}}",)),
+    "attention_infllm": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'infllm', 'budget': {window}, 'block_size': {block}, 'window': {local}}}}",)),
     "mamba": (("configs/mixers/mamba.gin",), ()),
     "mamba2": (("configs/mixers/mamba2.gin",), ()),
     "lightning": (("configs/mixers/lightning.gin",), ()),
@@ -97,7 +114,10 @@ def build_model(name: str, window: int):
   from lclm.model import DecoderLM
 
   files, bindings = CONFIGS[name]
-  train_main.parse_gin([TINY, *files], [b.replace("{window}", str(window)) for b in bindings])
+  sizes = {"{window}": window, "{block}": max(1, window // 16), "{local}": max(1, window // 4)}
+  for key, value in sizes.items():
+    bindings = [b.replace(key, str(value)) for b in bindings]
+  train_main.parse_gin([TINY, *files], bindings)
   model = DecoderLM(vocab_size=VOCAB, rngs=nnx.Rngs(0))
   model.eval()
   return model

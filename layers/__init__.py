@@ -3,6 +3,7 @@ normalisation, short convolution, position encodings, and the state-space /
 linear-recurrent mixers (Mamba, Mamba-2, S4D, lightning attention)."""
 
 from layers.attention import Attention
+from layers.landmark_attention import LandmarkAttention
 from layers.lightning import LightningAttention
 from layers.mamba import Mamba, MambaState
 from layers.mamba2 import Mamba2
@@ -18,7 +19,8 @@ from layers.s4d import S4D
 from layers.short_conv import ShortConv
 
 __all__ = [
-    "Attention", "GatedMLP", "LightningAttention", "Mamba", "Mamba2", "MambaState", "MoEMLP",
+    "Attention", "GatedMLP", "LandmarkAttention", "LightningAttention", "Mamba", "Mamba2",
+    "MambaState", "MoEMLP",
     "RMSNorm", "S4D", "ShortConv", "activation_constraints", "apply_rope",
     "constrain_activation", "kernel_sharding", "lm_infinite_attention", "load_balancing_loss",
     "logical_axes_of", "merge_attention", "rope_frequencies", "self_extend_attention",

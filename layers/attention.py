@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from layers import attention_cache, kv_policies
+from layers import attention_cache, kv_policies, kv_retrieval
 from layers.attention_cache import AttentionCache
 from layers.norms import RMSNorm
 from layers.partitioning import (ContextParallelism, context_parallelism, shard_kernel,
@@ -151,10 +151,12 @@ class Attention(nnx.Module):
       only S²-Attn depends on it.
     logits_soft_cap: if set, logits -> cap * tanh(logits / cap).
     cache_policy: None (the exact cache), or a KV-cache policy for decoding, a dict such as
-      ``{"name": "h2o", "budget": 256}`` (see :mod:`layers.kv_policies`: StreamingLLM, H2O):
-      the decode cache keeps ``budget`` entries per key/value head. Full causal attention
-      only (no window, chunks, per-head masks or position extension). Training and calls
-      without a cache are unaffected.
+      ``{"name": "h2o", "budget": 256}``: an eviction policy (:mod:`layers.kv_policies`:
+      StreamingLLM, H2O, SnapKV, each optionally merging) keeps ``budget`` entries per
+      key/value head; a block-retrieval policy (:mod:`layers.kv_retrieval`: Quest, InfLLM)
+      keeps every token and lets each decode query read ``budget`` of them. Full causal
+      attention only (no window, chunks, per-head masks or position extension). Training
+      and calls without a cache are unaffected.
     implementation: passed to the kernel: None, "pallas", "interpret", "xla", "reference".
     dtype: computation dtype of the projections; None promotes inputs and parameters.
     param_dtype: dtype of the parameters.
@@ -413,7 +415,7 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention.kv_cache_tokens: seq_len must be an int >= 0, got {seq_len!r}.")
     if not self.is_causal or seq_len == 0:
       return (int(seq_len),) * self.num_kv_heads
-    if self.cache_policy is not None:
+    if isinstance(self.cache_policy, kv_policies.CachePolicy):
       return (min(int(seq_len), self.cache_policy.budget),) * self.num_kv_heads
     mask = self._inference_mask
     head_masks = mask.masks if isinstance(mask, masks.PerHeadMask) else (mask,) * self.num_heads
@@ -587,6 +589,10 @@ class Attention(nnx.Module):
     if not self.is_causal:
       raise ValueError("Attention.init_cache: a bidirectional layer cannot decode.")
     dtype = jnp.dtype(dtype or self.q_proj.dtype or jnp.float32)
+    if isinstance(self.cache_policy, kv_retrieval.RetrievalPolicy):
+      return kv_retrieval.init_retrieval_cache(self.cache_policy, int(batch_size),
+                                               int(max_length), self.num_kv_heads,
+                                               self.head_dim, dtype)
     if self.cache_policy is not None:
       return kv_policies.init_policy_cache(self.cache_policy, int(batch_size), int(max_length),
                                            self.num_kv_heads, self.head_dim, dtype)
@@ -594,7 +600,8 @@ class Attention(nnx.Module):
                                       self.head_dim, dtype)
 
   def _check_cache(self, cache, batch, segment_ids):
-    kind = AttentionCache if self.cache_policy is None else kv_policies.PolicyCache
+    kind = {type(None): AttentionCache, kv_policies.CachePolicy: kv_policies.PolicyCache,
+            kv_retrieval.RetrievalPolicy: kv_retrieval.RetrievalCache}[type(self.cache_policy)]
     if not isinstance(cache, kind):
       raise ValueError(f"Attention: cache must be the {kind.__name__} of this layer's "
                        f"init_cache, got {type(cache).__name__}.")
@@ -645,6 +652,10 @@ class Attention(nnx.Module):
       q, k = q_raw, k_raw  # No RoPE, or keys cached before it (position extensions).
     int_positions = (position_ids if jnp.issubdtype(position_ids.dtype, jnp.integer)
                      else jnp.floor(position_ids)).astype(jnp.int32)
+    if isinstance(self.cache_policy, kv_retrieval.RetrievalPolicy):
+      out, new_cache = kv_retrieval.step(cache, self._decode_retrieved, self._attend_candidates,
+                                         q, k, v, token_index, valid, new_lengths)
+      return self.o_proj(out), new_cache
     if self.cache_policy is not None:
       out, new_cache = kv_policies.step(cache, self._logits, q, k, v, token_index, int_positions,
                                         valid, new_lengths, block=_DENSE_QUERY_BLOCK)
@@ -717,6 +728,31 @@ class Attention(nnx.Module):
           in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",)), out_axes=_QUERY_AXES))
     return self._assemble(outs, parts)
 
+  def _decode_retrieved(self, q, keys, values, lengths, block_indices):
+    """Block-retrieval decoding (:mod:`layers.kv_retrieval`): one query per row over the
+    sinks, the window and the blocks ``block_indices`` [b, kv_heads, top_k] of the cache."""
+    policy = self.cache_policy
+
+    def kernel(q, keys, values, lengths, block_indices):
+      return decode_attention(
+          q, keys, values, lengths, block_indices=block_indices, block_k=policy.block_size,
+          local_window_size=(policy.window - 1, 0), num_sink_tokens=policy.num_sink_tokens,
+          logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+
+    return shard_kernel(kernel, (q, keys, values, lengths, block_indices),
+                        in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",),
+                                 ("batch", "kv_heads", None)),
+                        out_axes=_QUERY_AXES)
+
+  def _attend_candidates(self, q, keys, values, key_index, q_index, valid):
+    """Exact causal attention of q [b, t, h, d] over candidate keys [b, C, kv_heads, d] at
+    token indices key_index [b, C, kv_heads] (-1: none); XLA, in query blocks."""
+    del valid
+    out, _ = kv_policies.attend_and_score(
+        self._logits, q, keys, values, key_index, q_index, jnp.zeros(q.shape[:2], bool),
+        out_dtype=q.dtype, block=_DENSE_QUERY_BLOCK)
+    return out
+
   def _attend_cached_dense(self, q, k, v, parts, token_index, valid, positions, rope_len):
     """Queries [b, t, heads, d] over the cached tokens and the new ones, masked by token
     index with the layer's mask (exact for every option). XLA; the queries go in blocks of
@@ -724,12 +760,6 @@ class Attention(nnx.Module):
     b, t = q.shape[:2]
     per_head = attention_cache.head_masks(self._inference_mask, self.num_heads)
     block = min(t, _DENSE_QUERY_BLOCK)
-    num_blocks = -(-t // block)
-    pad = num_blocks * block - t
-
-    def blocks(x):  # [b, t, ...] -> [num_blocks, b, block, ...]
-      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-      return jnp.moveaxis(x.reshape((b, num_blocks, block) + x.shape[2:]), 1, 0)
 
     outs = []
     for part in parts:
@@ -757,12 +787,11 @@ class Attention(nnx.Module):
         return masked_softmax_attention(logits, visible, values, q.dtype)[0]
 
       args = (q[:, :, heads], token_index, positions)
-      if num_blocks == 1:
+      if block == t:
         outs.append(attend(args))
       else:
-        out = jax.lax.map(attend, tuple(blocks(a) for a in args))
-        out = jnp.moveaxis(out, 0, 1).reshape((b, num_blocks * block) + out.shape[3:])
-        outs.append(out[:, :t])
+        out = jax.lax.map(attend, tuple(attention_cache.query_blocks(a, block) for a in args))
+        outs.append(attention_cache.from_query_blocks(out, t))
     return self._assemble(outs, parts)
 
   def _logits(self, q, keys):

@@ -182,6 +182,21 @@ def init_cache(specs: Sequence[PartSpec], batch_size: int, max_length: int, head
   return AttentionCache(parts=tuple(parts), lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
+def query_blocks(x, block: int):
+  """x [b, t, ...] -> [ceil(t / block), b, block, ...], the tail zero padded: the query
+  blocks the XLA attention paths map over (memory O(block x keys) per head)."""
+  b, t = x.shape[:2]
+  n = -(-t // block)
+  x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, n, block) + x.shape[2:]), 1, 0)
+
+
+def from_query_blocks(y, t: int):
+  """The inverse of :func:`query_blocks`: [n, b, block, ...] -> [b, t, ...]."""
+  n, b, block = y.shape[:3]
+  return jnp.moveaxis(y, 0, 1).reshape((b, n * block) + y.shape[3:])[:, :t]
+
+
 def new_token_index(lengths, seq, num_new_tokens):
   """(token index [b, seq], valid [b, seq]) of the new tokens."""
   index = lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]

@@ -5,6 +5,7 @@ The TFDS builders live in ``lclm.data.tfds_builders`` (imported on demand: it lo
 tensorflow_datasets, which training on generated data does not need).
 """
 
+from lclm.data.landmark import LandmarkTransform
 from lclm.data.mqar import MqarConfig, make_mqar_batch, make_mqar_example
 from lclm.data.passkey import PasskeyConfig, make_passkey_example
 from lclm.data.pipeline import (BATCH_KEYS, make_batch_iterator, make_eval_batches,
@@ -15,7 +16,8 @@ from lclm.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokeni
                                   load_tokenizer)
 
 __all__ = [
-    "BATCH_KEYS", "ByteTokenizer", "HFTokenizer", "MqarConfig", "SentencePieceTokenizer",
+    "BATCH_KEYS", "ByteTokenizer", "HFTokenizer", "LandmarkTransform", "MqarConfig",
+    "SentencePieceTokenizer",
     "Tokenizer", "load_tokenizer", "PasskeyConfig", "SyntheticBatchSource",
     "SyntheticSource", "TokenizedTextSource", "make_batch_iterator", "make_eval_batches",
     "make_mqar_batch", "make_mqar_example", "make_passkey_example", "make_train_dataset",

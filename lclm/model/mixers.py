@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from flax import nnx
 
-from layers import Attention
+from layers import Attention, LandmarkAttention
 from lclm.model.registry import POSITION_OPTIONS, register_mixer
 from pallas_kernels import masks
 
@@ -130,8 +130,10 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
     head needs.
   * ``shifted_sparse_group_size``: LongLoRA's S²-Attn while training; evaluation
     (``model.eval()``) and the KV cache use full causal attention.
-  * ``cache_policy``: a decode-time KV-cache policy (:mod:`layers.kv_policies`), e.g.
-    ``{"name": "h2o", "budget": 256}``; not with ``per_head_windows``.
+  * ``cache_policy``: a decode-time KV-cache policy, e.g. ``{"name": "h2o", "budget":
+    256}``: eviction (:mod:`layers.kv_policies`: streaming_llm, h2o, snapkv, ``merge``) or
+    block retrieval (:mod:`layers.kv_retrieval`: quest, infllm); not with
+    ``per_head_windows``.
   """
   _require_num_heads("attention", num_heads)
   _check_sinks("attention", num_sink_tokens)
@@ -204,3 +206,43 @@ def global_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads,
                 shifted_sparse_group_size=shifted_sparse_group_size, cache_policy=cache_policy)
+
+
+@register_mixer("landmark_attention")
+def landmark_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                       block_size: int | None = None, top_k: int | None = None,
+                       query_block: int = 256, num_heads: int | None = None,
+                       num_kv_heads: int | None = None, head_dim: int | None = None,
+                       use_qk_norm: bool = False, qk_norm_eps: float = 1e-6,
+                       qk_norm_scale_offset: float = 0.0, qkv_bias: bool = False,
+                       output_bias: bool = False, attention_scale: float | None = None,
+                       rope_theta: float | Sequence[float] | None = 10000.0,
+                       rope_scaling: Mapping[str, Any] | None = None,
+                       partial_rotary_factor: float = 1.0, rope_layout: str = "half",
+                       max_position_embeddings: int | None = None,
+                       position_extension: Mapping[str, Any] | None = None,
+                       logits_soft_cap: float | None = None,
+                       implementation: str | None = None):
+  """Landmark Attention (:class:`layers.landmark_attention.LandmarkAttention`, Mohtashami &
+  Jaggi 2023): blocks of ``block_size`` tokens whose last token is a landmark inserted by
+  the data (:class:`lclm.data.landmark.LandmarkTransform` with the same ``block_size``), a
+  grouped softmax through the landmarks, and ``top_k`` block retrieval per query when
+  decoding with a cache (None: every block).
+
+  ``block_size`` and ``num_heads`` are required; the common options as in ``"attention"``;
+  ``implementation``: None / "xla" or "reference". No position extension.
+  """
+  _require_num_heads("landmark_attention", num_heads)
+  if block_size is None:
+    raise ValueError("mixer 'landmark_attention' needs the option block_size (tokens per "
+                     "block, the landmark included; the data transform's block_size), e.g. "
+                     "{'block_size': 64}.")
+  if position_extension is not None:
+    raise ValueError("mixer 'landmark_attention' does not take a position_extension (it "
+                     "builds its own attention pattern); drop it for these layers.")
+  options = {name: value for name, value in locals().items()
+             if name in _COMMON_OPTIONS + POSITION_OPTIONS and name not in (
+                 "implementation", "position_extension")}
+  return LandmarkAttention(features, num_heads, block_size=block_size, top_k=top_k,
+                           query_block=query_block, implementation=implementation, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype, **options)

@@ -16,8 +16,8 @@ block_k); num_blocks = ceil(cache_len / block_k).
   queries).
 * :func:`representative_block_scores`: InfLLM's score, the largest q . r over a block's
   representative keys r, float32 [batch, num_kv_heads, num_blocks].
-* :func:`select_blocks`: the top-k block ids per kv head among the blocks that are neither
-  sink nor window blocks and lie below the row's length, int32 [batch, num_kv_heads, top_k],
+* :func:`select_blocks`: the top-k block ids per kv head among the blocks below the row's
+  length that the sinks and the window do not wholly cover (:func:`candidate_blocks`), int32 [batch, num_kv_heads, top_k],
   -1 padded: ready for ``decode_attention(..., block_indices=..., block_k=...)``.
 
 Scores are raw dot products (not multiplied by the attention scale: the ranking is the
@@ -188,27 +188,31 @@ def candidate_blocks(lengths, num_blocks: int, *, q_len: int, block_k: int,
                      num_sink_tokens: int = 0, local_window_size=None):
   """bool [batch, num_blocks]: the blocks :func:`select_blocks` may pick.
 
-  Block n is a candidate iff it holds a valid key (n < ceil(L / block_k)), is not a sink
-  block (n >= ceil(min(L, num_sink_tokens) / block_k)) and, with a window (left reach
-  ``left``), lies left of the window's first block floor(max(L - q_len - left, 0) /
-  block_k) (the window of the first of the q_len queries, at p = L - q_len). These are the
-  blocks ``decode_attention`` does not visit anyway.
+  Block n is a candidate iff it holds a valid key (n < ceil(L / block_k)) and some of its
+  keys would stay hidden without it: it is not wholly made of sinks (n >= floor(min(L,
+  num_sink_tokens) / block_k)) and, with a window (left reach ``left``), it starts left of
+  the last query's window (n < ceil(max(L - 1 - left, 0) / block_k); the last query, at p =
+  L - 1, has the rightmost window, so later blocks are seen whole by every query, up to
+  causality). A block the window or the sinks cover only in part is a candidate: selecting
+  it shows its other keys (``decode_attention`` masks sinks and windows per token).
   """
+  del q_len  # The rightmost window decides; kept for the callers' symmetry.
   length = jnp.clip(lengths.astype(jnp.int32), 0, num_blocks * block_k)
   end = (length + block_k - 1) // block_k
-  sink_end = (jnp.minimum(length, num_sink_tokens) + block_k - 1) // block_k
+  sink_end = jnp.minimum(length, num_sink_tokens) // block_k
   n = jnp.arange(num_blocks)[None, :]
   ok = (n < end[:, None]) & (n >= sink_end[:, None])
   if local_window_size is not None:
     left, _ = masks_lib.window_sizes(local_window_size)
-    w_lo = jnp.maximum(length - q_len - left, 0) // block_k
+    w_lo = (jnp.maximum(length - 1 - left, 0) + block_k - 1) // block_k
     ok &= n < w_lo[:, None]
   return ok
 
 
 def select_blocks(scores, lengths, *, q_len: int, block_k: int, top_k: int,
                   num_sink_tokens: int = 0, local_window_size=None, shared: bool = False):
-  """The ``top_k`` best-scored blocks per list (kv head) that decode would not visit anyway.
+  """The ``top_k`` best-scored blocks per list (kv head) among those with keys the sinks and
+  the window leave hidden (:func:`candidate_blocks`).
 
   Args:
     scores: float [batch, lists, num_blocks] (lists: num_kv_heads, or num_heads for
@@ -218,8 +222,8 @@ def select_blocks(scores, lengths, *, q_len: int, block_k: int, top_k: int,
     q_len: queries per row (the last q_len cache entries), >= 1.
     block_k: keys per block (as passed to ``decode_attention``).
     top_k: blocks to select per list (a positive int).
-    num_sink_tokens, local_window_size: as ``decode_attention``'s; their blocks are always
-      visited, so they are not candidates (:func:`candidate_blocks`).
+    num_sink_tokens, local_window_size: as ``decode_attention``'s; blocks they wholly
+      cover are not candidates (:func:`candidate_blocks`).
     shared: one list per row, ranked by the max score over the lists, repeated for every
       list. The TPU kernel copies a block for all kv heads at once (a row reads the union
       of its lists), so a shared list reads top_k blocks where per-head lists read up to

@@ -63,9 +63,11 @@ def greedy(model):
 
 def test_greedy_generation_matches_full_forward_for_every_mixer(model, greedy):
   # The Titans mixers decode token by token (scans): their generation is held to the full
-  # pass in tests/model/test_mixers_titans.py, in a model of their own, to keep this one fast.
-  titans = {"neural_memory", "titans_mac", "titans_mag", "titans_mal"}
-  assert set(PATTERN) | titans >= set(registered_mixers())
+  # pass in tests/model/test_mixers_titans.py, in a model of their own, to keep this one fast;
+  # landmark_attention (which needs landmark tokens in its data) in
+  # tests/layers/test_landmark_attention.py.
+  own_tests = {"neural_memory", "titans_mac", "titans_mag", "titans_mal", "landmark_attention"}
+  assert set(PATTERN) | own_tests >= set(registered_mixers())
   tokens, logits = greedy
   assert tokens.shape == (3, NEW) and tokens.dtype == jnp.int32
   assert logits.shape == (3, NEW, VOCAB)

@@ -155,7 +155,7 @@ def _projected(layer, x):
   return layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize("num_kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2])
 def test_self_extend_mode_matches_reference_with_gradients(num_kv_heads):
   extension = {"method": "self_extend", "group_size": 3, "window": 6}
   layer = _layer(num_kv_heads=num_kv_heads, position_extension=extension,

@@ -9,10 +9,13 @@ and under ``jax.jit``: ``context_parallel_attention`` matches ``flash_attention_
 ``P("data", "context")``; gradients (dq, dk, dv, through the output and the lse) for one
 strategy per mesh; inputs given unsharded, sharded another way (heads split) or already in
 place. ``lclm.sharding.make_mesh`` builds Auto axes, and the lclm.sharding helpers that take a
-mesh accept one with Explicit axes.
+mesh accept one with Explicit axes. The default suite runs one strategy per mesh (ring with
+gradients on the Explicit mesh, Ulysses on the mixed one); the slow case runs them all.
 """
 
 from __future__ import annotations
+
+import pytest
 
 _CODE = r"""
 import jax, jax.numpy as jnp, numpy as np
@@ -20,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from pallas_kernels import context_parallel_attention, flash_attention_reference
 assert jax.device_count() == 8
 E, A = AxisType.Explicit, AxisType.Auto
+FULL = None  # Filled in by the test.
 
 MESHES = {
     "explicit": jax.make_mesh((2, 4), ("data", "context"), axis_types=(E, E)),
@@ -36,6 +40,9 @@ CASES = {
     "mixed": [("ring", "striped", 40), ("all_gather", None, 64), ("ulysses", None, 64)],
 }
 GRADS = ("explicit", "mixed")
+if not FULL:  # The default suite: one strategy per mesh, one layout each, gradients once.
+  CASES = {"explicit": CASES["explicit"][:1], "mixed": CASES["mixed"][2:]}
+  GRADS = ("explicit",)
 B, H, D = 2, 4, 16  # Ulysses splits the 4 heads over the 4 context devices.
 
 def inputs(seed, t):
@@ -54,9 +61,10 @@ for kind, mesh in MESHES.items():
   want_sharding = NamedSharding(mesh, P("data", "context"))
   for i, (strategy, lb, t) in enumerate(CASES[kind]):
     (q, k, v, do, dl), (r_out, r_lse) = refs[t]
-    if i == 1:  # Inputs sharded another way (heads split over the context axis).
+    layout = i if FULL else {"explicit": 0, "mixed": 2}[kind]
+    if layout == 1:  # Inputs sharded another way (heads split over the context axis).
       q, k, v = jax.device_put((q, k, v), NamedSharding(mesh, P(None, None, "context")))
-    elif i == 2:  # Inputs already where shard_map wants them.
+    elif layout == 2:  # Inputs already where shard_map wants them.
       q, k, v = jax.device_put((q, k, v), want_sharding)
     attend = lambda q, k, v, s=strategy, lb=lb, mesh=mesh: context_parallel_attention(
         q, k, v, mesh=mesh, strategy=s, load_balance=lb, is_causal=True, return_lse=True,
@@ -117,6 +125,7 @@ print("ok lclm")
 """
 
 
-def test_entries_taking_a_mesh_work_with_every_axis_type(fake_devices):
-  out = fake_devices(_CODE)
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_entries_taking_a_mesh_work_with_every_axis_type(fake_devices, full):
+  out = fake_devices(_CODE.replace("FULL = None", f"FULL = {full}"))
   assert out.split() == ["ok", "explicit", "ok", "mixed", "ok", "lclm"], out

@@ -306,8 +306,9 @@ def _select_numpy(scores, lengths, q_len, block_k, top_k, sinks, left):
   for bi in range(b):
     length = min(max(int(lengths[bi]), 0), nb * block_k)
     end = -(-length // block_k)
-    sink_end = -(-min(length, sinks) // block_k)
-    w_lo = max(length - q_len - left, 0) // block_k if left is not None else nb
+    sink_end = min(length, sinks) // block_k  # Blocks wholly made of sinks.
+    # Blocks wholly inside the last query's window (p = length - 1) are seen anyway.
+    w_lo = -(-max(length - 1 - left, 0) // block_k) if left is not None else nb
     cands = [n for n in range(nb) if sink_end <= n < min(end, w_lo)]
     for li in range(lists):
       ranked = sorted(cands, key=lambda n: (-scores[bi, li, n], n))[:top_k]
