@@ -14,7 +14,11 @@ patterns of ``configs/mixers/`` at their full depth (6 or 8 layers, or 2 for Duo
 (``layers/kv_policies.py``) whose budget is the window; ``attention_quest`` and
 ``attention_infllm`` keep the whole cache and read the window's worth of keys per step
 (``layers/kv_retrieval.py``; at a 1024 budget: 64-key blocks, a 256-token local window, the
-rest top-k blocks; ``{block}`` and ``{local}`` are the budget / 16 and / 4). Sliding windows
+rest top-k blocks; ``{block}`` and ``{local}`` are the budget / 16 and / 4);
+``landmark_attention`` is Landmark Attention's two layers (``configs/mixers/landmark.gin``,
+``{block}``-token blocks, a step reads its own block and ``{top_k}`` = budget / block - 1
+retrieved blocks; the prompt's random ids carry no landmarks, which only the speed
+ignores). Sliding windows
 (``local_attention``, the hybrids' ``LOCAL_WINDOW``, DuoAttention's ``STREAMING_WINDOW``) and
 budgets are 1024 tokens, or the shortest length when that is shorter (the cache holds
 ``L + steps`` tokens, more than the window, so every window is a ring).
@@ -85,6 +89,11 @@ CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention_infllm": (("configs/mixers/attention.gin",), (
         "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
         "{'name': 'infllm', 'budget': {window}, 'block_size': {block}, 'window': {local}}}}",)),
+    # Landmark Attention (layers/landmark_attention.py): every key stays; a decode step reads
+    # its own block and the top-k blocks by landmark score, the window's worth of keys.
+    "landmark_attention": (("configs/mixers/landmark.gin",), (
+        "LANDMARK_BLOCK_SIZE = {block}", "LANDMARK_TOP_K = {top_k}",
+        f"LANDMARK_VOCAB_SIZE = {VOCAB}", f"LANDMARK_ID = {VOCAB - 1}")),
     "mamba": (("configs/mixers/mamba.gin",), ()),
     "mamba2": (("configs/mixers/mamba2.gin",), ()),
     "lightning": (("configs/mixers/lightning.gin",), ()),
@@ -114,7 +123,9 @@ def build_model(name: str, window: int):
   from lclm.model import DecoderLM
 
   files, bindings = CONFIGS[name]
-  sizes = {"{window}": window, "{block}": max(1, window // 16), "{local}": max(1, window // 4)}
+  block = max(2, window // 16)
+  sizes = {"{window}": window, "{block}": block, "{local}": max(1, window // 4),
+           "{top_k}": max(1, window // block - 1)}
   for key, value in sizes.items():
     bindings = [b.replace(key, str(value)) for b in bindings]
   train_main.parse_gin([TINY, *files], bindings)

@@ -2,7 +2,8 @@
 
     python -m experiments.kv_policies --workdir=runs/kv-passkey-256,runs/tiny-llama-hf \
         --labels=trained-here,imported-llama --lengths=256,512 --budgets=1/16,1/8,1/4,1/2 \
-        [--policies=streaming_llm,h2o,snapkv,h2o_merge] [--tasks=passkey,niah_single,perplexity] \
+        [--policies=streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo] \
+        [--tasks=passkey,niah_single,perplexity] [--probe_examples=32] \
         [--examples=32] [--text_examples=16] [--prefill_chunk=32] [--score_chunk=32] \
         [--spec='h2o_r4={"name": "h2o", "recent": 4}'] [--out=runs/kv_policies]
 
@@ -21,8 +22,16 @@ run time, so new policies need no change here) maps to ``{"name": NAME}``; for a
 policy ``NAME_merge`` maps to ``{"name": NAME, "merge": True}``; the block-retrieval policies
 (``quest``, ``infllm``: the whole cache stays, the budget is the keys a decode step reads)
 get 8-key blocks and an 8-token window, so that 1/16 of 256 tokens holds a block;
+``duo`` is DuoAttention's per-head budget: the retrieval-head probe
+(:mod:`lclm.evals.retrieval_heads`, ``--probe_examples`` needle rows at each length, other
+seeds than the scored rows) ranks the key/value heads of the ``attention`` layers, and
+:func:`lclm.evals.retrieval_heads.budget_head_windows` spends the same cache as the others'
+budget (budget x key/value heads slots): the best heads keep every token with
+``full_share`` (0.5) of it, the rest stream (4 sinks and a window) in the other half; the
+model is rebuilt with those ``per_head_windows`` (streaming heads also attend through their
+window while prefilling, as in DuoAttention); the cell's spec records the heads and slots;
 ``--spec LABEL=JSON`` adds a name of one's own (a dict of policy options without the
-budget). Unknown names exit with code 2.
+budget; ``{"name": "duo", "full_share": 0.25}`` for duo). Unknown names exit with code 2.
 
 What is measured, per model, policy, budget and length, all of it through the decode cache
 (teacher-forced scoring never uses the cache, so it cannot see a policy):
@@ -89,8 +98,13 @@ import time
 
 import numpy as np
 
-DEFAULT_POLICIES = "streaming_llm,h2o,snapkv,h2o_merge,quest,infllm"
+DEFAULT_POLICIES = "streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo"
 RETRIEVAL_POLICIES = ("quest", "infllm")  # layers.kv_retrieval: the budget is keys read.
+# Per-head budgets (DuoAttention): retrieval heads keep every token, the others stream; the
+# heads come from the retrieval-head probe. Not a cache_policy: per_head_windows options.
+DUO = "duo"
+DUO_OPTIONS = ("name", "full_share", "num_sink_tokens")
+DUO_MIXER = "attention"  # The mixer that takes per_head_windows.
 DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2"
 DEFAULT_LENGTHS = "256,512"
 TASKS = ("passkey", "niah_single", "perplexity")
@@ -147,6 +161,8 @@ def _parser():
                       help="checkpoint step of the run directories (default newest)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="extra gin binding applied over each run's config.gin")
+  parser.add_argument("--probe_examples", type=int, default=32,
+                      help="needle rows of the retrieval-head probe that picks duo's heads")
   return parser
 
 
@@ -198,7 +214,7 @@ def spec_builders(available, extra_specs=()) -> dict[str, dict]:
   """Policy name -> spec without the budget: ``NAME`` and ``NAME_merge`` for every name of
   ``available`` (``layers.kv_policies.ALL_POLICIES``; block retrieval: ``NAME`` only, with
   8-key blocks and an 8-token window), plus ``--spec LABEL=JSON`` entries."""
-  builders = {}
+  builders = {DUO: {"name": DUO, "full_share": 0.5, "num_sink_tokens": 4}}
   for name in available:
     if name in RETRIEVAL_POLICIES:  # Blocks small enough for a 1/16 budget at 256 tokens.
       builders[name] = {"name": name, "block_size": 8, "window": 8}
@@ -214,9 +230,11 @@ def spec_builders(available, extra_specs=()) -> dict[str, dict]:
       spec = json.loads(text)
     except json.JSONDecodeError as error:
       raise UsageError(f"--spec {label}: bad JSON ({error}): {text!r}.") from None
-    if not isinstance(spec, dict) or spec.get("name") not in available:
-      raise UsageError(f"--spec {label}: a dict whose 'name' is one of {list(available)}, got "
-                       f"{text!r}.")
+    if not isinstance(spec, dict) or spec.get("name") not in (*available, DUO):
+      raise UsageError(f"--spec {label}: a dict whose 'name' is one of {[*available, DUO]}, "
+                       f"got {text!r}.")
+    if spec["name"] == DUO and set(spec) - set(DUO_OPTIONS):
+      raise UsageError(f"--spec {label}: duo takes {list(DUO_OPTIONS[1:])}, got {text!r}.")
     if "budget" in spec:
       raise UsageError(f"--spec {label}: leave out the budget (it comes from --budgets).")
     builders[label] = spec
@@ -229,13 +247,13 @@ def parse_policies(text: str, builders: dict[str, dict], available) -> list[str]
   if unknown:
     raise UsageError(f"--policies: unknown or unavailable {unknown}; available: "
                      f"{sorted(builders)} (layers.kv_policies.ALL_POLICIES = {list(available)}, "
-                     "NAME_merge for merging, --spec for others).")
+                     f"NAME_merge for merging, {DUO} for per-head budgets, --spec for others).")
   return names
 
 
 def _check_args(args) -> None:
   for name in ("examples", "text_examples", "batch_size", "prefill_chunk", "score_chunk",
-               "num_digits"):
+               "num_digits", "probe_examples"):
     if getattr(args, name) < 1:
       raise UsageError(f"--{name} must be a positive int, got {getattr(args, name)}.")
   if args.seed < 0:
@@ -278,10 +296,11 @@ class ModelUnderTest:
   The rebuilt model has the loaded parameters: a policy changes static options only.
   """
 
-  def __init__(self, loaded, builder, mixer_options):
+  def __init__(self, loaded, builder, mixer_options, layer_options=None):
     self.loaded = loaded
-    self._builder = builder  # mixer_options -> a DecoderLM (abstract is fine)
+    self._builder = builder  # (mixer_options, layer_options) -> a DecoderLM (abstract is fine)
     self._mixer_options = mixer_options
+    self._layer_options = dict(layer_options or {})
     self.policy_mixers = [m for m in POLICY_MIXERS if m in loaded.model.layer_pattern]
 
   @classmethod
@@ -300,25 +319,37 @@ class ModelUnderTest:
       from lclm import hf  # pylint: disable=import-outside-toplevel
       options = hf.model_options(hf.read_config(workdir))
       mixer_options = dict(options.pop("mixer_options") or {})
-      builder = lambda mo: DecoderLM(**options, mixer_options=mo, rngs=nnx.Rngs(0))
+      layer_options = dict(options.pop("layer_options", None) or {})
+      builder = lambda mo, lo: DecoderLM(**options, mixer_options=mo, layer_options=lo,
+                                         rngs=nnx.Rngs(0))
     else:
       import copy  # pylint: disable=import-outside-toplevel
 
       import gin  # pylint: disable=import-outside-toplevel
-      try:  # deepcopy evaluates the macros (%NUM_HEADS) as gin does for a call.
-        mixer_options = dict(copy.deepcopy(gin.query_parameter("DecoderLM.mixer_options"))
-                             or {})
-      except ValueError:
-        mixer_options = {}
+      def bound(name):  # deepcopy evaluates the macros (%NUM_HEADS) as gin does for a call.
+        try:
+          return dict(copy.deepcopy(gin.query_parameter(f"DecoderLM.{name}")) or {})
+        except ValueError:
+          return {}
+
+      mixer_options, layer_options = bound("mixer_options"), bound("layer_options")
       vocab = loaded.vocab_size
-      builder = lambda mo: DecoderLM(vocab_size=vocab, mixer_options=mo, rngs=nnx.Rngs(0))
-    return cls(loaded, builder, mixer_options)
+      builder = lambda mo, lo: DecoderLM(vocab_size=vocab, mixer_options=mo, layer_options=lo,
+                                         rngs=nnx.Rngs(0))
+    return cls(loaded, builder, mixer_options, layer_options)
+
+  def _rebuilt(self, mixer_options, layer_options):
+    """The model with other static options and the loaded parameters, in eval mode."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    abstract = nnx.eval_shape(lambda: self._builder(mixer_options, layer_options))
+    model = nnx.merge(nnx.graphdef(abstract), nnx.state(self.loaded.model))
+    model.eval()
+    return model
 
   def with_policy(self, spec: dict | None):
     """The model with ``cache_policy=spec`` on every full-attention mixer (None: the loaded
     model). Raises ValueError when a layer refuses the spec or no layer takes it."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
     if spec is None:
       return self.loaded.model
     if not self.policy_mixers:
@@ -327,10 +358,19 @@ class ModelUnderTest:
     options = {name: dict(value) for name, value in self._mixer_options.items()}
     for mixer in self.policy_mixers:
       options[mixer] = {**options.get(mixer, {}), "cache_policy": dict(spec)}
-    abstract = nnx.eval_shape(lambda: self._builder(options))
-    model = nnx.merge(nnx.graphdef(abstract), nnx.state(self.loaded.model))
-    model.eval()
-    return model
+    return self._rebuilt(options, self._layer_options)
+
+  def duo_layers(self) -> list[int]:
+    """The layers whose mixer takes DuoAttention's ``per_head_windows``."""
+    return [i for i, m in enumerate(self.loaded.model.layer_pattern) if m == DUO_MIXER]
+
+  def with_head_budget(self, head_budget):
+    """The model with the per-head windows of ``head_budget`` (a
+    :class:`lclm.evals.retrieval_heads.HeadBudget`) over its own layer options."""
+    layer_options = {key: dict(value) for key, value in self._layer_options.items()}
+    for layer, options in head_budget.layer_options().items():
+      layer_options[layer] = {**layer_options.get(layer, {}), **options}
+    return self._rebuilt(self._mixer_options, layer_options)
 
 
 def _text_rows(loaded, length: int, args) -> dict[str, np.ndarray]:
@@ -367,6 +407,47 @@ def _needle_batches(task: str, loaded, length: int, args):
                                  num_digits=args.num_digits)
   return probe.niah_batches(length, vocab_size=loaded.vocab_size, num_examples=args.examples,
                             batch_size=args.batch_size, seed=args.seed + length)
+
+
+def _probe_scores(mut: ModelUnderTest, length: int, args):
+  """float [layers, heads]: the retrieval-head probe's copy-paste scores of the loaded model
+  on ``--probe_examples`` needle rows of ``length`` tokens (other seeds than the scored
+  rows): which heads DuoAttention keeps whole."""
+  from lclm.evals import retrieval_heads as probe  # pylint: disable=import-outside-toplevel
+
+  loaded, seed = mut.loaded, args.seed + 104729 + length
+  rows = dict(num_examples=args.probe_examples,
+              batch_size=min(args.probe_examples, args.batch_size), seed=seed)
+  if loaded.vocab_size >= BYTE_VOCAB:
+    batches = probe.passkey_batches(length, num_digits=args.num_digits, **rows)
+  else:
+    batches = probe.niah_batches(length, vocab_size=loaded.vocab_size, **rows)
+  return probe.retrieval_scores(loaded.model, batches)
+
+
+def duo_model(mut: ModelUnderTest, spec: dict, scores, length: int, budget: int):
+  """DuoAttention at ``budget`` slots per key/value head: the model and the spec it ran
+  (the options, the heads kept whole and the streaming heads' slots). Raises ValueError when
+  the model has no layer to configure or the budget cannot be split."""
+  from lclm.evals import retrieval_heads as probe  # pylint: disable=import-outside-toplevel
+
+  layers = mut.duo_layers()
+  if not layers:
+    raise ValueError(f"the model has no {DUO_MIXER!r} layer to take per_head_windows (layer "
+                     f"pattern {list(mut.loaded.model.layer_pattern)}).")
+  blocks = mut.loaded.model.layer_blocks()
+  kv_heads = {blocks[i].mixer.num_kv_heads for i in layers}
+  if len(kv_heads) != 1:
+    raise ValueError(f"duo: the {DUO_MIXER!r} layers differ in num_kv_heads ({kv_heads}).")
+  head_budget = probe.budget_head_windows(
+      scores, num_kv_heads=kv_heads.pop(), length=length, budget=budget,
+      full_share=spec.get("full_share", 0.5), num_sink_tokens=spec.get("num_sink_tokens", 4),
+      layers=layers)
+  ran = {**spec, "budget": budget,
+         "full_kv_heads": [list(pair) for pair in head_budget.full_kv_heads],
+         "streaming_slots": head_budget.streaming_slots,
+         "streaming_sinks": head_budget.num_sink_tokens}
+  return mut.with_head_budget(head_budget), ran
 
 
 def _score_cell(model, data, length: int, args) -> dict:
@@ -423,6 +504,7 @@ def evaluate_model(mut: ModelUnderTest, label: str, lengths, budgets, policies, 
           f"{next(iter(reasons.values()))}", file=sys.stderr)
   exact_bytes = {n: cache_scoring.cache_bytes_per_row(loaded.model, n) for n in lengths}
   variants = [(EXACT, None, None)] + [(p, builders[p], b) for p in policies for b in budgets]
+  probe_scores = {}  # length -> the retrieval-head scores (duo), computed once
   cells = []
   for policy, base_spec, fraction in variants:
     for length in lengths:
@@ -434,7 +516,13 @@ def evaluate_model(mut: ModelUnderTest, label: str, lengths, budgets, policies, 
       spec = None if base_spec is None else {**base_spec, "budget": cell["budget"]}
       cell["spec"] = spec
       try:
-        model = mut.with_policy(spec)
+        if spec is not None and spec["name"] == DUO:
+          if length not in probe_scores:
+            probe_scores[length] = _probe_scores(mut, length, args)
+          model, cell["spec"] = duo_model(mut, base_spec, probe_scores[length], length,
+                                          cell["budget"])
+        else:
+          model = mut.with_policy(spec)
       except ValueError as error:
         cell["error"] = str(error)
         print(f"   {label:>16} {policy:>14} {cell['budget_fraction'] or '1':>5} L={length}: "
@@ -458,7 +546,10 @@ def evaluate_model(mut: ModelUnderTest, label: str, lengths, budgets, policies, 
   return {"source": os.path.abspath(loaded.source), "kind": loaded.kind, "step": loaded.step,
           "vocab_size": loaded.vocab_size, "layer_pattern": list(loaded.model.layer_pattern),
           "policy_mixers": mut.policy_mixers, "skipped_tasks": skipped,
-          "perplexity_text": text_source, "cells": cells}
+          "perplexity_text": text_source, "cells": cells,
+          "retrieval_scores": {str(n): [[round(float(x), 4) if np.isfinite(x) else None
+                                         for x in row] for row in v]
+                               for n, v in probe_scores.items()}}
 
 
 # ------------------------------------------------------------------------------- reports

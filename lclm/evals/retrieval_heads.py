@@ -588,6 +588,88 @@ def per_head_windows_config(scores, *, retrieval_fraction: float | None = None,
   return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadBudget:
+  """DuoAttention's per-head split of a KV-cache budget (:func:`budget_head_windows`).
+
+  Attributes:
+    windows: layer -> one entry per query head: None (a retrieval head: every token) or the
+      window of a streaming head (tokens it sees, itself included).
+    num_sink_tokens: the first tokens every streaming head also keeps.
+    full_kv_heads: (layer, kv head) pairs that keep every token, best score first.
+    streaming_slots: cache slots of a streaming kv head (sinks + window), 0 if none streams.
+  """
+  windows: dict[int, list[int | None]]
+  num_sink_tokens: int
+  full_kv_heads: tuple[tuple[int, int], ...]
+  streaming_slots: int
+
+  def layer_options(self) -> dict[int, dict[str, Any]]:
+    """``DecoderLM.layer_options`` for the configured layers."""
+    return {layer: {"per_head_windows": list(w), "num_sink_tokens": self.num_sink_tokens}
+            for layer, w in self.windows.items()}
+
+
+def budget_head_windows(scores, *, num_kv_heads: int, length: int, budget: int,
+                        full_share: float = 0.5, num_sink_tokens: int = 4,
+                        layers: Sequence[int] | None = None) -> HeadBudget:
+  """Per-head budgets from the probe's scores: DuoAttention at a fixed cache size.
+
+  The configured layers (``layers``, default every layer with finite scores) hold ``N`` key/
+  value heads (``num_kv_heads`` each; a key/value head scores the best of its query heads).
+  Their cache gets ``S = budget x N`` slots at sequence length ``length``, as an eviction
+  policy of ``budget`` slots per head would. ``n = min(N, floor(full_share x S / length))``
+  key/value heads of highest score (ties: earlier layer, then head) keep every token; the
+  others stream with ``slots = (S - n x length) // (N - n)`` slots each (``n`` lowered until
+  that is at least 2): ``min(num_sink_tokens, slots - 1)`` sinks and a window of the rest. A streaming key/value head's query heads all
+  get that window (the cache of a group is as wide as its widest query head).
+
+  Raises:
+    ValueError: scores not [layers, heads] with heads a multiple of ``num_kv_heads``, no
+      layer to configure, a budget below 2 slots or above ``length``, ``full_share`` outside
+      [0, 1].
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 2 or not _is_int(num_kv_heads) or num_kv_heads < 1 or (
+      scores.shape[1] % num_kv_heads):
+    raise ValueError(f"budget_head_windows: scores must be [layers, heads] with heads a "
+                     f"multiple of num_kv_heads={num_kv_heads!r}, got shape {scores.shape}.")
+  if not _is_int(length) or not _is_int(budget) or not 2 <= budget <= length:
+    raise ValueError(f"budget_head_windows: budget must be an int in [2, length={length!r}] "
+                     f"(cache slots per key/value head), got {budget!r}.")
+  if not isinstance(full_share, (int, float)) or not 0 <= full_share <= 1:
+    raise ValueError(f"budget_head_windows: full_share must lie in [0, 1], got "
+                     f"{full_share!r}.")
+  if not _is_int(num_sink_tokens) or num_sink_tokens < 0:
+    raise ValueError(f"budget_head_windows: num_sink_tokens must be an int >= 0, got "
+                     f"{num_sink_tokens!r}.")
+  if layers is None:
+    layers = [i for i in range(scores.shape[0]) if np.isfinite(scores[i]).all()]
+  layers = sorted(set(int(i) for i in layers))
+  if not layers or any(not 0 <= i < scores.shape[0] for i in layers):
+    raise ValueError(f"budget_head_windows: no layer to configure (layers {layers}, scores of "
+                     f"{scores.shape[0]} layers).")
+  group = scores.shape[1] // num_kv_heads
+  kv_scores = np.nan_to_num(scores[layers].reshape(len(layers), num_kv_heads, group),
+                            nan=-np.inf).max(axis=-1)
+  total_heads = kv_scores.size
+  total_slots = budget * total_heads
+  num_full = min(total_heads, int(math.floor(full_share * total_slots / length + 1e-9)))
+  streaming_slots = lambda n: (total_slots - n * length) // (total_heads - n)
+  while 0 < num_full < total_heads and streaming_slots(num_full) < 2:
+    num_full -= 1  # A streaming head needs a slot for itself and one more.
+  order = np.argsort(-kv_scores, axis=None, kind="stable")[:num_full]
+  full = [(layers[i // num_kv_heads], int(i % num_kv_heads)) for i in order]
+  slots = 0 if num_full == total_heads else streaming_slots(num_full)
+  sinks = min(num_sink_tokens, max(0, slots - 1))
+  windows = {}
+  for layer in layers:
+    windows[layer] = [None if (layer, h // group) in full else slots - sinks
+                      for h in range(scores.shape[1])]
+  return HeadBudget(windows=windows, num_sink_tokens=sinks, full_kv_heads=tuple(full),
+                    streaming_slots=slots)
+
+
 def tie_note(scores, chosen) -> str | None:
   """A sentence when retrieval heads (``chosen``, bool [layers, heads]) and streaming heads tie
   at the cut, so that the choice went by order, not by score; else None."""
@@ -604,7 +686,8 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-__all__ = ["DEFAULT_QUERY_CHUNK_SIZE", "RetrievalCounts", "answer_positions", "attention_rows",
-           "copy_paste_hits", "layer_mask", "needle_mask", "niah_batches", "passkey_batches",
+__all__ = ["DEFAULT_QUERY_CHUNK_SIZE", "HeadBudget", "RetrievalCounts", "answer_positions",
+           "attention_rows", "budget_head_windows", "copy_paste_hits", "layer_mask",
+           "needle_mask", "niah_batches", "passkey_batches",
            "per_head_windows_config", "retrieval_counts", "retrieval_scores",
            "select_retrieval_heads", "tie_note", "top_attended_keys"]

@@ -299,6 +299,42 @@ def test_config_follows_the_ranking_of_given_scores():
   assert "2: {" not in text and "layers 2 (global_attention)" in text
 
 
+def test_budget_head_windows_spends_the_budget_on_the_best_heads():
+  # Layers 0 and 2 are attention (2 kv heads of 2 query heads each): N = 4 kv heads.
+  scores = np.array([[0.1, 0.9, 0.0, 0.3], [np.nan] * 4, [0.5, 0.2, 0.8, 0.05]])
+  # 64 slots per head at 256 tokens: 256 slots in all, half of it buys no whole head.
+  small = rh.budget_head_windows(scores, num_kv_heads=2, length=256, budget=64)
+  assert small.full_kv_heads == () and small.streaming_slots == 64
+  assert small.windows == {0: [60] * 4, 2: [60] * 4} and small.num_sink_tokens == 4
+  # 128 per head: 512 slots; 256 of them keep layer 0's kv head 0 (best score 0.9) whole,
+  # the other three heads share the rest: 85 slots = 4 sinks + an 81-token window.
+  half = rh.budget_head_windows(scores, num_kv_heads=2, length=256, budget=128)
+  assert half.full_kv_heads == ((0, 0),) and half.streaming_slots == 85
+  assert half.windows == {0: [None, None, 81, 81], 2: [81] * 4}
+  assert half.layer_options() == {0: {"per_head_windows": [None, None, 81, 81],
+                                      "num_sink_tokens": 4},
+                                  2: {"per_head_windows": [81] * 4, "num_sink_tokens": 4}}
+  assert 256 + 3 * 85 <= 4 * 128
+  # full_share 1 would keep two heads whole and leave the others no slot: one fewer.
+  whole = rh.budget_head_windows(scores, num_kv_heads=2, length=256, budget=128,
+                                 full_share=1.0, num_sink_tokens=0)
+  assert whole.full_kv_heads == ((0, 0),) and whole.windows[2] == [85] * 4
+  assert rh.budget_head_windows(scores, num_kv_heads=2, length=256, budget=256,
+                                full_share=1.0).windows == {0: [None] * 4, 2: [None] * 4}
+  # Only the given layers are configured.
+  one = rh.budget_head_windows(scores, num_kv_heads=4, length=32, budget=2, layers=[2])
+  assert one.windows == {2: [1] * 4} and one.num_sink_tokens == 1
+  for kwargs, message in [(dict(num_kv_heads=3), "multiple of num_kv_heads"),
+                          (dict(budget=1), "budget must be an int in"),
+                          (dict(budget=300), "budget must be an int in"),
+                          (dict(full_share=1.5), "full_share"),
+                          (dict(num_sink_tokens=-1), "num_sink_tokens"),
+                          (dict(layers=[1, 5]), "no layer to configure")]:
+    options = {**dict(num_kv_heads=2, length=256, budget=64), **kwargs}
+    with pytest.raises(ValueError, match=message):
+      rh.budget_head_windows(scores, **options)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(retrieval_fraction=0.25, threshold=0.1), "exactly one"),
     (dict(), "exactly one"),

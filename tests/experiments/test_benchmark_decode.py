@@ -50,3 +50,13 @@ def test_recurrent_caches(name):
     assert sizes[1] - sizes[0] == 64 * (2 * 64 * 4 + 8)
   else:
     assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_landmark_cache_keeps_every_key():
+  """Landmark Attention keeps each token's key and value and a landmark key per block."""
+  model = benchmark_decode.build_model("landmark_attention", window=64)
+  mixer = model.layer_blocks()[0].mixer
+  assert (mixer.block_size, mixer.top_k) == (4, 15)
+  small, large = (benchmark_decode.cache_bytes(model, 2, n) for n in (64, 128))
+  assert large - small == 2 * 64 * (2 * 64 * 4) + 2 * (64 // 4) * 64 * 4
+

@@ -4,6 +4,7 @@ policy whose budget holds everything) equals the teacher-forced loss, bad flags 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -87,12 +88,18 @@ def test_cli_writes_results_table_and_plot(cli_out):
     assert f.read() == table
 
 
-def test_cache_nll_equals_teacher_forced_loss(byte_run, cli_out):
-  with open(os.path.join(cli_out[1], "results.json")) as f:
-    cli_exact = next(c for c in json.load(f)["models"]["tiny"]["cells"] if c["policy"] == "exact")
+@pytest.fixture(scope="module")
+def scored(byte_run):
+  """The loaded model, random rows and their teacher-forced next-token NLL."""
   mut = kv_policies.ModelUnderTest.load(byte_run)
   tokens = np.random.default_rng(3).integers(0, 259, (TEXT_ROWS, LENGTH + 1))
-  reference = cache_scoring.teacher_forced_nll(mut.loaded.model, tokens)
+  return mut, tokens, cache_scoring.teacher_forced_nll(mut.loaded.model, tokens)
+
+
+def test_cache_nll_equals_teacher_forced_loss(scored, cli_out):
+  with open(os.path.join(cli_out[1], "results.json")) as f:
+    cli_exact = next(c for c in json.load(f)["models"]["tiny"]["cells"] if c["policy"] == "exact")
+  mut, tokens, reference = scored
   assert reference.shape == (TEXT_ROWS, LENGTH)
   exact = cache_scoring.cache_nll(mut.loaded.model, tokens, chunk_size=SCORE_CHUNK)
   np.testing.assert_allclose(exact, reference, atol=1e-4)
@@ -111,6 +118,33 @@ def test_cache_nll_equals_teacher_forced_loss(byte_run, cli_out):
   assert 8 / LENGTH < cache_scoring.cache_bytes_per_row(small_model, LENGTH) / exact_bytes < 0.05
 
 
+def test_duo_keeps_the_probed_heads_whole_within_the_budget(scored):
+  mut, tokens, reference = scored
+  args = argparse.Namespace(seed=0, probe_examples=2, batch_size=2, num_digits=5)
+  scores = kv_policies._probe_scores(mut, LENGTH, args)  # pylint: disable=protected-access
+  assert scores.shape == (1, 4) and ((scores >= 0) & (scores <= 1)).all()
+  spec = kv_policies.spec_builders(())["duo"]
+  assert spec == {"name": "duo", "full_share": 0.5, "num_sink_tokens": 4}
+  # A budget of the whole length: half the heads whole, the others' windows cover the rest.
+  everything, ran = kv_policies.duo_model(mut, spec, scores, LENGTH, LENGTH)
+  assert len(ran["full_kv_heads"]) == 2 and ran["streaming_slots"] == LENGTH
+  np.testing.assert_allclose(cache_scoring.cache_nll(everything, tokens, chunk_size=SCORE_CHUNK),
+                             reference, atol=1e-4)
+  # Half: the best head whole (4 kv heads, 2 x 240 slots), the others 80 slots each.
+  half, ran = kv_policies.duo_model(mut, spec, scores, LENGTH, LENGTH // 2)
+  best = int(np.argmax(scores[0]))
+  assert ran["full_kv_heads"] == [[0, best]] and ran["streaming_slots"] == 80
+  windows = [None if h == best else 76 for h in range(4)]
+  assert half.layer_blocks()[0].mixer.kv_cache_tokens(LENGTH) == tuple(
+      LENGTH if w is None else 80 for w in windows)
+  ratio = (cache_scoring.cache_bytes_per_row(half, LENGTH)
+           / cache_scoring.cache_bytes_per_row(mut.loaded.model, LENGTH))
+  assert 0.5 <= ratio < 0.53  # Keys and values at half; each part's token indices on top.
+  # A budget that cannot be split is refused (the experiment reports it in the cell).
+  with pytest.raises(ValueError, match="budget must be an int in"):
+    kv_policies.duo_model(mut, spec, scores, LENGTH, 1)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--policies=h2o,nonesuch"], "unknown or unavailable ['nonesuch']"),
     (["--budgets=1/16,2"], "(0, 1]"),
@@ -118,6 +152,7 @@ def test_cache_nll_equals_teacher_forced_loss(byte_run, cli_out):
     (["--lengths=64"], "cannot hold a passkey prompt"),
     (["--tasks=passkey,sudoku"], "unknown ['sudoku']"),
     (["--spec=x={\"name\": \"h2o\", \"budget\": 4}"], "leave out the budget"),
+    (["--spec=x={\"name\": \"duo\", \"recent\": 4}"], "duo takes"),
     (["--labels=a,b"], "one distinct name per model"),
     (["--score_chunk=0"], "--score_chunk must be a positive int"),
 ])
@@ -143,6 +178,7 @@ def test_missing_model_exits_2(tmp_path, capsys):
 def test_policy_names_come_from_the_layer_module():
   builders = kv_policies.spec_builders(("streaming_llm", "h2o", "quest"))
   assert builders["h2o_merge"] == {"name": "h2o", "merge": True}
+  assert builders["duo"]["name"] == "duo" and "duo_merge" not in builders
   assert builders["quest"] == {"name": "quest", "block_size": 8, "window": 8}
   assert "quest_merge" not in builders  # Block retrieval evicts nothing.
   assert kv_policies.parse_policies("quest,h2o_merge", builders, ()) == ["quest", "h2o_merge"]
