@@ -621,8 +621,9 @@ def budget_head_windows(scores, *, num_kv_heads: int, length: int, budget: int,
   policy of ``budget`` slots per head would. ``n = min(N, floor(full_share x S / length))``
   key/value heads of highest score (ties: earlier layer, then head) keep every token; the
   others stream with ``slots = (S - n x length) // (N - n)`` slots each (``n`` lowered until
-  that is at least 2): ``min(num_sink_tokens, slots - 1)`` sinks and a window of the rest. A streaming key/value head's query heads all
-  get that window (the cache of a group is as wide as its widest query head).
+  that is at least 2): ``min(num_sink_tokens, slots - 1)`` sinks and a window of the rest.
+  A streaming key/value head's query heads all get that window (the cache of a group is as
+  wide as its widest query head).
 
   Raises:
     ValueError: scores not [layers, heads] with heads a multiple of ``num_kv_heads``, no
