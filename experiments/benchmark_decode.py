@@ -15,6 +15,9 @@ patterns of ``configs/mixers/`` at their full depth (6 or 8 layers, or 2 for Duo
 ``attention_infllm`` keep the whole cache and read the window's worth of keys per step
 (``layers/kv_retrieval.py``; at a 1024 budget: 64-key blocks, a 256-token local window, the
 rest top-k blocks; ``{block}`` and ``{local}`` are the budget / 16 and / 4);
+``attention_infllm_stream`` is InfLLM as its paper runs (``prefill="retrieval"``: each
+prefill chunk reads the budget too, so prefill is linear in L; memory keys at the local
+window's distance);
 ``landmark_attention`` is Landmark Attention's two layers (``configs/mixers/landmark.gin``,
 ``{block}``-token blocks, a step reads its own block and ``{top_k}`` = budget / block - 1
 retrieved blocks; the prompt's random ids carry no landmarks, which only the speed
@@ -89,6 +92,12 @@ CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention_infllm": (("configs/mixers/attention.gin",), (
         "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
         "{'name': 'infllm', 'budget': {window}, 'block_size': {block}, 'window': {local}}}}",)),
+    # InfLLM as its paper runs: chunked prefill through retrieval too (each prefill chunk
+    # reads the budget), memory keys at the window's distance.
+    "attention_infllm_stream": (("configs/mixers/attention.gin",), (
+        "DecoderLM.mixer_options = {'attention': {'num_heads': 4, 'cache_policy': "
+        "{'name': 'infllm', 'budget': {window}, 'block_size': {block}, 'window': {local}, "
+        "'prefill': 'retrieval', 'memory_distance': {local}}}}",)),
     # Landmark Attention (layers/landmark_attention.py): every key stays; a decode step reads
     # its own block and the top-k blocks by landmark score, the window's worth of keys.
     "landmark_attention": (("configs/mixers/landmark.gin",), (
@@ -214,14 +223,16 @@ def _bytes(value) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-  """Two markdown tables (configs x lengths): cache bytes per sequence, decode tokens/s."""
+  """Three markdown tables (configs x lengths): cache bytes per sequence, decode tokens/s,
+  prefill tokens/s."""
   configs = list(dict.fromkeys(r["config"] for r in rows))
   lengths = sorted({r["length"] for r in rows})
   cell = {(r["config"], r["length"]): r for r in rows}
+  rate = lambda key: lambda r: "error" if "error" in r else _rate(r[key])
   out = []
   for title, show in (("decode cache per sequence", lambda r: _bytes(r["cache_bytes"])),
-                      ("decode tokens/s", lambda r: "error" if "error" in r else _rate(
-                          r["decode_tokens_per_second"]))):
+                      ("decode tokens/s", rate("decode_tokens_per_second")),
+                      ("prefill tokens/s", rate("prefill_tokens_per_second"))):
     out.append(f"| {title} | " + " | ".join(f"{n:,}" for n in lengths) + " |")
     out.append("|---|" + "---:|" * len(lengths))
     for name in configs:

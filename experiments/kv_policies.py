@@ -31,7 +31,9 @@ budget (budget x key/value heads slots): the best heads keep every token with
 model is rebuilt with those ``per_head_windows`` (streaming heads also attend through their
 window while prefilling, as in DuoAttention); the cell's spec records the heads and slots;
 ``--spec LABEL=JSON`` adds a name of one's own (a dict of policy options without the
-budget; ``{"name": "duo", "full_share": 0.25}`` for duo). Unknown names exit with code 2.
+budget; ``{"name": "duo", "full_share": 0.25}`` for duo; ``{"name": "infllm", "prefill":
+"retrieval", "memory_distance": 32, "window": 32}`` for InfLLM's chunked prefill and memory
+positions). Unknown names exit with code 2.
 
 What is measured, per model, policy, budget and length, all of it through the decode cache
 (teacher-forced scoring never uses the cache, so it cannot see a policy):

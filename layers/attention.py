@@ -154,9 +154,10 @@ class Attention(nnx.Module):
       ``{"name": "h2o", "budget": 256}``: an eviction policy (:mod:`layers.kv_policies`:
       StreamingLLM, H2O, SnapKV, each optionally merging) keeps ``budget`` entries per
       key/value head; a block-retrieval policy (:mod:`layers.kv_retrieval`: Quest, InfLLM)
-      keeps every token and lets each decode query read ``budget`` of them. Full causal
-      attention only (no window, chunks, per-head masks or position extension). Training
-      and calls without a cache are unaffected.
+      keeps every token and lets each decode query (with ``"prefill": "retrieval"``, each
+      prefill chunk too) read ``budget`` of them; with ``"memory_distance"`` its cache holds
+      keys before RoPE. Full causal attention only (no window, chunks, per-head masks or
+      position extension). Training and calls without a cache are unaffected.
     implementation: passed to the kernel: None, "pallas", "interpret", "xla", "reference".
     dtype: computation dtype of the projections; None promotes inputs and parameters.
     param_dtype: dtype of the parameters.
@@ -343,6 +344,10 @@ class Attention(nnx.Module):
           f"Attention: cache_policy {self.cache_policy.name!r} needs full causal attention; "
           "this layer has a window, chunks, per-head masks or a position extension (their "
           "caches are already bounded or need every key).")
+    if getattr(self.cache_policy, "memory_distance", None) is not None and self.rotary is None:
+      raise ValueError(f"Attention: cache_policy {self.cache_policy.name!r} places its memory "
+                       "at memory_distance through RoPE; this layer has none (rope_theta is "
+                       "None): drop memory_distance.")
 
   def _check_context_parallelism(self, plan: ContextParallelism | None) -> None:
     """Raises a ValueError for options the context-parallel kernels cannot run.
@@ -653,8 +658,13 @@ class Attention(nnx.Module):
     int_positions = (position_ids if jnp.issubdtype(position_ids.dtype, jnp.integer)
                      else jnp.floor(position_ids)).astype(jnp.int32)
     if isinstance(self.cache_policy, kv_retrieval.RetrievalPolicy):
+      rotate = None
+      if self.cache_policy.memory_distance is not None:  # The cache keeps keys before RoPE.
+        q, k = q_raw, k_raw
+        freqs = {"q": q_freq, "k": k_freq}
+        rotate = lambda x, positions, kind: self.rotary.rotate(x, positions, freqs[kind])
       out, new_cache = kv_retrieval.step(cache, self._decode_retrieved, self._attend_candidates,
-                                         q, k, v, token_index, valid, new_lengths)
+                                         q, k, v, token_index, valid, new_lengths, rotate)
       return self.o_proj(out), new_cache
     if self.cache_policy is not None:
       out, new_cache = kv_policies.step(cache, self._logits, q, k, v, token_index, int_positions,
@@ -728,21 +738,28 @@ class Attention(nnx.Module):
           in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",)), out_axes=_QUERY_AXES))
     return self._assemble(outs, parts)
 
-  def _decode_retrieved(self, q, keys, values, lengths, block_indices):
-    """Block-retrieval decoding (:mod:`layers.kv_retrieval`): one query per row over the
-    sinks, the window and the blocks ``block_indices`` [b, kv_heads, top_k] of the cache."""
-    policy = self.cache_policy
+  def _decode_retrieved(self, q, keys, values, lengths, block_indices, *, local_window_size,
+                        num_sink_tokens, return_lse):
+    """Block-retrieval attention (:mod:`layers.kv_retrieval`): the queries q [b, t, h, d]
+    (the last t of ``lengths`` entries) over the sinks, the window and, unless None, the
+    blocks ``block_indices`` [b, kv_heads, top_k] of keys [b, slots, kv_heads, d]."""
+    options = dict(local_window_size=local_window_size, num_sink_tokens=num_sink_tokens,
+                   logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    args, in_axes = (q, keys, values, lengths), (_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",))
+    if block_indices is not None:
+      options["block_k"] = self.cache_policy.block_size
+      args, in_axes = args + (block_indices,), in_axes + (("batch", "kv_heads", None),)
 
-    def kernel(q, keys, values, lengths, block_indices):
-      return decode_attention(
-          q, keys, values, lengths, block_indices=block_indices, block_k=policy.block_size,
-          local_window_size=(policy.window - 1, 0), num_sink_tokens=policy.num_sink_tokens,
-          logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    def kernel(q, keys, values, lengths, block_indices=None):
+      result = decode_attention(q, keys, values, lengths, block_indices=block_indices,
+                                return_lse=return_lse, **options)
+      if not return_lse:
+        return result
+      # One output for shard_kernel: the lse rides as a last feature (float32).
+      return jnp.concatenate([result[0].astype(jnp.float32), result[1][..., None]], axis=-1)
 
-    return shard_kernel(kernel, (q, keys, values, lengths, block_indices),
-                        in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",),
-                                 ("batch", "kv_heads", None)),
-                        out_axes=_QUERY_AXES)
+    result = shard_kernel(kernel, args, in_axes=in_axes, out_axes=_QUERY_AXES)
+    return (result[..., :-1].astype(q.dtype), result[..., -1]) if return_lse else result
 
   def _attend_candidates(self, q, keys, values, key_index, q_index, valid):
     """Exact causal attention of q [b, t, h, d] over candidate keys [b, C, kv_heads, d] at

@@ -25,12 +25,31 @@ A **decode step** (one new token per row) writes the token, scores the blocks fo
 (the max over the kv head's query heads), takes the ``top_k = (budget - num_sink_tokens -
 window) // block_size`` best blocks per kv head among those the sinks and the window do
 not wholly cover (:func:`pallas_kernels.decode_attention.select_blocks`, ties to the lower
-id) and attends
-through ``decode_attention(block_indices=...)``: the query sees the first
+id) and attends through ``decode_attention(block_indices=...)``: the query sees the first
 ``num_sink_tokens`` tokens, the last ``window`` tokens (itself included) and every token of
-the selected blocks, and no other key is read. A **prefill chunk** (two or more tokens)
-attends exactly to everything before it, as Quest does (its selection is for decoding).
-``budget >= max_length`` selects every block and equals the exact cache.
+the selected blocks, and no other key is read. ``budget >= max_length`` selects every block
+and equals the exact cache.
+
+A **prefill chunk** (two or more tokens) follows ``prefill``:
+
+* ``"exact"`` (default; Quest's selection is for decoding): the chunk attends exactly to
+  everything before it and to itself, causally.
+* ``"retrieval"`` (InfLLM's chunked prefill): the chunk is written, its blocks are scored
+  with the max over its queries, and one ``top_k`` selection per kv head serves all its
+  queries; each query then sees the sinks, the selected blocks and its own last ``window``
+  tokens (causally), in one ``decode_attention`` call with ``q_len`` = the chunk. Prompts
+  longer than the model's context then cost ``O(chunk x budget)`` per chunk.
+
+``memory_distance`` (InfLLM's positions, needs RoPE): None keeps every key at its token
+position (keys cached after RoPE). An int ``d`` caches keys *before* RoPE: a query sees its
+last ``window`` tokens at their true distances and the memory (the sinks and the selected
+blocks, only keys more than ``window`` tokens back) all at distance ``d`` (InfLLM sets it to
+the window), so no relative position exceeds ``max(window, d)`` however long the row
+grows. Two ``decode_attention`` calls (the window, rotated on the fly; the memory, with the
+query rotated to ``d``) are merged by log-sum-exp. The memory is scored with that query
+too (Quest's bounds and InfLLM's representatives hold raw keys); InfLLM's representative
+scores still use true positions. Positions are the cache's token indices (``position_ids``
+are not read).
 """
 
 from __future__ import annotations
@@ -47,9 +66,10 @@ from layers.partitioning import constrain_activation
 from pallas_kernels.decode_attention import retrieval
 
 POLICIES = ("quest", "infllm")
-_OPTIONS = {"quest": ("name", "budget", "block_size", "num_sink_tokens", "window"),
-            "infllm": ("name", "budget", "block_size", "num_sink_tokens", "window",
-                       "num_representatives")}
+_COMMON = ("name", "budget", "block_size", "num_sink_tokens", "window", "prefill",
+           "memory_distance")
+_OPTIONS = {"quest": _COMMON, "infllm": _COMMON + ("num_representatives",)}
+PREFILL_MODES = ("exact", "retrieval")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -64,6 +84,9 @@ class RetrievalPolicy:
     num_sink_tokens: the row's first tokens, always read.
     window: the last tokens (the query's own included), always read.
     num_representatives: InfLLM's representative keys per block (0 for Quest).
+    prefill: "exact" or "retrieval": how a chunk of two or more tokens attends.
+    memory_distance: None (true positions) or the one distance every memory key is seen at
+      (keys cached before RoPE).
   """
   name: str
   budget: int
@@ -71,6 +94,8 @@ class RetrievalPolicy:
   num_sink_tokens: int
   window: int
   num_representatives: int = 0
+  prefill: str = "exact"
+  memory_distance: int | None = None
 
   @property
   def top_k(self) -> int:
@@ -86,11 +111,13 @@ def make_retrieval_policy(spec: Mapping[str, Any]) -> RetrievalPolicy:
   :data:`POLICIES`).
 
   Defaults: ``block_size`` 16, ``window`` one block, ``num_sink_tokens`` 0 for Quest and 4
-  for InfLLM, ``num_representatives`` 4.
+  for InfLLM, ``num_representatives`` 4, ``prefill`` "exact", ``memory_distance`` None.
+  InfLLM's paper setting is ``prefill="retrieval"`` and ``memory_distance`` = ``window``.
 
   Raises:
     ValueError: unknown options, non-positive sizes, a budget that leaves no room for one
-      block besides the sinks and the window.
+      block besides the sinks and the window, an unknown prefill mode, a negative
+      memory_distance.
   """
   name = spec["name"]
   unknown = sorted(set(spec) - set(_OPTIONS[name]))
@@ -107,7 +134,15 @@ def make_retrieval_policy(spec: Mapping[str, Any]) -> RetrievalPolicy:
     if not _is_int(value) or value < low:
       raise ValueError(f"cache_policy {name!r}: {option} must be an int >= {low}, got "
                        f"{value!r}.")
-  policy = RetrievalPolicy(name=name, **values)
+  prefill = spec.get("prefill", "exact")
+  if prefill not in PREFILL_MODES:
+    raise ValueError(f"cache_policy {name!r}: prefill must be one of {list(PREFILL_MODES)}, "
+                     f"got {prefill!r}.")
+  distance = spec.get("memory_distance")
+  if distance is not None and (not _is_int(distance) or distance < 0):
+    raise ValueError(f"cache_policy {name!r}: memory_distance must be None or an int >= 0 "
+                     f"(InfLLM uses the window), got {distance!r}.")
+  policy = RetrievalPolicy(name=name, prefill=prefill, memory_distance=distance, **values)
   if policy.top_k < 1:
     raise ValueError(
         f"cache_policy {name!r}: budget ({policy.budget}) must hold num_sink_tokens "
@@ -125,7 +160,8 @@ class RetrievalCache:
 
   Attributes:
     keys, values: [batch, slots, num_kv_heads, head_dim], slot = token index (keys after
-      RoPE); slots = max_length rounded up to whole blocks.
+      RoPE, or before it with ``memory_distance``); slots = max_length rounded up to whole
+      blocks.
     lengths: int32 [batch]: tokens cached per row.
     key_min, key_max: Quest: [batch, num_blocks, num_kv_heads, head_dim] (zeros for empty
       blocks); InfLLM: None.
@@ -218,7 +254,7 @@ def _update_bounds(cache: RetrievalCache, keys, first_token, new_lengths, count:
   return _scatter_blocks(cache.key_min, ids, kmin), _scatter_blocks(cache.key_max, ids, kmax)
 
 
-def _band_scores(q, keys, lengths, t: int, bs: int):
+def _band_scores(q, keys, lengths, t: int, bs: int, rotate_keys: Callable):
   """InfLLM's representative-score increments of one call.
 
   For each new query j (token lengths + i, i < t) and each key m in [j - bs + 1, j]: the
@@ -229,6 +265,8 @@ def _band_scores(q, keys, lengths, t: int, bs: int):
     q: float32 [b, t, h, d] (the call's queries, invalid ones zeroed).
     keys: the cache keys [b, slots, hk, d], the new ones written.
     lengths: int [b]: tokens before the call.
+    rotate_keys: (keys [b, n, hk, d], token indices [b, n]) -> the keys the queries score
+      (RoPE for raw cached keys, else the identity).
 
   Returns:
     (increments float32 [b, t + bs - 1, hk], their token indices int32 [b, t + bs - 1]:
@@ -239,7 +277,8 @@ def _band_scores(q, keys, lengths, t: int, bs: int):
   span = t + bs - 1
   index = lengths[:, None] - (bs - 1) + jnp.arange(span)[None, :]  # [b, span]
   slots = keys.shape[1]
-  strip = jnp.take_along_axis(keys, jnp.clip(index, 0, slots - 1)[:, :, None, None], axis=1)
+  clipped = jnp.clip(index, 0, slots - 1)
+  strip = rotate_keys(jnp.take_along_axis(keys, clipped[:, :, None, None], axis=1), clipped)
   strip = jnp.where((index >= 0)[:, :, None, None], strip.astype(jnp.float32), 0.0)
   nq = -(-t // bs)
   q = jnp.pad(q, ((0, 0), (0, nq * bs - t), (0, 0), (0, 0)))
@@ -259,13 +298,13 @@ def _band_scores(q, keys, lengths, t: int, bs: int):
 
 
 def _update_representatives(cache: RetrievalCache, q, keys, lengths, valid, new_lengths,
-                            count: int):
+                            count: int, rotate_keys: Callable):
   """InfLLM: the representative scores after this call's queries, and the representative
   keys of the ``count`` blocks whose scores changed."""
   policy = cache.policy
   bs, t = policy.block_size, q.shape[1]
   q = jnp.where(valid[:, :, None, None], q.astype(jnp.float32), 0.0)
-  inc, index = _band_scores(q, keys, lengths, t, bs)
+  inc, index = _band_scores(q, keys, lengths, t, bs, rotate_keys)
   rows = jnp.arange(q.shape[0])[:, None]
   slot = jnp.where(index >= 0, index, cache.num_slots)
   scores = cache.rep_scores.at[rows, slot].add(inc, mode="drop")
@@ -293,46 +332,120 @@ def block_scores(cache: RetrievalCache, q, lengths):
   return retrieval.representative_block_scores(q, cache.rep_keys, lengths, bs)
 
 
+def _identity(x, positions):
+  del positions
+  return x
+
+
 def step(cache: RetrievalCache, decode_fn: Callable, attend_fn: Callable, q, k, v,
-         token_index, valid, new_lengths):
+         token_index, valid, new_lengths, rotate: Callable | None = None):
   """One call of a retrieval layer: attention output [b, t, h, d] and the new cache.
 
   Args:
     cache: the layer's :class:`RetrievalCache`.
-    decode_fn: (q, keys, values, lengths, block_indices) -> [b, 1, h, d]: the layer's
-      ``decode_attention`` with ``block_k``, window and sinks bound.
+    decode_fn: (q, keys, values, lengths, block_indices, *, local_window_size,
+      num_sink_tokens, return_lse) -> [b, t, h, d] (and the lse [b, t, h] if asked): the
+      layer's ``decode_attention`` with ``block_k = block_size`` bound where block_indices is
+      not None.
     attend_fn: (q, keys, values, key_index, q_index, valid) -> [b, t, h, d]: exact causal
-      attention over candidates (prefill).
-    q: [b, t, h, d] (after RoPE); k, v: [b, t, hk, d].
-    token_index: int32 [b, t]; valid: bool [b, t]; new_lengths: int32 [b].
+      attention over candidates (the exact prefill).
+    q: [b, t, h, d]; k, v: [b, t, hk, d]: after RoPE, or before it with the policy's
+      ``memory_distance``.
+    token_index: int32 [b, t]; valid: bool [b, t] (a row's valid tokens come first);
+      new_lengths: int32 [b].
+    rotate: with ``memory_distance``: (x, positions int [b, n], kind "q" or "k") -> x after
+      RoPE at those positions.
   """
   policy = cache.policy
-  b, t = q.shape[:2]
+  t = q.shape[1]
   lengths = cache.lengths
-  bs = policy.block_size
-  if t > 1:  # Exact attention over the cache (before the write) and the new tokens.
-    cached = jnp.arange(cache.num_slots)[None, :] < lengths[:, None]
+  far = policy.memory_distance is not None
+  if far and rotate is None:
+    raise ValueError(f"cache_policy {policy.name!r}: memory_distance needs the layer's RoPE "
+                     "(pass rotate).")
+  rotate_keys = (lambda x, pos: rotate(x, pos, "k")) if far else _identity
+  q_near = rotate(q, token_index, "q") if far else q
+  if t > 1 and policy.prefill == "exact":
+    # Exact attention over the cache (before the write) and the new tokens.
+    slots = jnp.arange(cache.num_slots)[None, :]
+    cached = slots < lengths[:, None]
     key_index = jnp.concatenate(
-        [jnp.where(cached, jnp.arange(cache.num_slots)[None, :], -1),
-         jnp.where(valid, token_index, -1)], axis=1)
+        [jnp.where(cached, slots, -1), jnp.where(valid, token_index, -1)], axis=1)
     hk = k.shape[2]
+    old_keys = rotate_keys(cache.keys, jnp.broadcast_to(slots, cached.shape))
     cat = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
-    out = attend_fn(q, cat(cache.keys, k), cat(cache.values, v),
+    out = attend_fn(q_near, cat(old_keys, rotate_keys(k, token_index)), cat(cache.values, v),
                     jnp.broadcast_to(key_index[:, :, None], key_index.shape + (hk,)),
                     token_index, valid)
   keys, values = _write(cache, k, v, token_index, valid)
   new = dict(keys=keys, values=values, lengths=new_lengths)
+  bs = policy.block_size
   if policy.name == "quest":  # The blocks of tokens lengths .. lengths + t - 1.
     new["key_min"], new["key_max"] = _update_bounds(cache, keys, lengths, new_lengths,
                                                     (t - 1) // bs + 2)
   else:  # The blocks of the band's keys, lengths - bs + 1 .. lengths + t - 1.
     new["rep_scores"], new["rep_keys"] = _update_representatives(
-        cache, q, keys, lengths, valid, new_lengths, (t + bs - 2) // bs + 2)
+        cache, q_near, keys, lengths, valid, new_lengths, (t + bs - 2) // bs + 2, rotate_keys)
   cache = cache.replace(**new)
-  if t == 1:
-    chosen = retrieval.select_blocks(
-        block_scores(cache, q, new_lengths), new_lengths, q_len=1, block_k=bs,
-        top_k=policy.top_k, num_sink_tokens=policy.num_sink_tokens,
-        local_window_size=(policy.window - 1, 0))
-    out = decode_fn(q, keys, values, new_lengths, chosen)
+  if t == 1 or policy.prefill == "retrieval":
+    q_far = None
+    if far:
+      q_far = rotate(q, jnp.full(token_index.shape, policy.memory_distance, jnp.int32), "q")
+    out = _attend_retrieved(cache, decode_fn, q_near, q_far, lengths, valid, new_lengths,
+                            rotate_keys)
   return out, cache
+
+
+def _attend_retrieved(cache: RetrievalCache, decode_fn: Callable, q, q_far, lengths, valid,
+                      new_lengths, rotate_keys: Callable):
+  """The call's queries over the sinks, their windows and one selection of blocks per kv
+  head (the cache already holds the call's tokens); see :func:`step`.
+
+  ``decode_attention`` places its q_len queries on the last q_len of ``lengths`` entries,
+  so each row's queries are rotated to end at ``end = min(lengths + t, slots)``: valid
+  query j (token lengths + j) becomes kernel query j + shift, shift = lengths + t - end.
+  """
+  policy = cache.policy
+  t = q.shape[1]
+  bs, window, sinks = policy.block_size, policy.window, policy.num_sink_tokens
+  slots = cache.num_slots
+  # Scores read the call's valid queries only: an invalid one repeats the row's first.
+  fill = lambda x: jnp.where(valid[:, :, None, None], x, x[:, :1])
+  if q_far is None:
+    scores = block_scores(cache, fill(q), new_lengths)
+    chosen = retrieval.select_blocks(scores, new_lengths, q_len=t, block_k=bs,
+                                      top_k=policy.top_k, num_sink_tokens=sinks,
+                                      local_window_size=(window - 1, 0))
+  else:  # The memory: tokens more than `window` back from the call's last query.
+    memory_lengths = jnp.maximum(new_lengths - window, 0)
+    scores = block_scores(cache, fill(q_far), memory_lengths)
+    chosen = retrieval.select_blocks(scores, memory_lengths, q_len=t, block_k=bs,
+                                      top_k=policy.top_k, num_sink_tokens=sinks)
+  end = jnp.minimum(lengths + t, slots)
+  shift = (lengths + t - end)[:, None]
+  steps = jnp.arange(t)[None, :]
+  move = lambda x, index: jnp.take_along_axis(x, (index % t)[:, :, None, None], axis=1)
+  if q_far is None:
+    out = decode_fn(move(q, steps - shift), cache.keys, cache.values, end, chosen,
+                    local_window_size=(window - 1, 0), num_sink_tokens=sinks,
+                    return_lse=False)
+    return move(out, steps + shift)
+  # The window, rotated at true positions: the `window + t - 1` tokens before `end`.
+  span = window + t - 1
+  start = jnp.maximum(end - span, 0)
+  index = jnp.minimum(start[:, None] + jnp.arange(span)[None, :], slots - 1)
+  gather = lambda x: jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+  near, near_lse = decode_fn(move(q, steps - shift), rotate_keys(gather(cache.keys), index),
+                             gather(cache.values), end - start, None,
+                             local_window_size=(window - 1, 0), num_sink_tokens=0,
+                             return_lse=True)
+  far, far_lse = decode_fn(move(q_far, steps - shift), cache.keys, cache.values,
+                           jnp.maximum(end - window, 0), chosen, local_window_size=None,
+                           num_sink_tokens=sinks, return_lse=True)
+  top = jnp.maximum(near_lse, far_lse)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  w_near, w_far = jnp.exp(near_lse - top)[..., None], jnp.exp(far_lse - top)[..., None]
+  total = w_near + w_far
+  out = (w_near * near.astype(jnp.float32) + w_far * far.astype(jnp.float32)) / jnp.where(
+      total > 0, total, 1.0)
+  return move(out.astype(q.dtype), steps + shift)

@@ -60,6 +60,8 @@ SPEC = BackendSpec(
     padded_rows=_padded,
     padded_head_dim=_padded,
     fit_block_k=lambda block_k, cache_len: min(block_k, _padded(cache_len)),
+    # One program holds its rows' accumulator [rows, head_dim] in registers.
+    max_rows=64,
 )
 
 

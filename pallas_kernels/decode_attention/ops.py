@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,7 +111,7 @@ def _block_k(spec, requested, cache_len, kv_heads, head_dim, itemsize):
 def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
                      local_window_size=None, num_sink_tokens=0, logits_soft_cap=None,
                      return_lse=False, implementation=None, block_k=None, num_splits=None,
-                     block_indices=None):
+                     block_indices=None, block_q=None):
   """Attention of a few new tokens over a KV cache (flash-decoding).
 
   The cache is cut into ``num_splits`` pieces processed in parallel (each a partial softmax
@@ -122,7 +123,7 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
 
   Args:
     query: [batch, q_len, num_heads, head_dim]; q_len is small (1 for plain decoding, a few
-      for speculative tokens).
+      for speculative tokens) or a prefill chunk (then it runs in blocks of ``block_q``).
     key_cache, value_cache: [batch, cache_len, num_kv_heads, head_dim]; num_heads must be a
       multiple of num_kv_heads (MHA, GQA, MQA). The caches are read in place: never
       repeated per query head, transposed or padded (the query heads of a group are rows of
@@ -167,6 +168,11 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
       multiple of 128; GPU: a power of two >= 16; XLA: any); at most 32 lists share a
       program (TPU: num_kv_heads, or num_heads with per-query-head lists; GPU / XLA: 1, or
       the group size).
+    block_q: queries per kernel call; a longer q_len (a chunked prefill through block
+      retrieval) runs as ceil(q_len / block_q) calls in sequence (``lax.map``), each over
+      the blocks its own queries see (the window moves with them; the block lists are
+      shared). None: as many as keep q_len x group within the backend's rows per program
+      (GPU 64, TPU 512, XLA 1024).
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query's dtype (and the lse if asked). A query
@@ -179,6 +185,7 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
   left, sinks = _window(local_window_size, num_sink_tokens, block_indices is not None)
   validation.check_positive_int(OP, "block_k", block_k, allow_none=True)
   validation.check_positive_int(OP, "num_splits", num_splits, allow_none=True)
+  validation.check_positive_int(OP, "block_q", block_q, allow_none=True)
   b, tq, h, d = query.shape
   platform = dispatch.platform_of(query, key_cache, value_cache)
   impl = dispatch.resolve_implementation(OP, implementation, platform)
@@ -196,11 +203,12 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
   return _decode(query, key_cache, value_cache, lengths, backend=backend,
                  interpret=(impl == "interpret"), scale=scale, left=left, sinks=sinks,
                  logits_soft_cap=soft_cap, return_lse=return_lse, block_k=block_k,
-                 num_splits=num_splits, block_indices=block_indices)
+                 num_splits=num_splits, block_indices=block_indices, block_q=block_q)
 
 
 def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale, left,
-            sinks, logits_soft_cap, return_lse, block_k, num_splits, block_indices=None):
+            sinks, logits_soft_cap, return_lse, block_k, num_splits, block_indices=None,
+            block_q=None):
   """Runs backend "xla", "tpu" or "gpu" on validated arguments and merges its splits.
 
   Internal API, also used by the tests to run the GPU kernels in interpret mode on a CPU.
@@ -215,6 +223,15 @@ def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale
 
   module = _backend_module(backend)
   spec = module.SPEC
+  if block_q is None:
+    block_q = max(1, spec.max_rows // group)
+  if tq > block_q:
+    out, lse = _decode_query_blocks(
+        query, key_cache, value_cache, lengths, block_q, backend=backend,
+        interpret=interpret, scale=scale, left=left, sinks=sinks,
+        logits_soft_cap=logits_soft_cap, block_k=block_k, num_splits=num_splits,
+        block_indices=block_indices)
+    return (out, lse) if return_lse else out
   bk = _block_k(spec, block_k, cache_len, hk, d, query.dtype.itemsize)
   max_selected = selected = None
   head_selectors = 1
@@ -262,3 +279,30 @@ def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale
     return out
   lse = lse[:, :, :rows].reshape(b, hk, tq, group)
   return out, jnp.transpose(lse, (0, 2, 1, 3)).reshape(b, tq, h).astype(jnp.float32)
+
+
+def _decode_query_blocks(query, key_cache, value_cache, lengths, block_q, **options):
+  """``_decode`` of q_len > block_q queries as ceil(q_len / block_q) calls in a ``lax.map``.
+
+  The queries are padded at the front to n x block_q (the padding sits before the real
+  queries, at positions nothing needs); block s holds the queries at positions up to
+  ``lengths - (n - 1 - s) * block_q - 1``, so it runs with that length (a negative one sees
+  no key). Keys past a block's length are past its queries too: causality is unchanged.
+  Returns (out [b, q_len, h, d], lse [b, q_len, h]).
+  """
+  b, tq, h, d = query.shape
+  n = -(-tq // block_q)
+  pad = n * block_q - tq
+  q = jnp.pad(query, ((0, 0), (pad, 0), (0, 0), (0, 0))).reshape(b, n, block_q, h, d)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, key_cache.shape[1])
+  ends = lengths[None, :] - (n - 1 - jnp.arange(n, dtype=jnp.int32))[:, None] * block_q
+
+  def piece(args):
+    q_block, block_lengths = args
+    return _decode(q_block, key_cache, value_cache, block_lengths, return_lse=True,
+                   block_q=block_q, **options)
+
+  out, lse = jax.lax.map(piece, (jnp.moveaxis(q, 1, 0), ends))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * block_q, h, d)[:, pad:]
+  lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * block_q, h)[:, pad:]
+  return out, lse

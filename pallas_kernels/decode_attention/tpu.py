@@ -89,6 +89,8 @@ SPEC = BackendSpec(
     # Block retrieval: a block of all kv heads serves the union of their visit lists.
     kv_heads_per_program=lambda kv_heads, head_dim: (
         1 if _per_head_blocks(kv_heads, head_dim) else kv_heads),
+    # VMEM per kv head: the [rows, block_k] logits and the [rows, head_dim] accumulator.
+    max_rows=512,
 )
 
 

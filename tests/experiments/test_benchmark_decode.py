@@ -60,3 +60,12 @@ def test_landmark_cache_keeps_every_key():
   small, large = (benchmark_decode.cache_bytes(model, 2, n) for n in (64, 128))
   assert large - small == 2 * 64 * (2 * 64 * 4) + 2 * (64 // 4) * 64 * 4
 
+
+
+def test_infllm_stream_config_prefills_through_retrieval():
+  """InfLLM as its paper runs: chunked prefill through retrieval, memory at the window's
+  distance (tests/layers/test_kv_block_retrieval.py checks the rule)."""
+  model = benchmark_decode.build_model("attention_infllm_stream", window=64)
+  policy = model.layer_blocks()[0].mixer.cache_policy
+  assert (policy.budget, policy.block_size, policy.window) == (64, 4, 16)
+  assert (policy.prefill, policy.memory_distance) == ("retrieval", 16)

@@ -18,42 +18,73 @@ SCALE = D ** -0.5
 
 
 def _calls(seed):
-  """A padded 13-token prefill (9 valid in row 1), a 5-token chunk, then 4 single tokens."""
+  """A padded 13-token prefill (9 valid in row 1), a 5-token chunk, 4 single tokens, then a
+  5-token chunk with 1 valid token in row 0 (whose padding runs past the 24 slots)."""
   rng = np.random.default_rng(seed)
   calls = []
-  for n, t in enumerate([13, 5, 1, 1, 1, 1]):
+  for t, counts in [(13, [13, 9]), (5, [5, 5])] + [(1, [1, 1])] * 4 + [(5, [1, 5])]:
     q = rng.normal(size=(B, t, H, D)) * 2.0
     k, v = rng.normal(size=(2, B, t, HK, D))
-    valid = (np.arange(t)[None] < np.array([[13], [9]])) if n == 0 else np.ones((B, t), bool)
-    calls.append((q, k, v, valid))
+    calls.append((q, k, v, np.arange(t)[None] < np.array(counts)[:, None]))
   return calls
 
 
-def _block_scores(policy, keys, queries, length, q_now, j):
-  """Naive block scores for kv head j of one row at length ``length``.
+def _rope(x, position):
+  """Rotate-half RoPE (base 10000) of x [..., D] at one position (numpy, float64)."""
+  freq = 10000.0 ** (-np.arange(D // 2) * 2 / D)
+  cos, sin = np.cos(position * freq), np.sin(position * freq)
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-  keys [L, hk, d], queries [L, h, d] (each token's query), q_now [h, d]."""
+
+def _rotate(x, positions, kind):
+  """The jnp twin of :func:`_rope` for ``kv_retrieval.step``: x [b, n, heads, D]."""
+  del kind
+  freq = 10000.0 ** (-jnp.arange(D // 2) * 2 / D)
+  angle = positions[:, :, None, None].astype(jnp.float32) * freq
+  x1, x2 = x[..., :D // 2], x[..., D // 2:]
+  return jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
+                          x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], axis=-1).astype(x.dtype)
+
+
+def _block_scores(policy, keys, queries, length, scorers, j, num_blocks, rope):
+  """Naive block scores for kv head j of one row holding ``length`` tokens.
+
+  keys [L, hk, d], queries [L, h, d] (each token's query, as cached: raw with
+  memory_distance), scorers: the call's queries [h, d] (the score is the max over them);
+  rope(x, position) places a cached key or query at its position (identity without
+  memory_distance)."""
   bs, g = policy.block_size, H // HK
   heads = range(j * g, (j + 1) * g)
   scores = []
-  for n in range(-(-length // bs)):
+  for n in range(num_blocks):
     members = range(n * bs, min((n + 1) * bs, length))
     block = keys[list(members), j]
     if policy.name == "quest":
       lo, hi = block.min(0), block.max(0)
-      scores.append(max(float(np.maximum(q_now[h] * lo, q_now[h] * hi).sum()) for h in heads))
+      scores.append(max(float(np.maximum(q[h] * lo, q[h] * hi).sum())
+                        for q in scorers for h in heads))
     else:
       def rep_score(m):
-        return sum(float(queries[i, h] @ keys[m, j]) for i in range(m, min(m + bs, length))
-                   for h in heads)
+        return sum(float(rope(queries[i, h], i) @ rope(keys[m, j], m))
+                   for i in range(m, min(m + bs, length)) for h in heads)
       reps = sorted(members, key=lambda m: (-rep_score(m), m))[:policy.num_representatives]
-      scores.append(max(float(q_now[h] @ keys[m, j]) for h in heads for m in reps))
+      scores.append(max(float(q[h] @ keys[m, j]) for q in scorers for h in heads
+                        for m in reps))
   return scores
+
+
+def _softmax_out(logits, values):
+  w = np.exp(np.array(logits) * SCALE - np.max(logits) * SCALE)
+  return (w / w.sum()) @ values
 
 
 def _naive_retrieval(policy, calls):
   """Outputs [b, t, h, d] per call (zeros where invalid)."""
   bs, left, sinks = policy.block_size, policy.window - 1, policy.num_sink_tokens
+  far = policy.memory_distance
+  far_gap = policy.window
+  rope = (lambda x, position: x) if far is None else _rope
   hist = [dict(k=[], v=[], q=[]) for _ in range(B)]
   outs = []
   for q, k, v, valid in calls:
@@ -63,24 +94,38 @@ def _naive_retrieval(policy, calls):
       for i in np.nonzero(valid[r])[0]:
         for name, x in (("k", k), ("v", v), ("q", q)):
           hist[r][name].append(x[r, i])
+    retrieve = t == 1 or policy.prefill == "retrieval"
     for r in range(B):
       keys, values, queries = (np.array(hist[r][name]) for name in "kvq")
-      start = len(keys) - valid[r].sum()
-      for i in np.nonzero(valid[r])[0]:
-        p = start + i
-        for j in range(HK):
-          visible = np.arange(p + 1)
-          if t == 1:
-            scores = _block_scores(policy, keys, queries, p + 1, q[r, i], j)
-            hidden_from = -(-max(p - left, 0) // bs)
-            cands = [n for n in range(len(scores)) if sinks // bs <= n < hidden_from]
-            chosen = sorted(cands, key=lambda n: (-scores[n], n))[:policy.top_k]
-            visible = [m for m in visible
-                       if m // bs in chosen or m < sinks or m >= p - left]
+      length = len(keys)
+      start = length - valid[r].sum()
+      mine = np.nonzero(valid[r])[0]
+      for j in range(HK):
+        chosen = []
+        if retrieve:
+          if far is None:
+            scorers, ends = [q[r, i] for i in mine], length
+            hidden_from = -(-max(length - 1 - left, 0) // bs)
+          else:
+            scorers, ends = [_rope(q[r, i], far) for i in mine], max(length - policy.window, 0)
+            hidden_from = -(-ends // bs)
+          scores = _block_scores(policy, keys, queries, length, scorers, j, -(-ends // bs),
+                                 rope)
+          cands = [n for n in range(hidden_from) if min(ends, sinks) // bs <= n]
+          chosen = sorted(cands, key=lambda n: (-scores[n], n))[:policy.top_k]
+        for i in mine:
+          p = start + i
           for h in range(j * (H // HK), (j + 1) * (H // HK)):
-            logits = np.array([q[r, i, h] @ keys[m, j] for m in visible]) * SCALE
-            w = np.exp(logits - logits.max())
-            out[r, i, h] = (w / w.sum()) @ values[visible, j]
+            seen, logits = [], []
+            for m in range(p + 1):
+              near = m >= p - left or not retrieve
+              if near or (m < sinks or m // bs in chosen) and (far is None or m <= p - far_gap):
+                seen.append(m)
+                if far is None or near:
+                  logits.append(rope(q[r, i, h], p) @ rope(keys[m, j], m))
+                else:
+                  logits.append(_rope(q[r, i, h], far) @ keys[m, j])
+            out[r, i, h] = _softmax_out(logits, values[seen, j])
     outs.append(out)
   return outs, hist
 
@@ -89,6 +134,12 @@ def _naive_retrieval(policy, calls):
     {"name": "quest", "budget": 12, "block_size": 4},
     {"name": "infllm", "budget": 14, "block_size": 4, "num_sink_tokens": 2,
      "num_representatives": 2},
+    # InfLLM's paper setting: chunked prefill through retrieval, memory at the window.
+    {"name": "infllm", "budget": 14, "block_size": 4, "num_sink_tokens": 2, "window": 6,
+     "num_representatives": 2, "prefill": "retrieval", "memory_distance": 6},
+    {"name": "quest", "budget": 12, "block_size": 4, "prefill": "retrieval"},
+    pytest.param({"name": "quest", "budget": 13, "block_size": 4, "window": 3,
+                  "num_sink_tokens": 1, "memory_distance": 2}, marks=pytest.mark.slow),
     pytest.param({"name": "infllm", "budget": 11, "block_size": 4, "window": 1,
                   "num_sink_tokens": 2, "num_representatives": 3}, marks=pytest.mark.slow),
 ])
@@ -102,19 +153,19 @@ def test_decode_reads_what_the_rule_selects(spec):
     return jnp.einsum("bqhgd,bkhd->bhgqk", q, keys,
                       precision=jax.lax.Precision.HIGHEST) * SCALE
 
-  def decode_fn(q, keys, values, lengths, chosen):
+  def decode_fn(q, keys, values, lengths, chosen, **options):
     return decode_attention(q, keys, values, lengths, block_indices=chosen,
-                            block_k=policy.block_size, implementation="xla",
-                            local_window_size=(policy.window - 1, 0),
-                            num_sink_tokens=policy.num_sink_tokens)
+                            block_k=policy.block_size, implementation="xla", **options)
 
   def attend_fn(q, keys, values, key_index, q_index, valid):
     return kv_policies.attend_and_score(logits_fn, q, keys, values, key_index, q_index, valid,
                                         out_dtype=q.dtype, block=8)[0]
 
-  run = jax.jit(lambda cache, *args: kv_retrieval.step(cache, decode_fn, attend_fn, *args))
-  cache = kv_retrieval.init_retrieval_cache(policy, B, 30, HK, D, jnp.float32)
-  assert cache.num_slots == 32
+  rotate = None if policy.memory_distance is None else _rotate
+  run = jax.jit(lambda cache, *args: kv_retrieval.step(cache, decode_fn, attend_fn, *args,
+                                                       rotate=rotate))
+  cache = kv_retrieval.init_retrieval_cache(policy, B, 23, HK, D, jnp.float32)
+  assert cache.num_slots == 24
   for (q, k, v, valid), want_out in zip(calls, want):
     lengths = np.asarray(cache.lengths)
     index = jnp.asarray(lengths[:, None] + np.arange(q.shape[1])[None], jnp.int32)

@@ -48,7 +48,11 @@ def _exact_outputs():
     pytest.param({"name": "streaming_llm", "budget": 64}, marks=pytest.mark.slow),
     pytest.param({"name": "h2o", "budget": 64, "merge": True}, marks=pytest.mark.slow),
     {"name": "quest", "budget": 64, "block_size": 4},
-    pytest.param({"name": "infllm", "budget": 64, "block_size": 4}, marks=pytest.mark.slow)])
+    pytest.param({"name": "infllm", "budget": 64, "block_size": 4}, marks=pytest.mark.slow),
+    {"name": "quest", "budget": 64, "block_size": 4, "prefill": "retrieval"},
+    # A window that holds every token leaves InfLLM's memory (at memory_distance) empty.
+    {"name": "infllm", "budget": 64, "block_size": 4, "window": 32, "memory_distance": 32,
+     "prefill": "retrieval"}])
 def test_budget_holding_everything_equals_the_exact_cache(policy):
   """Eviction policies keep every token, retrieval policies select every block."""
   want, exact_cache = _exact_outputs()
@@ -225,6 +229,12 @@ def test_policy_layers_decode_under_jit_with_a_bounded_cache():
     (dict(cache_policy={"name": "snapkv", "budget": 8, "pooling": "mean"}), r"pooling must"),
     (dict(cache_policy={"name": "snapkv", "budget": 8, "window": 9}), r"window \(9"),
     (dict(cache_policy={"name": "h2o", "budget": 8, "merge": 1}), r"merge must be True"),
+    (dict(cache_policy={"name": "quest", "budget": 64, "prefill": "chunked"}),
+     r"prefill must be one of"),
+    (dict(cache_policy={"name": "infllm", "budget": 64, "memory_distance": -1}),
+     r"memory_distance must be None or an int"),
+    (dict(cache_policy={"name": "infllm", "budget": 64, "memory_distance": 16},
+          rope_theta=None), r"drop memory_distance"),
 ])
 def test_bad_policies_are_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):

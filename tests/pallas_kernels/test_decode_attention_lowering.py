@@ -39,6 +39,11 @@ CASES = {
     "retrieval_gqa_d64_all_kv_head_blocks": dict(
         shape=(2, 1, 16, 4096, 4, 64), selected=(4, 8),
         kwargs=dict(block_k=128, local_window_size=512, num_sink_tokens=4)),
+    # A 512-token prefill chunk through block retrieval: query blocks of 128 (TPU) or 16
+    # (GPU) queries, one kernel in a lax.map.
+    "retrieval_prefill_chunk_512": dict(
+        shape=(1, 512, 32, 16384, 8, 128), selected=(8, 16),
+        kwargs=dict(block_k=128, local_window_size=(1024, 0), num_sink_tokens=4)),
 }
 
 
@@ -88,6 +93,7 @@ COMPILE_CASES = {
         kwargs=dict(block_k=512, local_window_size=(4096, 0), num_sink_tokens=4)),
     "retrieval_gqa_d64_all_kv_head_blocks": CASES["retrieval_gqa_d64_all_kv_head_blocks"],
     "mqa_d64_window": CASES["mqa_d64_window"],
+    "retrieval_prefill_chunk_512": CASES["retrieval_prefill_chunk_512"],
 }
 
 
@@ -97,7 +103,7 @@ def tpu_programs(case):
           for dtype in (jnp.bfloat16, jnp.float32)]
 
 
-@pytest.mark.slow  # about 4.5 minutes of CPU (7 cases x 3 topologies x 2 dtypes)
+@pytest.mark.slow  # about 5 minutes of CPU (8 cases x 3 topologies x 2 dtypes)
 @requires_libtpu
 def test_tpu_kernel_compiles_with_mosaic():
   compiled = compile_programs("test_decode_attention_lowering", COMPILE_CASES)

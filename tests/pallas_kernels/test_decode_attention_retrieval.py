@@ -87,6 +87,11 @@ CASES = {
     # the TPU kernel's one-kv-head blocks).
     "mqa_d80_q2_per_query_head_f32": (2, 2, 4, 512, 1, 80, jnp.float32, [300, 129],
                                       dict(local_window_size=40), True, 2, 2),
+    # A prefill chunk (chunked-prefill retrieval): 37 queries in blocks of 8 (the first
+    # padded), one row shorter than the chunk.
+    "gqa_d64_q37_chunk_in_query_blocks_f32": (
+        2, 37, 4, 384, 2, 64, jnp.float32, [20, 384],
+        dict(local_window_size=(50, 0), num_sink_tokens=3, block_q=8), False, 2, 1),
 }
 # One block size for every backend (TPU tiles need a multiple of 128), so the three share
 # a case's lists and reference; the visit-list and selection tests vary the block size.
@@ -101,8 +106,9 @@ def _case(name):
   bk = BLOCK_K
   ids = _block_indices(list(CASES).index(name), (b, h if per_q else hk, k_sel), -(-t // bk))
   lengths = jnp.asarray(lengths, jnp.int32)
+  ref_kwargs = {key: value for key, value in kwargs.items() if key != "block_q"}
   ref = jax.jit(functools.partial(decode_attention_reference, return_lse=True, block_k=bk,
-                                  **kwargs))(q, k, v, lengths, block_indices=ids)
+                                  **ref_kwargs))(q, k, v, lengths, block_indices=ids)
   return (q, k, v, lengths, ids), kwargs, splits, dtype, ref
 
 
@@ -118,7 +124,8 @@ def _run(backend, args, kwargs, splits):
           q, k, v, lengths, backend="gpu", interpret=True, scale=q.shape[-1] ** -0.5,
           left=left, sinks=kwargs.get("num_sink_tokens", 0),
           logits_soft_cap=kwargs.get("logits_soft_cap"), return_lse=True,
-          block_k=BLOCK_K, num_splits=splits, block_indices=ids)
+          block_k=BLOCK_K, num_splits=splits, block_indices=ids,
+          block_q=kwargs.get("block_q"))
     return run(q, k, v, lengths, ids)
   impl = "interpret" if backend == "tpu_interpret" else "xla"
   run = jax.jit(functools.partial(decode_attention, return_lse=True, implementation=impl,
