@@ -171,8 +171,8 @@ def decode_attention(query, key_cache, value_cache, lengths, *, scale=None,
     block_q: queries per kernel call; a longer q_len (a chunked prefill through block
       retrieval) runs as ceil(q_len / block_q) calls in sequence (``lax.map``), each over
       the blocks its own queries see (the window moves with them; the block lists are
-      shared). None: as many as keep q_len x group within the backend's rows per program
-      (GPU 64, TPU 512, XLA 1024).
+      shared). None: as many as keep a program's query rows (q_len x group x its kv heads)
+      within the backend's limit (GPU 64, TPU 1024, XLA 1024).
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query's dtype (and the lse if asked). A query
@@ -224,7 +224,7 @@ def _decode(query, key_cache, value_cache, lengths, *, backend, interpret, scale
   module = _backend_module(backend)
   spec = module.SPEC
   if block_q is None:
-    block_q = max(1, spec.max_rows // group)
+    block_q = max(1, spec.max_rows // (group * spec.kv_heads_per_program(hk, d)))
   if tq > block_q:
     out, lse = _decode_query_blocks(
         query, key_cache, value_cache, lengths, block_q, backend=backend,

@@ -89,8 +89,9 @@ SPEC = BackendSpec(
     # Block retrieval: a block of all kv heads serves the union of their visit lists.
     kv_heads_per_program=lambda kv_heads, head_dim: (
         1 if _per_head_blocks(kv_heads, head_dim) else kv_heads),
-    # VMEM per kv head: the [rows, block_k] logits and the [rows, head_dim] accumulator.
-    max_rows=512,
+    # VMEM: the query, output and accumulator rows of every kv head of a program (about
+    # 3 KiB a row at head_dim 128; 4096 rows overflow v5e's 16 MiB scoped VMEM).
+    max_rows=1024,
 )
 
 

@@ -86,8 +86,8 @@ class BackendSpec:
   kv_heads_per_program: ``f(num_kv_heads, head_dim) -> int``: how many kv heads one
     program (one visit list) covers, 1 or num_kv_heads; with ``block_indices`` the visit
     list of a program is the union of its kv heads' lists (:func:`retrieval_visits`).
-  max_rows: query rows (q_len x group) one kernel call takes at most by default; longer
-    q_len (a chunked prefill) runs in query blocks (``ops.py``).
+  max_rows: query rows one program holds at most by default (q_len x group x the kv heads
+    of a program); a longer q_len (a chunked prefill) runs in query blocks (``ops.py``).
   """
   name: str
   block_k_multiple: int

@@ -39,8 +39,9 @@ CASES = {
     "retrieval_gqa_d64_all_kv_head_blocks": dict(
         shape=(2, 1, 16, 4096, 4, 64), selected=(4, 8),
         kwargs=dict(block_k=128, local_window_size=512, num_sink_tokens=4)),
-    # A 512-token prefill chunk through block retrieval: query blocks of 128 (TPU) or 16
-    # (GPU) queries, one kernel in a lax.map.
+    # A 512-token prefill chunk through block retrieval: query blocks of 32 (TPU: a
+    # program holds the 8 kv heads' 4 query heads) or 16 (GPU) queries, one kernel in a
+    # lax.map.
     "retrieval_prefill_chunk_512": dict(
         shape=(1, 512, 32, 16384, 8, 128), selected=(8, 16),
         kwargs=dict(block_k=128, local_window_size=(1024, 0), num_sink_tokens=4)),
@@ -110,12 +111,12 @@ def test_tpu_kernel_compiles_with_mosaic():
   assert len(compiled) == len(TOPOLOGIES) * len(COMPILE_CASES) * 2, compiled
 
 
-@pytest.mark.slow  # about a minute on 2 cores
+@pytest.mark.slow  # about 90 s on 2 cores
 @requires_libtpu
 def test_tpu_memory_plan_copies_no_cache():
   """The kernel reads the caches in place: no temporary near their size (viewing a GQA
   cache as [batch, cache_len, kv_heads * head_dim] made XLA copy both caches every call)."""
-  cases = ("gqa_64k_d128", "retrieval_128k_top32_d128")
+  cases = ("gqa_64k_d128", "retrieval_128k_top32_d128", "retrieval_prefill_chunk_512")
   plans = memory_analyses("test_decode_attention_lowering", cases)
   assert len(plans) == 2 * len(cases), plans
   for key, plan in plans.items():
