@@ -63,6 +63,7 @@ from flax import struct
 
 from layers.attention_cache import CACHE_AXES
 from layers.partitioning import constrain_activation
+from layers.position_extensions import merge_attention
 from pallas_kernels.decode_attention import retrieval
 
 POLICIES = ("quest", "infllm")
@@ -442,10 +443,5 @@ def _attend_retrieved(cache: RetrievalCache, decode_fn: Callable, q, q_far, leng
   far, far_lse = decode_fn(move(q_far, steps - shift), cache.keys, cache.values,
                            jnp.maximum(end - window, 0), chosen, local_window_size=None,
                            num_sink_tokens=sinks, return_lse=True)
-  top = jnp.maximum(near_lse, far_lse)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  w_near, w_far = jnp.exp(near_lse - top)[..., None], jnp.exp(far_lse - top)[..., None]
-  total = w_near + w_far
-  out = (w_near * near.astype(jnp.float32) + w_far * far.astype(jnp.float32)) / jnp.where(
-      total > 0, total, 1.0)
-  return move(out.astype(q.dtype), steps + shift)
+  out, _ = merge_attention(near, near_lse, far, far_lse)
+  return move(out, steps + shift)
