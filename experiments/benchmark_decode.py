@@ -112,6 +112,8 @@ CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rnope_swa": (("configs/mixers/rnope_swa.gin",), ("LOCAL_WINDOW = {window}",)),
     "masformer": (("configs/mixers/masformer.gin",), ("LOCAL_WINDOW = {window}",)),
     "duo_attention": (("configs/mixers/duo_attention.gin",), ("STREAMING_WINDOW = {window}",)),
+    "razor_attention": (("configs/mixers/razor_attention.gin",),
+                        ("STREAMING_WINDOW = {window}",)),
     "jamba": (("configs/mixers/jamba.gin",), ()),
     "nemotron_h": (("configs/mixers/nemotron_h.gin",), ()),
     "minimax01": (("configs/mixers/minimax01.gin",), ()),

@@ -2,7 +2,7 @@
 
     python -m experiments.kv_policies --workdir=runs/kv-passkey-256,runs/tiny-llama-hf \
         --labels=trained-here,imported-llama --lengths=256,512 --budgets=1/16,1/8,1/4,1/2 \
-        [--policies=streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo] \
+        [--policies=streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo,razor] \
         [--tasks=passkey,niah_single,perplexity] [--probe_examples=32] \
         [--examples=32] [--text_examples=16] [--prefill_chunk=32] [--score_chunk=32] \
         [--spec='h2o_r4={"name": "h2o", "recent": 4}'] [--out=runs/kv_policies]
@@ -30,6 +30,10 @@ budget (budget x key/value heads slots): the best heads keep every token with
 ``full_share`` (0.5) of it, the rest stream (4 sinks and a window) in the other half; the
 model is rebuilt with those ``per_head_windows`` (streaming heads also attend through their
 window while prefilling, as in DuoAttention); the cell's spec records the heads and slots;
+``razor`` is the same split with RazorAttention's compensation token on the streaming heads
+(``{"name": "duo", "compensation_token": True}``: each also attends to the mean of the
+tokens its window hides, :mod:`layers.compensation`; two float32 sums per streaming key/value
+head on top of its slots);
 ``--spec LABEL=JSON`` adds a name of one's own (a dict of policy options without the
 budget; ``{"name": "duo", "full_share": 0.25}`` for duo; ``{"name": "infllm", "prefill":
 "retrieval", "memory_distance": 32, "window": 32}`` for InfLLM's chunked prefill and memory
@@ -100,12 +104,13 @@ import time
 
 import numpy as np
 
-DEFAULT_POLICIES = "streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo"
+DEFAULT_POLICIES = "streaming_llm,h2o,snapkv,h2o_merge,quest,infllm,duo,razor"
 RETRIEVAL_POLICIES = ("quest", "infllm")  # layers.kv_retrieval: the budget is keys read.
 # Per-head budgets (DuoAttention): retrieval heads keep every token, the others stream; the
 # heads come from the retrieval-head probe. Not a cache_policy: per_head_windows options.
 DUO = "duo"
-DUO_OPTIONS = ("name", "full_share", "num_sink_tokens")
+DUO_OPTIONS = ("name", "full_share", "num_sink_tokens", "compensation_token")
+RAZOR = "razor"  # duo's split, the streaming heads with RazorAttention's compensation token.
 DUO_MIXER = "attention"  # The mixer that takes per_head_windows.
 DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2"
 DEFAULT_LENGTHS = "256,512"
@@ -217,6 +222,7 @@ def spec_builders(available, extra_specs=()) -> dict[str, dict]:
   ``available`` (``layers.kv_policies.ALL_POLICIES``; block retrieval: ``NAME`` only, with
   8-key blocks and an 8-token window), plus ``--spec LABEL=JSON`` entries."""
   builders = {DUO: {"name": DUO, "full_share": 0.5, "num_sink_tokens": 4}}
+  builders[RAZOR] = {**builders[DUO], "compensation_token": True}
   for name in available:
     if name in RETRIEVAL_POLICIES:  # Blocks small enough for a 1/16 budget at 256 tokens.
       builders[name] = {"name": name, "block_size": 8, "window": 8}
@@ -249,7 +255,8 @@ def parse_policies(text: str, builders: dict[str, dict], available) -> list[str]
   if unknown:
     raise UsageError(f"--policies: unknown or unavailable {unknown}; available: "
                      f"{sorted(builders)} (layers.kv_policies.ALL_POLICIES = {list(available)}, "
-                     f"NAME_merge for merging, {DUO} for per-head budgets, --spec for others).")
+                     f"NAME_merge for merging, {DUO} for per-head budgets, {RAZOR} with "
+                     "compensation tokens, --spec for others).")
   return names
 
 
@@ -307,8 +314,8 @@ class ModelUnderTest:
 
   @classmethod
   def load(cls, workdir: str, *, step=None, gin_params=()):
-    """Loads ``workdir``; the builder reads gin's configuration of this run (call
-    :meth:`with_policy` before another model is loaded)."""
+    """Loads ``workdir``; the builder keeps a copy of the run's ``DecoderLM`` bindings, so
+    it rebuilds this model after gin is cleared or another model is loaded."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from experiments import train as train_main  # pylint: disable=import-outside-toplevel
@@ -328,16 +335,13 @@ class ModelUnderTest:
       import copy  # pylint: disable=import-outside-toplevel
 
       import gin  # pylint: disable=import-outside-toplevel
-      def bound(name):  # deepcopy evaluates the macros (%NUM_HEADS) as gin does for a call.
-        try:
-          return dict(copy.deepcopy(gin.query_parameter(f"DecoderLM.{name}")) or {})
-        except ValueError:
-          return {}
-
-      mixer_options, layer_options = bound("mixer_options"), bound("layer_options")
+      # The run's bindings with their references and macros resolved, as gin would call.
+      bindings = copy.deepcopy(gin.get_bindings(DecoderLM))
+      mixer_options = dict(bindings.pop("mixer_options", None) or {})
+      layer_options = dict(bindings.pop("layer_options", None) or {})
       vocab = loaded.vocab_size
-      builder = lambda mo, lo: DecoderLM(vocab_size=vocab, mixer_options=mo, layer_options=lo,
-                                         rngs=nnx.Rngs(0))
+      builder = lambda mo, lo: DecoderLM(vocab_size=vocab, **bindings, mixer_options=mo,
+                                         layer_options=lo, rngs=nnx.Rngs(0))
     return cls(loaded, builder, mixer_options, layer_options)
 
   def _rebuilt(self, mixer_options, layer_options):
@@ -366,11 +370,14 @@ class ModelUnderTest:
     """The layers whose mixer takes DuoAttention's ``per_head_windows``."""
     return [i for i, m in enumerate(self.loaded.model.layer_pattern) if m == DUO_MIXER]
 
-  def with_head_budget(self, head_budget):
+  def with_head_budget(self, head_budget, compensation_token: bool = False):
     """The model with the per-head windows of ``head_budget`` (a
-    :class:`lclm.evals.retrieval_heads.HeadBudget`) over its own layer options."""
+    :class:`lclm.evals.retrieval_heads.HeadBudget`) over its own layer options; with
+    ``compensation_token``, RazorAttention's token on the layers that have streaming heads."""
     layer_options = {key: dict(value) for key, value in self._layer_options.items()}
     for layer, options in head_budget.layer_options().items():
+      if compensation_token and any(w is not None for w in options["per_head_windows"]):
+        options = {**options, "compensation_token": True}
       layer_options[layer] = {**layer_options.get(layer, {}), **options}
     return self._rebuilt(self._mixer_options, layer_options)
 
@@ -449,7 +456,7 @@ def duo_model(mut: ModelUnderTest, spec: dict, scores, length: int, budget: int)
          "full_kv_heads": [list(pair) for pair in head_budget.full_kv_heads],
          "streaming_slots": head_budget.streaming_slots,
          "streaming_sinks": head_budget.num_sink_tokens}
-  return mut.with_head_budget(head_budget), ran
+  return mut.with_head_budget(head_budget, bool(spec.get("compensation_token", False))), ran
 
 
 def _score_cell(model, data, length: int, args) -> dict:

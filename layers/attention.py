@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -11,12 +10,12 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from layers import attention_cache, kv_policies, kv_retrieval
+from layers import attention_cache, compensation, kv_policies, kv_retrieval
 from layers.attention_cache import AttentionCache
 from layers.norms import RMSNorm
 from layers.partitioning import (ContextParallelism, context_parallelism, shard_kernel,
                                  with_logical_axes)
-from layers.position_extensions import PositionExtension, attend_passes
+from layers.position_extensions import PositionExtension, attend_passes, merge_attention
 from layers.rotary import RotaryEmbedding
 from pallas_kernels import decode_attention, flash_attention, masks
 from pallas_kernels.flash_attention.reference import masked_softmax_attention
@@ -158,6 +157,13 @@ class Attention(nnx.Module):
       prefill chunk too) read ``budget`` of them; with ``"memory_distance"`` its cache holds
       keys before RoPE. Full causal attention only (no window, chunks, per-head masks or
       position extension). Training and calls without a cache are unaffected.
+    compensation_token: RazorAttention's compensation token (:mod:`layers.compensation`):
+      every query of a sliding-window head also attends to one token, the mean key and value
+      of the tokens its window hides (its logit + log of their number); in training,
+      prefill and decoding alike (a ring cache keeps the sums of what left it). Needs causal
+      heads that are full or sinks + window, the query heads of a GQA group sharing one
+      shape; packed rows need contiguous segments. Not with cache_policy, a position
+      extension, S²-Attn or context parallelism.
     implementation: passed to the kernel: None, "pallas", "interpret", "xla", "reference".
     dtype: computation dtype of the projections; None promotes inputs and parameters.
     param_dtype: dtype of the parameters.
@@ -178,8 +184,9 @@ class Attention(nnx.Module):
                chunk_size: int | None = None, mask: masks.Mask | None = None,
                shifted_sparse_group_size: int | None = None, deterministic: bool = False,
                logits_soft_cap: float | None = None,
-               cache_policy: Mapping[str, Any] | None = None, implementation: str | None = None,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               cache_policy: Mapping[str, Any] | None = None, compensation_token: bool = False,
+               implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads <= 0 or num_kv_heads <= 0:
       raise ValueError(
@@ -238,6 +245,7 @@ class Attention(nnx.Module):
                            shifted_sparse_group_size)
     self._set_position_extension(position_extension)
     self._set_cache_policy(cache_policy)
+    self._set_compensation(compensation_token)
     self._check_context_parallelism(context_parallelism())
 
     def projection(in_features, out_features, axis, logical_axes, use_bias=False):
@@ -349,6 +357,27 @@ class Attention(nnx.Module):
                        "at memory_distance through RoPE; this layer has none (rope_theta is "
                        "None): drop memory_distance.")
 
+  def _set_compensation(self, compensation_token):
+    """Validates ``compensation_token``; ``self._compensation`` holds, per key/value head,
+    the window its hidden tokens are counted from (None: no compensation)."""
+    if not isinstance(compensation_token, bool):
+      raise ValueError(f"Attention: compensation_token must be a bool, got "
+                       f"{compensation_token!r}.")
+    self.compensation_token = compensation_token
+    self._compensation = None
+    if not compensation_token:
+      return
+    others = dict(cache_policy=self.cache_policy, position_extension=self.position_extension,
+                  shifted_sparse_group_size=self.shifted_sparse_group_size)
+    given = sorted(name for name, value in others.items() if value is not None)
+    if given:
+      raise ValueError(f"Attention: compensation_token cannot be combined with {given}.")
+    try:
+      self._compensation = compensation.kv_head_windows(self._inference_mask, self.num_heads,
+                                                        self.num_kv_heads)
+    except ValueError as error:
+      raise ValueError(f"Attention: {error}") from None
+
   def _check_context_parallelism(self, plan: ContextParallelism | None) -> None:
     """Raises a ValueError for options the context-parallel kernels cannot run.
 
@@ -359,7 +388,8 @@ class Attention(nnx.Module):
       return
     unsupported = dict(num_sink_tokens=self.num_sink_tokens, chunk_size=self.chunk_size,
                        mask=self.mask, shifted_sparse_group_size=self.shifted_sparse_group_size,
-                       position_extension=self.position_extension)
+                       position_extension=self.position_extension,
+                       compensation_token=self.compensation_token)
     given = sorted(name for name, value in unsupported.items() if value)
     if plan.strategy == "ulysses" and (self.num_heads % plan.num_shards or
                                        self.num_kv_heads % plan.num_shards):
@@ -544,6 +574,7 @@ class Attention(nnx.Module):
     if plan is not None:  # The sequence is split over devices: ring / all-gather / Ulysses.
       return self._attend_context_parallel(plan, q, k, v, segment_ids)
     mask = self.mask if inference else self._kernel_mask()
+    with_lse = self._compensation is not None
     flash_options = dict(scale=None, logits_soft_cap=self.logits_soft_cap,
                          implementation=self.implementation)
 
@@ -552,10 +583,11 @@ class Attention(nnx.Module):
         qk = ((q, k),) if q_far is None else ((q, k), (q_far, k_far))
         return attend_passes(v, tuple((a, b, m) for (a, b), m in zip(qk, pass_masks)),
                              segment_ids=segment_ids, **flash_options)
-      return flash_attention(
+      out = flash_attention(
           q, k, v, is_causal=self.is_causal, segment_ids=segment_ids,
           local_window_size=self.local_window_size, num_sink_tokens=self.num_sink_tokens,
-          chunk_size=self.chunk_size, mask=mask, **flash_options)
+          chunk_size=self.chunk_size, mask=mask, return_lse=with_lse, **flash_options)
+      return _pack_lse(*out) if with_lse else out
 
     def attend(q, k, v, segment_ids, head_ids, q_far, k_far):
       return self._attend_heads(kernel, mask, q, k, v, segment_ids, head_ids, q_far, k_far)
@@ -565,12 +597,17 @@ class Attention(nnx.Module):
     # ``head_ids`` (the kv-head indices) is split like the heads, so that a shard knows
     # which heads, and hence which entries of a per-head mask, it holds.
     head_ids = jnp.arange(self.num_kv_heads, dtype=jnp.int32)
-    return shard_kernel(
+    out = shard_kernel(
         attend, (q, k, v, segment_ids, head_ids, q_far, k_far),
         in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES,
                  None if segment_ids is None else ("batch", None), _HEAD_IDS_AXES,
                  None if q_far is None else _QUERY_AXES, None if k_far is None else _KV_AXES),
         out_axes=_QUERY_AXES)
+    if not with_lse:
+      return out
+    extra = compensation.sequence_term(q, k, v, self._compensation,
+                                       soft_cap=self.logits_soft_cap, segment_ids=segment_ids)
+    return merge_attention(*_unpack_lse(out), *extra)[0].astype(q.dtype)
 
   # ---------------------------------------------------------------------------- decoding
 
@@ -602,7 +639,8 @@ class Attention(nnx.Module):
       return kv_policies.init_policy_cache(self.cache_policy, int(batch_size), int(max_length),
                                            self.num_kv_heads, self.head_dim, dtype)
     return attention_cache.init_cache(self.cache_plan(), int(batch_size), int(max_length),
-                                      self.head_dim, dtype)
+                                      self.head_dim, dtype,
+                                      keep_evicted=self._compensation is not None)
 
   def _check_cache(self, cache, batch, segment_ids):
     kind = {type(None): AttentionCache, kv_policies.CachePolicy: kv_policies.PolicyCache,
@@ -618,8 +656,11 @@ class Attention(nnx.Module):
       if cache.policy != self.cache_policy:
         layout = None
     else:
-      layout = tuple((p.kv_heads, p.keys.shape[-1]) for p in cache.parts)
-      expected = tuple((s.kv_heads, self.head_dim) for s in self.cache_plan())
+      keeps_evicted = self._compensation is not None
+      layout = tuple((p.kv_heads, p.keys.shape[-1], p.evicted_keys is not None)
+                     for p in cache.parts)
+      expected = tuple((s.kv_heads, self.head_dim, p.is_ring and keeps_evicted)
+                       for s, p in zip(self.cache_plan(), cache.parts))
     if layout != expected:
       raise ValueError("Attention: the cache does not match this layer's heads (it was built "
                        "by another layer); use this layer's init_cache.")
@@ -725,18 +766,37 @@ class Attention(nnx.Module):
     outs = []
     for part, window in zip(parts, self._decode_kernel_windows()):
       q_part = q[:, :, self._part_query_heads(part)] if len(parts) > 1 else q
-      options = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+      # A full part holds every token the row has, so its window hides none yet
+      # (sinks + window >= max_length); a ring holds the window: what it hides has left it.
+      compensated = self._part_compensation(part) if part.is_ring else None
+      options = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                     return_lse=compensated is not None)
       if part.is_ring:  # Every filled slot is within the window: no mask but the length.
         part_lengths = jnp.minimum(lengths, part.num_slots)
       else:
         part_lengths = lengths
         if not window.is_full:
           options.update(local_window_size=(window.left, 0), num_sink_tokens=window.sinks)
-      kernel = functools.partial(decode_attention, **options)
-      outs.append(shard_kernel(
+
+      def kernel(*args, options=options):
+        out = decode_attention(*args, **options)
+        return _pack_lse(*out) if options["return_lse"] else out
+
+      out = shard_kernel(
           kernel, (q_part, part.keys, part.values, part_lengths),
-          in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",)), out_axes=_QUERY_AXES))
+          in_axes=(_QUERY_AXES, _KV_AXES, _KV_AXES, ("batch",)), out_axes=_QUERY_AXES)
+      if compensated is not None:
+        extra = compensation.cached_term(
+            q_part, lengths[:, None] - 1, None, None, None, compensated,
+            evicted_keys=part.evicted_keys, evicted_values=part.evicted_values,
+            evicted_count=part.num_evicted(lengths), soft_cap=self.logits_soft_cap)
+        out = merge_attention(*_unpack_lse(out), *extra)[0].astype(q.dtype)
+      outs.append(out)
     return self._assemble(outs, parts)
+
+  def _part_compensation(self, part) -> attention_cache.HeadWindow | None:
+    """The window whose hidden tokens a cache part's heads are compensated for, or None."""
+    return None if self._compensation is None else self._compensation[part.kv_heads[0]]
 
   def _decode_retrieved(self, q, keys, values, lengths, block_indices, *, local_window_size,
                         num_sink_tokens, return_lse):
@@ -753,13 +813,13 @@ class Attention(nnx.Module):
     def kernel(q, keys, values, lengths, block_indices=None):
       result = decode_attention(q, keys, values, lengths, block_indices=block_indices,
                                 return_lse=return_lse, **options)
-      if not return_lse:
-        return result
-      # One output for shard_kernel: the lse rides as a last feature (float32).
-      return jnp.concatenate([result[0].astype(jnp.float32), result[1][..., None]], axis=-1)
+      return _pack_lse(*result) if return_lse else result
 
     result = shard_kernel(kernel, args, in_axes=in_axes, out_axes=_QUERY_AXES)
-    return (result[..., :-1].astype(q.dtype), result[..., -1]) if return_lse else result
+    if not return_lse:
+      return result
+    out, lse = _unpack_lse(result)
+    return out.astype(q.dtype), lse
 
   def _attend_candidates(self, q, keys, values, key_index, q_index, valid):
     """Exact causal attention of q [b, t, h, d] over candidate keys [b, C, kv_heads, d] at
@@ -788,9 +848,11 @@ class Attention(nnx.Module):
       k_index = jnp.concatenate([part.token_index, jnp.where(valid, token_index, -1)], axis=1)
       k_pos = jnp.concatenate([part.positions, positions], axis=1)
       present = (k_index >= 0)[:, None, :]
+      # Only a ring's heads ever hide a token (see _attend_decode_kernel).
+      compensated = self._part_compensation(part) if part.is_ring else None
 
       def attend(args, heads=heads, kv=kv, keys=keys, values=values, k_index=k_index,
-                 k_pos=k_pos, present=present):
+                 k_pos=k_pos, present=present, part=part, compensated=compensated):
         q_part, q_index, q_pos = args
         visible = jnp.stack([present & per_head[h].visible(q_index[:, :, None],
                                                            k_index[:, None, :])
@@ -801,7 +863,16 @@ class Attention(nnx.Module):
                                                    k_index, visible, rope_len)
         else:
           logits = self._logits(q_part, keys)
-        return masked_softmax_attention(logits, visible, values, q.dtype)[0]
+        if compensated is None:
+          return masked_softmax_attention(logits, visible, values, q.dtype)[0]
+        # The tokens that left the ring before this call are hidden from all its queries.
+        extra = compensation.cached_term(
+            q_part, q_index, keys, values, k_index, compensated,
+            evicted_keys=part.evicted_keys, evicted_values=part.evicted_values,
+            evicted_count=part.num_evicted(token_index[:, 0]), soft_cap=self.logits_soft_cap)
+        out = merge_attention(*masked_softmax_attention(logits, visible, values, jnp.float32),
+                              *extra)[0]
+        return out.astype(q.dtype)
 
       args = (q[:, :, heads], token_index, positions)
       if block == t:
@@ -877,3 +948,13 @@ class Attention(nnx.Module):
       return kernel(q, k, v, segment_ids, blocks[0])
     branches = [lambda q, k, v, s, m=m: kernel(q, k, v, s, m) for m in blocks]
     return jax.lax.switch(head_ids[0] // local_kv_heads, branches, q, k, v, segment_ids)
+
+
+def _pack_lse(out, lse):
+  """One array for shard_kernel: the float32 lse [b, t, h] rides as a last feature."""
+  return jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
+
+
+def _unpack_lse(packed):
+  """(out float32 [b, t, h, d], lse [b, t, h]) of :func:`_pack_lse`."""
+  return packed[..., :-1], packed[..., -1]

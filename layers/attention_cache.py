@@ -54,6 +54,10 @@ class KVCachePart:
     kv_heads: the layer's key/value heads this part holds (static).
     num_sink_tokens: sink slots in front of the ring (static; 0 for a full part).
     window: ring slots after the sinks, or None for a full part (static).
+    evicted_keys, evicted_values: float32 [batch, len(kv_heads), head_dim], the sums of the
+      keys / values of the tokens that left the ring (RazorAttention's compensation token,
+      :mod:`layers.compensation`), or None (not kept). Their number is
+      :meth:`num_evicted`.
   """
   keys: jax.Array
   values: jax.Array
@@ -62,6 +66,8 @@ class KVCachePart:
   kv_heads: tuple[int, ...] = struct.field(pytree_node=False)
   num_sink_tokens: int = struct.field(pytree_node=False, default=0)
   window: int | None = struct.field(pytree_node=False, default=None)
+  evicted_keys: jax.Array | None = None
+  evicted_values: jax.Array | None = None
 
   @property
   def is_ring(self) -> bool:
@@ -70,6 +76,12 @@ class KVCachePart:
   @property
   def num_slots(self) -> int:
     return self.keys.shape[1]
+
+  def num_evicted(self, lengths):
+    """int32 [batch]: tokens that have left the ring once the rows hold ``lengths``."""
+    if not self.is_ring:
+      return jnp.zeros_like(lengths)
+    return jnp.maximum(lengths - self.window - self.num_sink_tokens, 0)
 
 
 @struct.dataclass
@@ -166,19 +178,24 @@ def plan_parts(mask: masks.Mask, num_heads: int, num_kv_heads: int) -> tuple[Par
 
 
 def init_cache(specs: Sequence[PartSpec], batch_size: int, max_length: int, head_dim: int,
-               dtype) -> AttentionCache:
-  """Empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
+               dtype, *, keep_evicted: bool = False) -> AttentionCache:
+  """Empty cache for ``batch_size`` rows of up to ``max_length`` tokens; with
+  ``keep_evicted`` each ring also sums what leaves it (``KVCachePart.evicted_keys``)."""
   parts = []
   for spec in specs:
     slots = spec.num_slots(max_length)
     ring = slots < max_length
     shape = (batch_size, slots, len(spec.kv_heads), head_dim)
+    evicted = None
+    if ring and keep_evicted:
+      evicted = jnp.zeros((batch_size, len(spec.kv_heads), head_dim), jnp.float32)
     parts.append(KVCachePart(
         keys=constrain_activation(jnp.zeros(shape, dtype), CACHE_AXES),
         values=constrain_activation(jnp.zeros(shape, dtype), CACHE_AXES),
         token_index=jnp.full((batch_size, slots), -1, jnp.int32),
         positions=jnp.zeros((batch_size, slots), jnp.int32), kv_heads=spec.kv_heads,
-        num_sink_tokens=spec.sinks if ring else 0, window=spec.window if ring else None))
+        num_sink_tokens=spec.sinks if ring else 0, window=spec.window if ring else None,
+        evicted_keys=evicted, evicted_values=evicted))
   return AttentionCache(parts=tuple(parts), lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
@@ -220,9 +237,12 @@ def slots_of(part: KVCachePart, token_index, valid, new_lengths):
 
 def write(part: KVCachePart, keys, values, positions, token_index, valid, new_lengths
           ) -> KVCachePart:
-  """``part`` with the new tokens' keys/values [b, seq, hk_part, d] written to their slots."""
+  """``part`` with the new tokens' keys/values [b, seq, hk_part, d] written to their slots
+  (and, with ``evicted_keys``, the tokens that leave the ring added to its sums)."""
   slot = slots_of(part, token_index, valid, new_lengths)
   rows = jnp.arange(slot.shape[0])[:, None]
+  if part.evicted_keys is not None:
+    part = _add_evicted(part, keys, values, token_index, valid, new_lengths)
 
   def put(cache, new):
     out = cache.at[rows, slot].set(new.astype(cache.dtype), mode="drop")
@@ -231,3 +251,22 @@ def write(part: KVCachePart, keys, values, positions, token_index, valid, new_le
   return part.replace(keys=put(part.keys, keys), values=put(part.values, values),
                       token_index=put(part.token_index, token_index),
                       positions=put(part.positions, positions.astype(jnp.int32)))
+
+
+def _add_evicted(part: KVCachePart, keys, values, token_index, valid, new_lengths
+                 ) -> KVCachePart:
+  """Adds to the ring's sums the tokens that are past its window once the rows hold
+  ``new_lengths``: those it held (overwritten now) and new ones that never enter it."""
+  gone = new_lengths[:, None] - part.window  # Tokens [sinks, gone) are no longer kept.
+
+  def leaving(index):
+    return ((index >= part.num_sink_tokens) & (index < gone)).astype(jnp.float32)
+
+  held, new = leaving(part.token_index), leaving(token_index) * valid
+
+  def add(total, cached, fresh):
+    return (total + jnp.einsum("bn,bnhd->bhd", held, cached.astype(jnp.float32))
+            + jnp.einsum("bn,bnhd->bhd", new, fresh.astype(jnp.float32)))
+
+  return part.replace(evicted_keys=add(part.evicted_keys, part.keys, keys),
+                      evicted_values=add(part.evicted_values, part.values, values))

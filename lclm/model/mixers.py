@@ -119,7 +119,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
               implementation: str | None = None, per_head_windows: Sequence | None = None,
               num_sink_tokens: int = 0,
               shifted_sparse_group_size: int | None = None,
-              cache_policy: Mapping[str, Any] | None = None) -> Attention:
+              cache_policy: Mapping[str, Any] | None = None,
+              compensation_token: bool = False) -> Attention:
   """Causal self-attention (:class:`layers.Attention`); ``rope_theta=None`` is NoPE.
 
   ``num_heads`` is required; the other options default as in the layer. Sparse options:
@@ -134,6 +135,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
     256}``: eviction (:mod:`layers.kv_policies`: streaming_llm, h2o, snapkv, ``merge``) or
     block retrieval (:mod:`layers.kv_retrieval`: quest, infllm); not with
     ``per_head_windows``.
+  * ``compensation_token``: with ``per_head_windows``, RazorAttention's compensation token
+    for the streaming heads (:mod:`layers.compensation`).
   """
   _require_num_heads("attention", num_heads)
   _check_sinks("attention", num_sink_tokens)
@@ -146,7 +149,8 @@ def attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
         "(sinks widen a window); for a sliding window in every head use 'local_attention'.")
   return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads, mask=mask,
-                shifted_sparse_group_size=shifted_sparse_group_size, cache_policy=cache_policy)
+                shifted_sparse_group_size=shifted_sparse_group_size, cache_policy=cache_policy,
+                compensation_token=compensation_token)
 
 
 @register_mixer("local_attention")
@@ -163,9 +167,12 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
                     max_position_embeddings: int | None = None,
                     position_extension: Mapping[str, Any] | None = None,
                     logits_soft_cap: float | None = None,
-                    implementation: str | None = None) -> Attention:
+                    implementation: str | None = None,
+                    compensation_token: bool = False) -> Attention:
   """Sliding-window causal attention: each query sees its ``window`` most recent tokens
-  (itself included) and the first ``num_sink_tokens`` tokens of the row (StreamingLLM).
+  (itself included) and the first ``num_sink_tokens`` tokens of the row (StreamingLLM);
+  with ``compensation_token`` also the mean of the tokens between (RazorAttention,
+  :mod:`layers.compensation`).
 
   ``window`` and ``num_heads`` are required; RoPE base 10 000 unless ``rope_theta`` says
   otherwise (None: NoPE). A different window per layer: ``DecoderLM.layer_options``.
@@ -178,7 +185,8 @@ def local_attention(features: int, *, rngs: nnx.Rngs, dtype, param_dtype,
   _check_sinks("local_attention", num_sink_tokens)
   return _layer(features, locals(), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                 num_heads=num_heads,
-                local_window_size=causal_window(window), num_sink_tokens=num_sink_tokens)
+                local_window_size=causal_window(window), num_sink_tokens=num_sink_tokens,
+                compensation_token=compensation_token)
 
 
 @register_mixer("global_attention")

@@ -69,3 +69,16 @@ def test_infllm_stream_config_prefills_through_retrieval():
   policy = model.layer_blocks()[0].mixer.cache_policy
   assert (policy.budget, policy.block_size, policy.window) == (64, 4, 16)
   assert (policy.prefill, policy.memory_distance) == ("retrieval", 16)
+
+
+def test_razor_config_adds_two_sums_per_streaming_head():
+  """RazorAttention's cache per sequence is DuoAttention's plus the float32 key and value
+  sums of each streaming key/value head (2 of 4 per layer), whatever the length."""
+  duo, razor = (benchmark_decode.build_model(n, window=32)
+                for n in ("duo_attention", "razor_attention"))
+  mixers = [block.mixer for block in razor.layer_blocks()]
+  assert all(m.compensation_token for m in mixers)
+  for length in (64, 1 << 16):
+    extra = (benchmark_decode.cache_bytes(razor, 2, length)
+             - benchmark_decode.cache_bytes(duo, 2, length))
+    assert extra == len(mixers) * 2 * 2 * mixers[0].head_dim * 4

@@ -118,10 +118,9 @@ def test_cache_nll_equals_teacher_forced_loss(scored, cli_out):
   assert 8 / LENGTH < cache_scoring.cache_bytes_per_row(small_model, LENGTH) / exact_bytes < 0.05
 
 
-def test_duo_keeps_the_probed_heads_whole_within_the_budget(byte_run, scored):
-  _, tokens, reference = scored
-  # Loaded again: a model's builder reads gin's configuration, which each test clears.
-  mut = kv_policies.ModelUnderTest.load(byte_run)
+def test_duo_keeps_the_probed_heads_whole_within_the_budget(scored):
+  # Loaded by another test: the builder kept its bindings, gin has been cleared since.
+  mut, tokens, reference = scored
   args = argparse.Namespace(seed=0, probe_examples=2, batch_size=2, num_digits=5)
   scores = kv_policies._probe_scores(mut, LENGTH, args)  # pylint: disable=protected-access
   assert scores.shape == (1, 4) and ((scores >= 0) & (scores <= 1)).all()
@@ -142,6 +141,15 @@ def test_duo_keeps_the_probed_heads_whole_within_the_budget(byte_run, scored):
   ratio = (cache_scoring.cache_bytes_per_row(half, LENGTH)
            / cache_scoring.cache_bytes_per_row(mut.loaded.model, LENGTH))
   assert 0.5 <= ratio < 0.53  # Keys and values at half; each part's token indices on top.
+  # razor: the same split, the streaming heads with the compensation token (two float32
+  # sums of [3 streaming kv heads, head_dim] on top of duo's cache).
+  razor_spec = kv_policies.spec_builders(())["razor"]
+  assert razor_spec == {**spec, "compensation_token": True}
+  razor, ran = kv_policies.duo_model(mut, razor_spec, scores, LENGTH, LENGTH // 2)
+  assert ran["compensation_token"] and razor.layer_blocks()[0].mixer.compensation_token
+  extra = (cache_scoring.cache_bytes_per_row(razor, LENGTH)
+           - cache_scoring.cache_bytes_per_row(half, LENGTH))
+  assert extra == 2 * 3 * razor.layer_blocks()[0].mixer.head_dim * 4
   # A budget that cannot be split is refused (the experiment reports it in the cell).
   with pytest.raises(ValueError, match="budget must be an int in"):
     kv_policies.duo_model(mut, spec, scores, LENGTH, 1)

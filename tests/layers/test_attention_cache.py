@@ -39,6 +39,14 @@ LAYERS = {
                          num_sink_tokens=2),
     "duo": dict(num_heads=4, num_kv_heads=4, mask=masks.per_head_windows(
         [None, causal_window(3), None, causal_window(5)], is_causal=False, num_sink_tokens=1)),
+    # RazorAttention: the streaming heads' compensation token (full, ring and GQA parts).
+    "razor": dict(num_heads=6, num_kv_heads=3, head_dim=4, compensation_token=True,
+                  mask=masks.per_head_windows([None, None] + [causal_window(3)] * 2
+                                              + [causal_window(4)] * 2, is_causal=False,
+                                              num_sink_tokens=1)),
+    "window_compensation": dict(num_heads=2, local_window_size=causal_window(4),
+                                num_sink_tokens=2, logits_soft_cap=5.0,
+                                compensation_token=True),
     "self_extend": dict(num_heads=2, position_extension={
         "method": "self_extend", "group_size": 2, "window": 4}),
     "lm_infinite": dict(num_heads=2, position_extension={
@@ -61,8 +69,9 @@ def test_prefill_then_steps_equal_one_pass(name):
   np.testing.assert_array_equal(cache.lengths, [SEQ, SEQ])
 
 
-def test_right_padding_never_enters_the_cache():
-  layer = Attention(FEATURES, rngs=nnx.Rngs(1), **LAYERS["window_sinks"])
+@pytest.mark.parametrize("name", ["window_sinks", "window_compensation"])
+def test_right_padding_never_enters_the_cache(name):
+  layer = Attention(FEATURES, rngs=nnx.Rngs(1), **LAYERS[name])
   x = jax.random.normal(jax.random.key(3), (2, SEQ, FEATURES))
   # Row 1 takes 3 of the first 7 tokens, then the same 7 as row 0 from there.
   lengths = {(0, 7): [7, 3], (7, 8): [1, 1], (8, 9): [1, 1]}

@@ -1,5 +1,6 @@
-"""Per-head masks (S²-Attn, DuoAttention windows) under the sharded train step: each shard
-of the heads attends with its own heads' masks, and training matches one device."""
+"""Per-head masks (S²-Attn, DuoAttention windows with RazorAttention's compensation token)
+under the sharded train step: each shard of the heads attends with its own heads' masks,
+and training matches one device."""
 
 PER_HEAD_SHARDS = """
 import jax, numpy as np, optax
@@ -12,7 +13,8 @@ def factory():
   return DecoderLM(64, 32, layer_pattern=["attention", "attention"],
                    mixer_options={"attention": {"num_heads": 4, "num_kv_heads": 4}},
                    layer_options={0: {"shifted_sparse_group_size": 4},
-                                  1: {"per_head_windows": [None, 2, 5, 3], "num_sink_tokens": 1}},
+                                  1: {"per_head_windows": [None, 2, 5, 3], "num_sink_tokens": 1,
+                                      "compensation_token": True}},
                    mlp_hidden_features=32, rngs=nnx.Rngs(0))
 
 tx = optax.adamw(1e-2)
@@ -36,7 +38,8 @@ def run(mesh):
   return np.asarray(losses)
 
 want = run(make_mesh(devices=jax.devices()[:1]))
-# One kv head per shard: the shards' masks differ (plain/shifted groups, four windows).
+# One kv head per shard: the shards' masks differ (plain/shifted groups, four windows; the
+# compensation token's prefix sums run on the global arrays, segment_ids included).
 got = run(make_mesh(data=2, tensor=4))
 np.testing.assert_allclose(got, want, rtol=1e-5)
 print("ok")
