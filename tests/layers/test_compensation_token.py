@@ -107,13 +107,14 @@ def test_packed_rows_compensate_within_their_segment():
 
 
 def test_gradients_match_the_reference():
-  layer = _layer(2.0)
-  x = jax.random.normal(jax.random.key(1), (1, 13, FEATURES))
-  cotangent = jax.random.normal(jax.random.key(2), (1, 13, FEATURES))
+  windows = [None, None, (2, 3), (2, 3)]  # A full and a windowed key/value head.
+  layer = _layer(2.0, windows=windows)
+  x = jax.random.normal(jax.random.key(1), (1, 10, FEATURES))
+  cotangent = jax.random.normal(jax.random.key(2), (1, 10, FEATURES))
 
   def loss(layer, x, reference):
     if reference:
-      out = layer.o_proj(_reference(*_qkv(layer, x), HEADS, 2.0, xp=jnp))
+      out = layer.o_proj(_reference(*_qkv(layer, x), windows, 2.0, xp=jnp))
     else:
       out = layer(x)
     return jnp.sum(out * cotangent)

@@ -1,5 +1,6 @@
 """Generation with the model sharded over a mesh (data x tensor): the caches split like the
-training activations and the kernels run per shard; tokens and logits equal one device."""
+training activations and the kernels run per shard; tokens and logits equal one device (the
+window layer with RazorAttention's compensation token: its ring's running sums too)."""
 
 GENERATE_SHARDED = """
 import jax, numpy as np, optax
@@ -12,7 +13,8 @@ from lclm.training.step import init_train_state
 def factory():
   return DecoderLM(64, 32, layer_pattern=["local_attention", "attention", "mamba2"],
                    shared_mixer_options={"num_heads": 4, "num_kv_heads": 2},
-                   mixer_options={"local_attention": {"window": 4, "num_sink_tokens": 1},
+                   mixer_options={"local_attention": {"window": 4, "num_sink_tokens": 1,
+                                                      "compensation_token": True},
                                   "mamba2": {"head_dim": 16, "d_state": 8}},
                    mlp_hidden_features=32, short_conv_size=3, rngs=nnx.Rngs(0))
 
