@@ -19,6 +19,7 @@ CONFIGS = sorted(f[:-4] for f in os.listdir(os.path.join(train_main.REPO_ROOT, "
                  if f.endswith(".gin"))
 # Small windows (sequences of ~30 tokens wrap them) and a small model.
 BINDINGS = ["LOCAL_WINDOW = 8", "STREAMING_WINDOW = 8", "S2_GROUP_SIZE = 8",
+            "LANDMARK_VOCAB_SIZE = 64", "LANDMARK_ID = 63",  # landmark.gin's data transform
             "DecoderLM.features = 32", "DecoderLM.mlp_hidden_features = 32"]
 PROMPTS = np.random.default_rng(0).integers(0, 64, size=(2, 21)).astype(np.int32)
 LENGTHS = np.array([21, 13], np.int32)
