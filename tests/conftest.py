@@ -68,3 +68,36 @@ def _clear_gin_config():
   gin = sys.modules.get("gin")  # Not imported by kernel-only runs (make device-check).
   if gin is not None:
     gin.clear_config()
+
+
+# Every compiled XLA:CPU executable maps about 15 memory regions that live as long as jax's
+# caches hold it. A long-lived xdist worker compiles thousands of programs; at the kernel's
+# per-process limit (vm.max_map_count, 65530 by default) the next mmap fails and LLVM crashes
+# the worker inside `backend_compile_and_load` (a segfault in whichever test compiles then).
+# Between test modules, a worker past a third of that limit drops jax's caches, which unmaps
+# those executables; a program used again is compiled again.
+_MAPS_PATH = "/proc/self/maps"
+
+
+def _max_map_count() -> int:
+  try:
+    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return 65530
+
+
+_MAPS_LIMIT = _max_map_count() // 3
+
+
+def _mapped_regions() -> int:
+  with open(_MAPS_PATH, "rb") as f:
+    return sum(1 for _ in f)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bound_mapped_regions():
+  """Keeps the worker's count of memory maps under a third of ``vm.max_map_count``."""
+  yield
+  if os.path.exists(_MAPS_PATH) and _mapped_regions() > _MAPS_LIMIT:
+    jax.clear_caches()
