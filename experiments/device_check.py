@@ -19,7 +19,9 @@ platform slug: ``nvidia_h200``, ``tpu_v5_lite``, ``cpu``):
    import are reported (``--continue-on-collection-errors``). ``tests/conftest.py`` needs
    only jax and pytest, so a machine without lclm's training dependencies (gin, grain, tfds)
    runs them as they are. No selected test is a result ("0 gpu tests selected"), not a
-   failure.
+   failure. On a GPU host with pytest-xdist and 8+ cores they run in up to 4 processes
+   (compiling, most of their time, is host work; the first H200 run got through 23 of 71
+   tests in 166 s in one process).
 3. **Peers.** Which peers the benchmark can compare with here, and why the others are
    skipped: cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``), jax's Pallas
    GPU attention and Mosaic-GPU attention, tokamax, flash-linear-attention and mamba_ssm
@@ -55,6 +57,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -71,6 +74,7 @@ DEVICE_SIZES = "16384,4096,1024"
 INSTALL_TIMEOUT_S = 240
 DRY_RUN_SIZES = "64"
 TEST_SHARE, TEST_MAX_S = 0.35, 180.0
+MAX_TEST_WORKERS = 4
 SUMMARY_RESERVE_S = 25.0
 # Time the benchmark process needs besides its measured rows: start-up, the compile-only
 # memory check and writing the report (and, with libtpu, the TPU compiler memory figures).
@@ -266,12 +270,26 @@ def marked_test_files(marker: str, root: str = REPO_ROOT) -> list[str]:
   return sorted(files, key=lambda f: first.get(os.path.basename(f), len(first)))
 
 
+def parallel_test_workers(platform: str, modules: dict, dry_run: bool) -> int:
+  """pytest-xdist workers for the accelerator tests: compiling is most of their time and runs
+  on the host's cores, so a 16-core GPU host runs 4 at once (each allocating GPU memory as
+  it needs); 0 (one process) on a TPU (one process owns it), without xdist, on a small host
+  or in a dry run."""
+  if dry_run or platform != "gpu" or not modules.get("xdist"):
+    return 0
+  workers = min(MAX_TEST_WORKERS, (os.cpu_count() or 1) // 4)
+  return workers if workers > 1 else 0
+
+
 def run_tests(python: str, marker: str, files: list[str], *, timeout: float, dry_run: bool,
-              log: Log) -> dict:
-  """Step 2: the marked tests, not slow, within ``timeout`` seconds. Returns counts and the
-  status: "passed", "failed", "none selected", "timed out" or "not run"."""
+              log: Log, workers: int = 0) -> dict:
+  """Step 2: the marked tests, not slow, within ``timeout`` seconds (``workers`` > 1: that many
+  pytest-xdist processes). Returns counts and the status: "passed", "failed",
+  "none selected", "timed out" or "not run"."""
   command = [python, "-m", "pytest", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider",
              "-m", f"{marker} and not slow", "--continue-on-collection-errors"]
+  if workers > 1:
+    command += ["-n", str(workers)]
   command += files
   result = dict(marker=marker, files=files, command=shlex.join(command),
                 counts={}, seconds=0.0)
@@ -287,13 +305,14 @@ def run_tests(python: str, marker: str, files: list[str], *, timeout: float, dry
   log(f"[tests] $ {result['command']}  (limit {timeout:.0f} s)")
   start = time.monotonic()
   # pylint: disable-next=consider-using-with
-  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(dry_run), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(dry_run, share_gpu=workers > 1),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
   try:
     out, _ = proc.communicate(timeout=timeout)
     timed_out = False
   except subprocess.TimeoutExpired:
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)  # the xdist workers too
     out, _ = proc.communicate()
     timed_out = True
   result["seconds"] = round(time.monotonic() - start, 1)
@@ -476,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
   files = ([f for f in args.test_files.split(",") if f] if args.test_files
            else marked_test_files(marker))
   tests = run_tests(python, marker, files, dry_run=args.dry_run,
-                    timeout=min(TEST_MAX_S, TEST_SHARE * left()), log=log)
+                    timeout=min(TEST_MAX_S, TEST_SHARE * left()), log=log,
+                    workers=parallel_test_workers(platform, found.get("modules") or {},
+                                                  args.dry_run))
   peers = probe_peers(python, platform, args.dry_run, log)
   libtpu = os.environ.get("LCLM_LIBTPU_PATH")
   bench = run_benchmark(python, args, out_dir=out_dir, budget=max(10.0, left() -

@@ -27,6 +27,16 @@ TN = (0, 0)  # a.T @ b
 HIGHEST_FOR_FLOAT32 = "highest_for_float32"
 
 
+def gpu_float32_precision(interpret: bool):
+  """Precision of a Triton kernel's dots on float32 operands.
+
+  Compiled: three TF32 passes with float32 accumulation (float32 accuracy on the tensor cores,
+  where one TF32 pass, the GPU's default, loses about three digits). Interpret mode runs on
+  the host, which has no TF32 algorithm: ``HIGHEST``.
+  """
+  return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
 def compute_dtype(*arrays) -> jnp.dtype:
   """float64 when any of ``arrays`` is float64, else float32 (``None`` entries are skipped).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels._common import masks as masks_lib
 from pallas_kernels._common import numerics
@@ -72,7 +73,8 @@ def decode_attention_reference(query, key_cache, value_cache, lengths, *, scale=
   left = None if local_window_size is None else masks_lib.window_sizes(local_window_size)[0]
   compute = numerics.compute_dtype(query)
   q = query.astype(compute).reshape(b, tq, hk, h // hk, d)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key_cache.astype(compute)) * scale
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key_cache.astype(compute),
+                      precision=lax.Precision.HIGHEST) * scale
   logits = numerics.soft_cap(logits, logits_soft_cap)
 
   length = jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, tk)[:, None, None]  # [B,1,1]
@@ -87,6 +89,6 @@ def decode_attention_reference(query, key_cache, value_cache, lengths, *, scale=
                                 block_k=block_k, left=left, num_sink_tokens=num_sink_tokens)
     visible = mask.reshape(b, hk, -1, tq, tk)   # [B, Hkv, 1 or G, Tq, Tk]
   out, lse = masked_softmax_attention(logits, visible, value_cache.astype(compute),
-                                      query.dtype)
+                                      query.dtype, precision=lax.Precision.HIGHEST)
   lse = lse.astype(jnp.float32)
   return (out, lse) if return_lse else out

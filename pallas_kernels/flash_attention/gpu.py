@@ -30,7 +30,8 @@ the in-tile mask evaluates the kind of the program's head.
 
 Logits are kept in base 2 (natural logits times log2(e)) so that the softmax uses ``exp2``;
 the returned log-sum-exp is in natural units. Matmuls take the input dtype and accumulate in
-float32; softmax statistics and gradients accumulate in float32.
+float32 (float32 operands in three TF32 passes: float32 accuracy, not the one-pass TF32 that
+is the GPU's default); softmax statistics and gradients accumulate in float32.
 """
 
 from __future__ import annotations
@@ -94,13 +95,16 @@ def _store(ref, value, mask):
 # ----------------------------------------------------------------------------- helpers
 
 
-# Products in the operands' dtype at the backend's default precision, float32 accumulation.
-_dot = functools.partial(numerics.dot, precision=None)
+def _dot(a, b, dims=numerics.NN, *, f32_precision):
+  """Products in the operands' dtype, float32 accumulation: bfloat16 / float16 operands at the
+  backend's default precision, float32 ones at ``f32_precision``
+  (:func:`numerics.gpu_float32_precision`)."""
+  return numerics.dot(a, b, dims, precision=f32_precision if a.dtype == jnp.float32 else None)
 
 
-def _logits(q, k, scale, soft_cap):
+def _logits(q, k, scale, soft_cap, f32_precision):
   """Base-2 logits q k^T [bq, bk] (float32) and tanh(s / cap) for the soft-cap gradient."""
-  s = _dot(q, k, numerics.NT)
+  s = _dot(q, k, numerics.NT, f32_precision=f32_precision)
   if soft_cap is None:
     return s * (scale * LOG2E), None
   t = jnp.tanh(s * (scale / soft_cap))
@@ -228,7 +232,7 @@ def _check_blocks(name, block, interpret):
 
 def _forward_kernel(q_ref, k_ref, v_ref, visits_ref, *refs, scale, soft_cap, mask,
                     num_intervals, q_offset, kv_len, block_k, has_segments, q_tail, k_tail,
-                    head_dim):
+                    head_dim, f32_precision):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, o_ref, lse_ref = refs
   else:
@@ -244,7 +248,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, visits_ref, *refs, scale, soft_cap, mas
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
     k_mask = _tile_mask(j * block_k, block_k, k_tail, dp, head_dim)
-    s, _ = _logits(q, _load(k_ref.at[keys, :], k_mask), scale, soft_cap)
+    s, _ = _logits(q, _load(k_ref.at[keys, :], k_mask), scale, soft_cap, f32_precision)
     if masked:
       s = _mask(s, i * block_q, j * block_k, q_seg, kv_seg_ref[keys] if has_segments else None,
                 mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
@@ -255,7 +259,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, visits_ref, *refs, scale, soft_cap, mas
     p = jnp.exp2(s - m_shift[:, None])
     alpha = jnp.exp2(m - m_shift)
     v = _load(v_ref.at[keys, :], k_mask)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32_precision=f32_precision)
     return acc, m_new, alpha * l + p.sum(axis=-1)
 
   overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
@@ -331,7 +335,7 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float,
       _forward_kernel, scale=scale, soft_cap=logits_soft_cap, mask=mask,
       num_intervals=num_intervals, q_offset=q_offset, kv_len=kv_len, block_k=block_k,
       has_segments=has_segments, q_tail=_tail(tq, block_q), k_tail=_tail(tk, block_k),
-      head_dim=d)
+      head_dim=d, f32_precision=numerics.gpu_float32_precision(interpret))
   return pl.pallas_call(
       kernel,
       grid=(nq, b, h),
@@ -349,18 +353,18 @@ def flash_forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float,
 # ----------------------------------------------------------------------------- backward
 
 
-def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
+def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap, f32_precision):
   """P [bq, bk] and dS, the gradient of the scaled (pre-cap) logits, both float32.
 
   ``mask`` (None: no mask) sets invisible logits to -inf. ``lse2`` is the base-2 log-sum-exp
   (+inf for rows that see nothing or are padding, so P = 0 there) and ``delta`` =
   rowsum(dO * O) - dLSE.
   """
-  s, t = _logits(q, k, scale, soft_cap)
+  s, t = _logits(q, k, scale, soft_cap, f32_precision)
   if mask is not None:
     s = mask(s)
   p = jnp.exp2(s - lse2[:, None])
-  ds = p * (_dot(d_out, v, numerics.NT) - delta[:, None])
+  ds = p * (_dot(d_out, v, numerics.NT, f32_precision=f32_precision) - delta[:, None])
   if t is not None:
     ds = ds * (1.0 - t * t)
   return p, ds
@@ -368,7 +372,7 @@ def _probs_and_dlogits(q, k, v, d_out, lse2, delta, mask, scale, soft_cap):
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *refs, scale,
                  soft_cap, mask, num_intervals, q_offset, kv_len, block_q, has_segments,
-                 q_tail, k_tail, head_dim):
+                 q_tail, k_tail, head_dim, f32_precision):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dk_ref, dv_ref = refs
   else:
@@ -393,9 +397,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *r
           q_seg=q_seg_ref[rows] if has_segments else None, kv_seg=kv_seg,
           mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
     p, ds = _probs_and_dlogits(q, k, v, d_out, lse_ref[g, rows], delta_ref[g, rows],
-                               tile_mask, scale, soft_cap)
-    dv = dv + _dot(p.astype(d_out.dtype), d_out, numerics.TN)
-    dk = dk + _dot(ds.astype(q.dtype), q, numerics.TN)
+                               tile_mask, scale, soft_cap, f32_precision)
+    dv = dv + _dot(p.astype(d_out.dtype), d_out, numerics.TN, f32_precision=f32_precision)
+    dk = dk + _dot(ds.astype(q.dtype), q, numerics.TN, f32_precision=f32_precision)
     return dk, dv
 
   overlap = None
@@ -414,7 +418,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *r
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *refs, scale,
                soft_cap, mask, num_intervals, q_offset, kv_len, block_k, has_segments,
-               q_tail, k_tail, head_dim):
+               q_tail, k_tail, head_dim, f32_precision):
   if has_segments:
     q_seg_ref, kv_seg_ref, q_range_ref, kv_range_ref, dq_ref = refs
   else:
@@ -438,8 +442,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, visits_ref, *ref
           kv_seg=kv_seg_ref[keys] if has_segments else None,
           mask=mask, kind=kind, q_offset=q_offset, kv_len=kv_len)
     _, ds = _probs_and_dlogits(q, k, _load(v_ref.at[keys, :], k_mask), d_out, lse2, delta,
-                               tile_mask, scale, soft_cap)
-    return dq + _dot(ds.astype(k.dtype), k)
+                               tile_mask, scale, soft_cap, f32_precision)
+    return dq + _dot(ds.astype(k.dtype), k, f32_precision=f32_precision)
 
   overlap = functools.partial(_overlap, q_range_ref, i, kv_range_ref) if has_segments else None
   dq = _sweep(lambda r, c: visits_ref[r, c], num_intervals, step,
@@ -487,7 +491,8 @@ def flash_backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, *, s
   delta = _pad_rows(delta, tq_p, 0.0)
   static = dict(scale=scale, soft_cap=logits_soft_cap, mask=mask, q_offset=q_offset,
                 kv_len=kv_len, has_segments=has_segments, q_tail=_tail(tq, block_q),
-                k_tail=_tail(tk, block_k), head_dim=d)
+                k_tail=_tail(tk, block_k), head_dim=d,
+                f32_precision=numerics.gpu_float32_precision(interpret))
   segment_args = []
   if has_segments:
     q_seg = _pad_rows(q_segment_ids, tq_p, None, mode="edge")

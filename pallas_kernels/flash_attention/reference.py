@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels._common import masks as masks_lib
 from pallas_kernels._common import numerics
@@ -14,6 +15,9 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
                               chunk_size=None, global_tokens=None, mask=None,
                               logits_soft_cap=None, return_lse=False):
   """O(T^2) attention with the semantics of :func:`pallas_kernels.flash_attention`.
+
+  Computes in float32 (float64 for float64 inputs) with ``HIGHEST`` precision products, so it
+  stays a float32 reference on a GPU, whose default for float32 is one TF32 pass.
 
   Args:
     query: [batch, q_len, num_heads, head_dim].
@@ -38,7 +42,7 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
   q = query.astype(compute).reshape(b, tq, hk, h // hk, d)
   k = key.astype(compute)
   v = value.astype(compute)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * scale
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, precision=lax.Precision.HIGHEST) * scale
   logits = numerics.soft_cap(logits, logits_soft_cap)
 
   q_seg = kv_seg = None
@@ -52,11 +56,12 @@ def flash_attention_reference(query, key, value, *, scale=None, is_causal=False,
   mask = masking.visible(
       jnp.arange(tq)[:, None], jnp.arange(tk)[None, :], mask=mask,
       q_offset=masking.causal_offset(tq, tk), q_segment=q_seg, kv_segment=kv_seg, kind=kind)
-  out, lse = masked_softmax_attention(logits, mask, v, query.dtype)
+  out, lse = masked_softmax_attention(logits, mask, v, query.dtype,
+                                      precision=lax.Precision.HIGHEST)
   return (out, lse) if return_lse else out
 
 
-def masked_softmax_attention(logits, visible, value, out_dtype):
+def masked_softmax_attention(logits, visible, value, out_dtype, *, precision=None):
   """Softmax over visible keys, then the weighted values: the core every naive attention
   reference shares.
 
@@ -65,6 +70,8 @@ def masked_softmax_attention(logits, visible, value, out_dtype):
     visible: bool, broadcastable to ``logits``.
     value: [batch, kv_len, kv_heads, head_dim] in the compute dtype.
     out_dtype: dtype of the returned output.
+    precision: of the value product (the references pass ``HIGHEST``: a GPU's default for
+      float32 is one TF32 pass, about three digits short of float32).
 
   Returns:
     out [batch, q_len, kv_heads * group, head_dim] and lse [batch, q_len, heads] (-inf for a
@@ -78,7 +85,7 @@ def masked_softmax_attention(logits, visible, value, out_dtype):
   weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, value)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, value, precision=precision)
   out = out.reshape(b, tq, hk * g, value.shape[-1]).astype(out_dtype)
   lse = (row_max + jnp.log(denom))[..., 0]  # log(0) = -inf for empty rows.
   return out, jnp.transpose(lse.reshape(b, hk * g, tq), (0, 2, 1))

@@ -81,10 +81,6 @@ def padded_state_dim(d_state: int) -> int:
   return max(MIN_BLOCK, padding.next_power_of_2(d_state))
 
 
-def _f32_precision(interpret: bool):
-  return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-
-
 def _dot(a, b, contract_a: int, contract_b: int, *, dtype, f32_precision):
   """2-D matmul of ``a`` and ``b`` rounded to ``dtype``, accumulating in float32; float32
   operands at ``f32_precision``."""
@@ -316,7 +312,7 @@ def ssd_forward(x, dt, acum, acum_lo, B, C, initial_states, run_ids, *, chunk_si
   x_spec, bc_spec, row_spec, state_spec, run_spec = _chunk_specs(h // g, L, bp, N, has_run)
   rows = _rows_args(acum, acum_lo, dt, run_ids)
   kw = dict(L=L, has_run=has_run, dtype=_operand_dtype(x),
-            f32_precision=_f32_precision(interpret))
+            f32_precision=numerics.gpu_float32_precision(interpret))
   grid = (P // bp, b, h, nc)
   s = _call(functools.partial(_chunk_state_kernel, **kw), grid,
             [x_spec, bc_spec] + [row_spec] * 3 + run_spec, state_spec,
@@ -344,7 +340,7 @@ def ssd_backward(x, dt, acum, acum_lo, B, C, run_ids, states, d_y, d_final, *, c
   rows = _rows_args(acum, acum_lo, dt, run_ids)
   d_y = d_y.astype(x.dtype)
   kw = dict(L=L, has_run=has_run, dtype=_operand_dtype(x),
-            f32_precision=_f32_precision(interpret))
+            f32_precision=numerics.gpu_float32_precision(interpret))
   grid = (num_tiles, b, h, nc)
   cot = _call(functools.partial(_chunk_cotangent_kernel, **kw), grid,
               [x_spec, bc_spec] + [row_spec] * 2 + run_spec, state_spec,

@@ -77,6 +77,16 @@ def test_marked_files_and_slug():
         platform, kind)
 
 
+def test_parallel_test_workers_only_on_a_gpu_host_with_xdist_and_cores(monkeypatch):
+  monkeypatch.setattr(os, "cpu_count", lambda: 16)
+  assert device_check.parallel_test_workers("gpu", {"xdist": True}, dry_run=False) == 4
+  assert device_check.parallel_test_workers("gpu", {"xdist": False}, dry_run=False) == 0
+  assert device_check.parallel_test_workers("tpu", {"xdist": True}, dry_run=False) == 0
+  assert device_check.parallel_test_workers("gpu", {"xdist": True}, dry_run=True) == 0
+  monkeypatch.setattr(os, "cpu_count", lambda: 4)
+  assert device_check.parallel_test_workers("gpu", {"xdist": True}, dry_run=False) == 0
+
+
 def test_entry_points_import_without_the_training_stack():
   """A lent GPU machine has jax, flax, pytest but no gin, grain, orbax, tfds: the check and
   the benchmark must import there (blocked here by a meta-path finder)."""
