@@ -242,7 +242,7 @@ def write(part: KVCachePart, keys, values, positions, token_index, valid, new_le
   slot = slots_of(part, token_index, valid, new_lengths)
   rows = jnp.arange(slot.shape[0])[:, None]
   if part.evicted_keys is not None:
-    part = _add_evicted(part, keys, values, token_index, valid, new_lengths)
+    part = _add_evicted(part, keys, values, token_index, valid, new_lengths, slot)
 
   def put(cache, new):
     out = cache.at[rows, slot].set(new.astype(cache.dtype), mode="drop")
@@ -253,20 +253,34 @@ def write(part: KVCachePart, keys, values, positions, token_index, valid, new_le
                       positions=put(part.positions, positions.astype(jnp.int32)))
 
 
-def _add_evicted(part: KVCachePart, keys, values, token_index, valid, new_lengths
+def _add_evicted(part: KVCachePart, keys, values, token_index, valid, new_lengths, slot
                  ) -> KVCachePart:
   """Adds to the ring's sums the tokens that are past its window once the rows hold
-  ``new_lengths``: those it held (overwritten now) and new ones that never enter it."""
+  ``new_lengths``: those it held (overwritten now) and new ones that never enter it.
+
+  A ring holds no token past its window between writes, so a one-token step (``seq == 1``)
+  can only push out the token in the slot it overwrites: it reads that slot alone, not the
+  whole ring.
+  """
   gone = new_lengths[:, None] - part.window  # Tokens [sinks, gone) are no longer kept.
 
   def leaving(index):
     return ((index >= part.num_sink_tokens) & (index < gone)).astype(jnp.float32)
 
-  held, new = leaving(part.token_index), leaving(token_index) * valid
+  new = leaving(token_index) * valid
+  if keys.shape[1] == 1:
+    # Padding rows (slot out of range) read any slot; ``valid`` leaves them out.
+    read = jnp.clip(slot, 0, part.token_index.shape[1] - 1)
+    rows = jnp.arange(read.shape[0])[:, None]
+    held = leaving(part.token_index[rows, read]) * valid
+    held_keys, held_values = part.keys[rows, read], part.values[rows, read]
+  else:
+    held = leaving(part.token_index)
+    held_keys, held_values = part.keys, part.values
 
   def add(total, cached, fresh):
     return (total + jnp.einsum("bn,bnhd->bhd", held, cached.astype(jnp.float32))
             + jnp.einsum("bn,bnhd->bhd", new, fresh.astype(jnp.float32)))
 
-  return part.replace(evicted_keys=add(part.evicted_keys, part.keys, keys),
-                      evicted_values=add(part.evicted_values, part.values, values))
+  return part.replace(evicted_keys=add(part.evicted_keys, held_keys, keys),
+                      evicted_values=add(part.evicted_values, held_values, values))
