@@ -153,15 +153,27 @@ def _run(backend, args, kwargs, splits):
           logits_soft_cap=kwargs.get("logits_soft_cap"), return_lse=True,
           block_k=BLOCK_K["gpu"], num_splits=splits)
     return run(*args)
-  impl = "interpret" if backend == "tpu" else "xla"
+  impl = {"tpu": "interpret", "xla": "xla", "gpu_compiled": "pallas"}[backend]
+  block_k = BLOCK_K["gpu" if backend == "gpu_compiled" else backend]
   run = jax.jit(functools.partial(decode_attention, return_lse=True, implementation=impl,
-                                  block_k=BLOCK_K[backend], num_splits=splits, **kwargs))
+                                  block_k=block_k, num_splits=splits, **kwargs))
   return run(*args)
 
 
 @pytest.mark.parametrize("backend", ["xla", "tpu", "gpu"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
+  _check_case(backend, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_on_gpu_matches_reference(case):
+  """The Triton kernel compiled for the GPU, through the public op."""
+  _check_case("gpu_compiled", case)
+
+
+def _check_case(backend, case):
   args, kwargs, splits, dtype, (ref_out, ref_lse) = _case(case)
   out, lse = _run(backend, args, kwargs, splits)
   assert out.dtype == args[0].dtype and lse.dtype == jnp.float32

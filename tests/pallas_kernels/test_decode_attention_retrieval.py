@@ -127,7 +127,7 @@ def _run(backend, args, kwargs, splits):
           block_k=BLOCK_K, num_splits=splits, block_indices=ids,
           block_q=kwargs.get("block_q"))
     return run(q, k, v, lengths, ids)
-  impl = "interpret" if backend == "tpu_interpret" else "xla"
+  impl = {"tpu_interpret": "interpret", "xla": "xla", "gpu_compiled": "pallas"}[backend]
   run = jax.jit(functools.partial(decode_attention, return_lse=True, implementation=impl,
                                   block_k=BLOCK_K, num_splits=splits, **kwargs))
   return run(q, k, v, lengths, block_indices=ids)
@@ -136,6 +136,17 @@ def _run(backend, args, kwargs, splits):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
+  _check_case(backend, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_on_gpu_matches_reference(case):
+  """The Triton retrieval kernel compiled for the GPU, through the public op."""
+  _check_case("gpu_compiled", case)
+
+
+def _check_case(backend, case):
   args, kwargs, splits, dtype, (ref_out, ref_lse) = _case(case)
   out, lse = _run(backend, args, kwargs, splits)
   assert out.dtype == args[0].dtype and lse.dtype == jnp.float32

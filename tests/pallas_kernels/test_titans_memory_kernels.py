@@ -162,6 +162,18 @@ def test_gpu_kernels_interpret_match_xla():
   _check(got, want, jnp.float32)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dtype", [((1, 50, 2, 8, 24), jnp.float32),
+                                          ((2, 70, 2, 16, 8), jnp.bfloat16)])
+def test_gpu_kernels_compiled_match_xla(shape, dtype):
+  """gpu.py compiled for the GPU against the XLA path (its products at HIGHEST)."""
+  arrays, cotangents = _inputs(4, *shape, dtype)
+  got = _run("pallas", arrays, cotangents, 16)
+  with jax.default_matmul_precision("highest"):
+    want = _run("xla", arrays, cotangents, 16)
+  _check(got, want, dtype)
+
+
 def test_extreme_gates_long_sequence():
   """512 tokens whose gates jump between their extremes (lr near 1, decay 0 / near 0 / near
   1 / 1, momentum 0 / 1): finite values and gradients, and the XLA path's numbers."""
