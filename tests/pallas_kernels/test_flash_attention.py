@@ -307,6 +307,41 @@ def test_sharded_batch_and_heads_on_8_devices(fake_devices):
   """)
 
 
+def _dot_precisions(fn, *args):
+  """The precision of every dot_general in ``fn``'s jaxpr, kernel bodies included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        precision = eqn.params["precision"]
+        found.append("default" if precision is None else str(precision))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  assert found, "no dot_general traced"
+  return found
+
+
+def test_float32_products_are_float32_on_gpu():
+  """A GPU's default float32 product is one TF32 pass (about three digits short): the Triton
+  kernels' float32 dots take three TF32 passes, bfloat16 ones the default, and the reference
+  computes at HIGHEST. (Two float32 cases failed on an H200 with one-pass TF32.)"""
+  loss = lambda q: flash_attention(q, q, q, is_causal=True, implementation="pallas").astype(
+      jnp.float32).sum()
+  for dtype, want in ((jnp.float32, "TF32_TF32_F32_X3"), (jnp.bfloat16, "default")):
+    q = jnp.ones((1, 64, 2, 32), dtype)
+    with dispatch.target_platform("gpu"):
+      assert set(_dot_precisions(jax.grad(loss), q)) == {want}, dtype
+  q = jnp.ones((1, 16, 2, 8), jnp.float32)
+  assert all("HIGHEST" in p for p in _dot_precisions(
+      lambda q: flash_attention_reference(q, q, q, is_causal=True), q))
+
+
 class TestInterpretGpuKernels:
   """The GPU (Triton) kernels through the public op, run by the interpreter on this host."""
 
