@@ -21,7 +21,8 @@ platform slug: ``nvidia_h200``, ``tpu_v5_lite``, ``cpu``):
    runs them as they are. No selected test is a result ("0 gpu tests selected"), not a
    failure. On a GPU host with pytest-xdist and 8+ cores they run in up to 4 processes
    (compiling, most of their time, is host work; the first H200 run got through 23 of 71
-   tests in 166 s in one process).
+   tests in 166 s in one process). Each failure's traceback is printed when it happens
+   (``tests/failures_at_once.py``), so a step stopped at its limit still says why.
 3. **Peers.** Which peers the benchmark can compare with here, and why the others are
    skipped: cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``), jax's Pallas
    GPU attention and Mosaic-GPU attention, tokamax, flash-linear-attention and mamba_ssm
@@ -305,9 +306,10 @@ def run_tests(python: str, marker: str, files: list[str], *, timeout: float, dry
   log(f"[tests] $ {result['command']}  (limit {timeout:.0f} s)")
   start = time.monotonic()
   # pylint: disable-next=consider-using-with
-  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(dry_run, share_gpu=workers > 1),
-                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  env = _env(dry_run, share_gpu=workers > 1)
+  env["LCLM_FAILURES_AT_ONCE"] = "1"  # tracebacks as failures happen: a timeout keeps them
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, start_new_session=True)
   try:
     out, _ = proc.communicate(timeout=timeout)
     timed_out = False

@@ -26,6 +26,12 @@ import pytest  # pylint: disable=wrong-import-position
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  if os.environ.get("LCLM_FAILURES_AT_ONCE") == "1":
+    import failures_at_once  # pylint: disable=import-outside-toplevel  (tests/ is on the path)
+    config.pluginmanager.register(failures_at_once, "lclm_failures_at_once")
+
+
 def pytest_collection_modifyitems(config, items):
   backend = jax.default_backend()
   skip_gpu = pytest.mark.skip(reason="needs a GPU (jax.default_backend() != 'gpu')")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -85,6 +86,44 @@ def test_parallel_test_workers_only_on_a_gpu_host_with_xdist_and_cores(monkeypat
   assert device_check.parallel_test_workers("gpu", {"xdist": True}, dry_run=True) == 0
   monkeypatch.setattr(os, "cpu_count", lambda: 4)
   assert device_check.parallel_test_workers("gpu", {"xdist": True}, dry_run=False) == 0
+
+
+def test_failures_are_reported_before_a_run_is_stopped(tmp_path):
+  """The device check's tests run with LCLM_FAILURES_AT_ONCE=1: a failure's traceback is
+  printed when it happens, so a run killed at its time limit still shows it."""
+  (tmp_path / "test_two.py").write_text(textwrap.dedent("""
+      import time
+      def test_fails():
+        assert 1 + 1 == 3, "arithmetic broke"
+      def test_hangs():
+        time.sleep(600)
+  """))
+  env = dict(os.environ, PYTHONPATH=os.path.join(REPO_ROOT, "tests"))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "failures_at_once",
+       str(tmp_path / "test_two.py")], cwd=tmp_path, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  watchdog = threading.Timer(120, proc.kill)  # if the traceback never comes
+  watchdog.start()
+  lines = []
+  for line in proc.stdout:  # Stop the run (still in test_hangs) once the traceback is out.
+    lines.append(line)
+    if "AssertionError: arithmetic broke" in line:
+      break
+  proc.kill()
+  proc.communicate()
+  watchdog.cancel()
+  out = "".join(lines)
+  assert "[failed at once] test_two.py::test_fails (call)" in out, out
+  assert "AssertionError: arithmetic broke" in out, out
+  assert "test_hangs" not in out.split("arithmetic broke")[0], out
+  # tests/conftest.py loads the plugin when the variable is set.
+  out = subprocess.run(
+      [sys.executable, "-m", "pytest", "--co", "-q", "--trace-config", "-p", "no:cacheprovider",
+       os.path.join("tests", "pallas_kernels", "test_ssd_cost.py")], cwd=REPO_ROOT,
+      env=dict(os.environ, LCLM_FAILURES_AT_ONCE="1", JAX_PLATFORMS="cpu"), text=True,
+      capture_output=True, timeout=300, check=False).stdout
+  assert "module 'failures_at_once'" in out, out[-2000:]
 
 
 def test_entry_points_import_without_the_training_stack():
