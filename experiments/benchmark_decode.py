@@ -61,7 +61,8 @@ import warnings
 import jax
 import numpy as np
 
-from experiments import benchmarking, train as train_main
+from experiments import benchmarking
+from lclm.gin_config import parse_gin
 
 TINY = "configs/model/tiny.gin"
 VOCAB = 256
@@ -131,15 +132,20 @@ def build_model(name: str, window: int):
   """The tiny model of configuration ``name`` (parses gin; eval mode)."""
   from flax import nnx
 
+  # Every module with configurables is imported before gin's configuration is locked.
+  from lclm import inference  # noqa: F401  pylint: disable=unused-import
   from lclm.model import DecoderLM
 
   files, bindings = CONFIGS[name]
+  if any(f.endswith("landmark.gin") for f in files):
+    # Its gin file binds the data transform that inserts the landmarks: the data stack.
+    from lclm.data import landmark  # noqa: F401  pylint: disable=unused-import
   block = max(2, window // 16)
   sizes = {"{window}": window, "{block}": block, "{local}": max(1, window // 4),
            "{top_k}": max(1, window // block - 1)}
   for key, value in sizes.items():
     bindings = [b.replace(key, str(value)) for b in bindings]
-  train_main.parse_gin([TINY, *files], bindings)
+  parse_gin([TINY, *files], bindings)
   model = DecoderLM(vocab_size=VOCAB, rngs=nnx.Rngs(0))
   model.eval()
   return model

@@ -15,29 +15,9 @@ import argparse
 import os
 import sys
 
-import gin
-
 from lclm import tasks  # noqa: F401  (registers the task configurables)
+from lclm.gin_config import REPO_ROOT, ConfigError, parse_gin  # noqa: F401  (re-exported)
 from lclm.training import loop
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class ConfigError(ValueError):
-  """The gin configuration cannot be applied or describes an impossible run."""
-
-
-def parse_gin(gin_files, gin_params) -> None:
-  """Parses files and bindings; raises ConfigError naming the bad file or binding."""
-  gin.clear_config()
-  gin.add_config_file_search_path(REPO_ROOT)
-  try:
-    gin.parse_config_files_and_bindings(gin_files or [], gin_params or [],
-                                        finalize_config=False)
-    gin.finalize()
-  except (ValueError, KeyError, TypeError, OSError, SyntaxError) as error:
-    raise ConfigError(f"bad gin configuration: {error}\n(files: {gin_files}, "
-                      f"bindings: {gin_params})") from error
 
 
 def _on_cluster() -> bool:
