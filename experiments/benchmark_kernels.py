@@ -295,11 +295,15 @@ def _attention_candidates(platform: str, scale: float, causal: bool):
 def _mgpu_attention(module, scale: float, causal: bool):
   """jax's Mosaic-GPU (Hopper) attention on [batch, len, heads, head_dim], blocks 64 x 128.
   It applies no softmax scale, so q is pre-scaled; its backward has no causal mask yet (the
-  fwd_bwd row then says NotImplementedError)."""
+  fwd_bwd row then says NotImplementedError). It computes in float16 (jax 0.11.2 on an H200
+  refused bfloat16 inputs: "src had type bfloat16 and dst had type float16"), so the inputs
+  are cast to float16 and the output back: float16 and bfloat16 run at one tensor-core rate."""
   config = module.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
                                causal=causal, block_q_dkv=64, block_kv_dkv=64,
                                block_q_dq=64, block_kv_dq=64)
-  return lambda q, k, v: module.attention((q * scale).astype(q.dtype), k, v, config=config)
+  f16 = jnp.float16
+  return lambda q, k, v: module.attention(
+      (q * scale).astype(f16), k.astype(f16), v.astype(f16), config=config).astype(q.dtype)
 
 
 def _splash_attention(module, scale: float, causal: bool):
