@@ -160,20 +160,11 @@ def _run(backend, args, kwargs, splits):
   return run(*args)
 
 
-@pytest.mark.parametrize("backend", ["xla", "tpu", "gpu"])
+# "gpu_compiled": the Triton kernel compiled for a GPU, through the public op.
+@pytest.mark.parametrize(
+    "backend", ["xla", "tpu", "gpu", pytest.param("gpu_compiled", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
-  _check_case(backend, case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(CASES))
-def test_compiled_on_gpu_matches_reference(case):
-  """The Triton kernel compiled for the GPU, through the public op."""
-  _check_case("gpu_compiled", case)
-
-
-def _check_case(backend, case):
   args, kwargs, splits, dtype, (ref_out, ref_lse) = _case(case)
   out, lse = _run(backend, args, kwargs, splits)
   assert out.dtype == args[0].dtype and lse.dtype == jnp.float32

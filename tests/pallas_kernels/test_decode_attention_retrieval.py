@@ -133,20 +133,11 @@ def _run(backend, args, kwargs, splits):
   return run(q, k, v, lengths, block_indices=ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# "gpu_compiled": the Triton kernel compiled for a GPU, through the public op.
+@pytest.mark.parametrize(
+    "backend", [*BACKENDS, pytest.param("gpu_compiled", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
-  _check_case(backend, case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(CASES))
-def test_compiled_on_gpu_matches_reference(case):
-  """The Triton retrieval kernel compiled for the GPU, through the public op."""
-  _check_case("gpu_compiled", case)
-
-
-def _check_case(backend, case):
   args, kwargs, splits, dtype, (ref_out, ref_lse) = _case(case)
   out, lse = _run(backend, args, kwargs, splits)
   assert out.dtype == args[0].dtype and lse.dtype == jnp.float32
